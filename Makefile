@@ -1,0 +1,51 @@
+# Every workflow of the project is one target here; `make help` lists them.
+# Extra Hydra overrides go in ARGS, e.g.  make train ARGS="cell=lstm dataset=text8 trainer.max_steps=1000"
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+NPROC  ?= 2
+SWEEP  ?= convergence_cpu
+RUNS   ?=
+OUT    ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train train-ddp sweep plot report bench params sample dynamic-eval test clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+setup: ## create .venv and install the package (editable) with exactly the tested versions
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,slurm]"
+
+train: ## train one model (default: the paper's mLSTM on enwik8); ARGS = Hydra overrides
+	$(PY) -m mlstm.cli.train $(ARGS)
+
+train-ddp: ## train on NPROC processes with torchrun/DDP; ARGS = Hydra overrides
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mlstm.cli.train $(ARGS)
+
+sweep: ## Hydra multirun of a sweep config: make sweep SWEEP=convergence_cpu ARGS=...
+	$(PY) -m mlstm.cli.train --multirun +sweep=$(SWEEP) $(ARGS)
+
+plot: ## convergence figures + summary.csv + report.md from run directories: make plot RUNS=multirun/... OUT=...
+	$(PY) scripts/plot_convergence.py $(RUNS) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+bench: ## speed benchmark of cells (forward+backward+step); ARGS = script flags
+	$(PY) scripts/bench.py $(ARGS)
+
+params: ## print the parameter count of a config without training or data: make params ARGS="experiment=..."
+	$(PY) -m mlstm.cli.params $(ARGS)
+
+sample: ## generate text from a checkpoint: make sample ARGS="checkpoint=... prompt='...' length=500"
+	$(PY) -m mlstm.cli.sample $(ARGS)
+
+dynamic-eval: ## static and dynamic-evaluation bpc of a checkpoint: make dynamic-eval ARGS="checkpoint=..."
+	$(PY) -m mlstm.cli.dynamic_eval $(ARGS)
+
+test: ## run the test suite
+	$(PY) -m pytest -q tests
+
+clean: ## remove local outputs (not results/)
+	rm -rf outputs multirun wandb .pytest_cache
