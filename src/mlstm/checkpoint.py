@@ -1,0 +1,102 @@
+"""Crash-safe checkpoints.
+
+A checkpoint is a plain dict of tensors, numbers and strings (no pickled objects), so it loads with
+`torch.load(weights_only=True)`: opening a checkpoint never executes code. Files in the run directory:
+
+    ckpt-00001200.pt   one per save, the newest `keep` kept
+    last.pt            hard link to the newest (what `trainer.resume` and `checkpoint=` read)
+    best.pt            the lowest validation bpc so far
+
+Each file is written to a temporary name, flushed and fsynced, then renamed: a crash mid-write leaves the previous
+file intact. On load, a truncated or corrupted file is reported and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mlstm.errors import UserError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model", "step", "config")
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # file systems without hard links: copy the bytes instead
+        tmp.write_bytes(source.read_bytes())
+    os.replace(tmp, target)
+
+
+def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 2, best: bool = False) -> Path:
+    """Write `ckpt-<step>.pt`, point `last.pt` (and `best.pt` when asked) at it, drop the oldest beyond `keep`."""
+    run_dir = Path(run_dir)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    path = run_dir / f"ckpt-{int(payload['step']):08d}.pt"
+    atomic_save(payload, path)
+    _link_atomically(path, run_dir / "last.pt")
+    if best:
+        _link_atomically(path, run_dir / "best.pt")
+    for old in sorted(run_dir.glob("ckpt-*.pt"))[: -max(1, keep)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_file(path: Path) -> dict:
+    """Load and verify one checkpoint file; UserError (one line) if it is not a good checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, bad magic, disallowed pickle global, ...
+        raise UserError(f"checkpoint {path} is unreadable or corrupted ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
+        raise UserError(f"checkpoint {path} is not a checkpoint of this project (missing keys)")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format {payload['format_version']}, expected {FORMAT_VERSION}")
+    return payload
+
+
+def load_latest(run_dir: Path) -> dict | None:
+    """The newest good checkpoint of a run directory, falling back past corrupted files; None if there is none."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "last.pt"] + sorted(run_dir.glob("ckpt-*.pt"), reverse=True)
+    candidates = [path for path in candidates if path.exists()]
+    for path in candidates:
+        try:
+            return load_file(path)
+        except UserError as error:
+            print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+    if candidates:
+        raise UserError(f"no readable checkpoint in {run_dir}: every checkpoint file is corrupted")
+    return None

@@ -1,0 +1,21 @@
+"""`make train ARGS=...` / `python -m mlstm.cli.train key=value ...` (also under torchrun for DDP)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from mlstm.cli import CONFIG_DIR, exit_on_user_error, hydra_entry
+from mlstm.trainer import train
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_user_error  # inside Hydra too, so a bad job in a multirun says one line
+def task(cfg: DictConfig) -> float:
+    result = train(cfg)
+    # the return value is what Hydra's sweepers optimise
+    return result.get("best_valid/bpc", float("nan"))
+
+
+main = hydra_entry(task)
+
+if __name__ == "__main__":
+    main()

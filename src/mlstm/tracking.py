@@ -1,0 +1,152 @@
+"""Where metrics go: `metrics.jsonl` always, Weights & Biases when enabled.
+
+Plots and reports read `metrics.jsonl` (or W&B), never the trainer's memory. Every record carries `step` (optimizer
+steps) and `chars` (training characters seen, all ranks together), so curves can be drawn per step or per character;
+`time` (training seconds, evaluation excluded) gives the per-second axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from mlstm.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+class JsonlSink:
+    """Append-only JSON lines, one object per record, flushed at once so a crash loses nothing written."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and self.path.exists():
+            # a fresh run in a directory that already has metrics: keep them, never overwrite a run
+            self.path.rename(self.path.with_suffix(".jsonl.old"))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop records logged after the checkpoint: they will be logged again, identically."""
+        kept = [line for line in read_lines(self.path) if json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_lines(path: Path) -> list[str]:
+    """The complete lines of a JSON-lines file; a line cut by a crash is ignored."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        lines.append(line)
+    return lines
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in read_lines(path)]
+
+
+class WandbSink:
+    """A W&B run (offline by default: real run files, no account or network). Failure never stops training."""
+
+    def __init__(self, logger_cfg, run_dir: Path, config: dict, resume: bool):
+        self.run = None
+        self._warned = False
+        mode = logger_cfg.get("mode", "offline")
+        if mode not in ("offline", "online", "disabled"):
+            raise UserError(f"logger.mode={mode!r} is not one of offline, online, disabled")
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        try:
+            import wandb
+
+            run_id = id_file.read_text().strip() if (resume and id_file.exists()) else wandb.util.generate_id()
+            self.run = wandb.init(
+                project=logger_cfg.get("project", "mlstm"),
+                entity=logger_cfg.get("entity") or None,
+                group=logger_cfg.get("group") or None,
+                name=logger_cfg.get("name") or None,
+                tags=list(logger_cfg.get("tags") or []),
+                mode=mode,
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow",
+                settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", 60)), silent=True),
+            )
+            id_file.write_text(run_id + "\n")
+            # both x-axes of the convergence question: optimizer steps and characters seen
+            self.run.define_metric("chars")
+            self.run.define_metric("*", step_metric="step")
+        except Exception as error:  # noqa: BLE001 - tracking must never stop a run
+            self._warn(f"W&B could not start ({type(error).__name__}: {first_line(error)}); "
+                       f"metrics.jsonl keeps every metric")
+            self.run = None
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            print(f"warning: {message}", file=sys.stderr)
+            self._warned = True
+
+    def log(self, record: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            clean = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
+            self.run.log(clean, step=int(record["step"]))
+        except Exception as error:  # noqa: BLE001
+            self._warn(f"W&B logging failed ({first_line(error)}); metrics.jsonl keeps every metric")
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            try:
+                self.run.summary.update(values)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def close(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as error:  # noqa: BLE001
+                self._warn(f"W&B could not finish ({first_line(error)})")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else ""
+
+
+class Sinks:
+    """Fan-out to every sink; only rank 0 owns sinks under DDP."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def log(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+    def summary(self, values: dict) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "summary"):
+                sink.summary(values)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

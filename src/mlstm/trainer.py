@@ -1,0 +1,386 @@
+"""`train(cfg) -> result`: one straight road from bytes to bits per character.
+
+    Corpus ─► StreamBatcher (B streams × segments of T) ─► CharLM (state carried, detached) ─► loss (nats)
+           ─► optimizer step ─► metrics.jsonl + W&B ─► periodic validation, checkpoints ─► final test bpc
+
+A plain function: tests call it directly, `mlstm.cli.train` wraps it with `@hydra.main`. Under torchrun every rank runs
+it; the B streams are split across ranks so the global batch equals the single-process one, and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mlstm import checkpoint, distributed
+from mlstm.data import StreamBatcher, load_corpus
+from mlstm.errors import UserError
+from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc
+from mlstm.model import build_model, detach_state, num_parameters
+from mlstm.optim import build_optimizer
+from mlstm.tracking import JsonlSink, Sinks, WandbSink
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# keys of the config that must agree between a checkpoint and the run that resumes it
+ARCHITECTURE_KEYS = ("cell", "model")
+
+
+def check_trainer(tcfg) -> None:
+    for key in ("batch_size", "seq_len", "max_steps"):
+        value = tcfg.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"trainer.{key}={value!r} must be a positive integer")
+    if tcfg.get("precision", "fp32") not in PRECISIONS:
+        raise UserError(f"trainer.precision={tcfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key in ("eval_every", "log_every", "checkpoint_every"):
+        value = tcfg.get(key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise UserError(f"trainer.{key}={value!r} must be a positive integer or null")
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"output directory {run_dir} is not writable ({error.strerror}); "
+                        f"set hydra.run.dir to a writable path") from None
+    return run_dir
+
+
+class Trainer:
+    """Holds the pieces of one run; `fit()` is the loop. Split out of `train` so every piece stays small."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        check_trainer(self.tcfg)
+        if self.tcfg.get("threads"):
+            torch.set_num_threads(int(self.tcfg.threads))
+        self.ctx = distributed.setup(self.tcfg.get("device", "auto"))
+        self.run_dir = prepare_run_dir(run_dir) if self.ctx.is_main else Path(run_dir)
+        self.precision = self.tcfg.get("precision", "fp32")
+        self._set_precision_flags()
+        seed_everything(int(cfg.seed))
+
+        self.corpus = self._load_corpus()
+        self.model = build_model(cfg, self.corpus.vocab_size).to(self.ctx.device)
+        self.num_params = num_parameters(self.model)
+        self.ddp_model = self._wrap_ddp(self.model)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters())
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
+
+        B, T = int(self.tcfg.batch_size), int(self.tcfg.seq_len)
+        self.batches = StreamBatcher(self.corpus.train, B, T, rank=self.ctx.rank,
+                                     world_size=self.ctx.world_size, device=self.ctx.device)
+        self.local_batch = B // self.ctx.world_size
+        self.state = self.model.init_state(self.local_batch, self.ctx.device)
+
+        # counters that a checkpoint must restore for an exact resume
+        self.step = 0
+        self.chars = 0
+        self.train_seconds = 0.0
+        self.best_valid = math.inf
+        self.window = {"nats": 0.0, "steps": 0}  # train bpc is the mean over the steps since the last log
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+
+        resumed = self._maybe_resume()
+        if self.ctx.is_main:
+            # the resolved config beside the metrics: what plots and reports group runs by
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.sinks = self._open_sinks(resumed) if self.ctx.is_main else Sinks([])
+
+    # ----------------------------------------------------------------------------------------------- setup pieces
+    def _set_precision_flags(self) -> None:
+        # TF32 on Ampere+ changes fp32 matmul numerics: set it explicitly (config) and log it, never inherit it.
+        allow_tf32 = bool(self.tcfg.get("allow_tf32", False))
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        if self.precision == "bf16" and self.ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("trainer.precision=bf16 is not supported on this GPU; use fp16 or fp32")
+
+    def _load_corpus(self):
+        # rank 0 builds the token cache first, the others then only open the memmaps
+        if self.ctx.is_main:
+            corpus = load_corpus(self.cfg.dataset, self.cfg.data_dir)
+        distributed.barrier(self.ctx)
+        if not self.ctx.is_main:
+            corpus = load_corpus(self.cfg.dataset, self.cfg.data_dir)
+        return corpus
+
+    def _wrap_ddp(self, model):
+        if not self.ctx.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def _open_sinks(self, resumed: bool) -> Sinks:
+        sinks = [JsonlSink(self.run_dir, resume_step=self.step if resumed else None)]
+        logger_cfg = self.cfg.get("logger")
+        if logger_cfg is not None and logger_cfg.get("name", "none") == "wandb":
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            config["num_parameters"] = self.num_params
+            sinks.append(WandbSink(logger_cfg, self.run_dir, config, resume=resumed))
+        return Sinks(sinks)
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def _checkpoint_payload(self) -> dict:
+        # the hidden state of every stream (all ranks), so a DDP checkpoint resumes in one process and vice versa
+        state = [[distributed.gather_streams(t.detach(), self.ctx).cpu() for t in layer] for layer in self.state]
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "chars": self.chars,
+            "train_seconds": self.train_seconds,
+            "best_valid": self.best_valid,
+            "window": dict(self.window),
+            "nonfinite_total": self.nonfinite_total,
+            "batcher": self.batches.state_dict(),
+            "hidden_state": state,
+            "rng": rng_state(),
+            "vocab_size": self.corpus.vocab_size,
+            "symbols": torch.tensor(list(self.corpus.symbols), dtype=torch.uint8),
+            "num_parameters": self.num_params,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+        return payload
+
+    def save(self, best: bool = False) -> None:
+        payload = self._checkpoint_payload()  # collective under DDP: every rank gathers
+        if self.ctx.is_main:
+            checkpoint.save_checkpoint(payload, self.run_dir, keep=int(self.tcfg.get("keep_checkpoints", 2)),
+                                       best=best)
+        distributed.barrier(self.ctx)
+
+    def _maybe_resume(self) -> bool:
+        mode = self.tcfg.get("resume", "auto")
+        if mode not in (True, False, "auto"):
+            raise UserError(f"trainer.resume={mode!r} must be true, false or auto")
+        if mode is False:
+            return False
+        payload = checkpoint.load_latest(self.run_dir)
+        if payload is None:
+            if mode is True:
+                raise UserError(f"trainer.resume=true but {self.run_dir} holds no checkpoint (last.pt)")
+            return False
+        self._restore(payload)
+        if self.ctx.is_main:
+            print(f"resumed from step {self.step} in {self.run_dir}", file=sys.stderr)
+        return True
+
+    def _restore(self, payload: dict) -> None:
+        saved = OmegaConf.create(payload["config"])
+        for key in ARCHITECTURE_KEYS:
+            if OmegaConf.to_container(saved.get(key)) != OmegaConf.to_container(self.cfg.get(key), resolve=True):
+                raise UserError(f"the checkpoint in {self.run_dir} was trained with a different '{key}' config; "
+                                f"use a new hydra.run.dir or trainer.resume=false")
+        if payload["vocab_size"] != self.corpus.vocab_size:
+            raise UserError(f"the checkpoint in {self.run_dir} has vocabulary {payload['vocab_size']}, "
+                            f"this dataset {self.corpus.vocab_size}; use the same dataset or a new run dir")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.batches.load_state_dict(payload["batcher"])
+        lo = self.ctx.rank * self.local_batch
+        self.state = [tuple(t[lo:lo + self.local_batch].to(self.ctx.device) for t in layer)
+                      for layer in payload["hidden_state"]]
+        for key in ("step", "chars", "train_seconds", "best_valid", "nonfinite_total"):
+            setattr(self, key, payload[key])
+        self.window = dict(payload["window"])
+        set_rng_state(payload["rng"])
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def train_step(self, batch) -> tuple[float, float]:
+        """One truncated-BPTT segment: forward, backward, clip, step. Returns (loss in nats, grad norm)."""
+        if batch.reset:  # a new epoch starts every stream from the beginning of its text: zero state
+            self.state = self.model.init_state(self.local_batch, self.ctx.device)
+        with autocast(self.ctx.device, self.precision):
+            logits, state = self.ddp_model(batch.x, self.state)  # (T, B, V)
+        loss = cross_entropy_nats(logits, batch.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.get("grad_clip")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf)
+        loss_value = distributed.all_reduce_mean(loss.detach(), self.ctx).item()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm.item())
+        if finite or self.precision == "fp16":  # fp16: the scaler itself skips overflowing steps
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state = detach_state(state)
+        if not finite:
+            self._on_nonfinite()
+        else:
+            self.nonfinite_in_row = 0
+        return loss_value, grad_norm.item()
+
+    def _on_nonfinite(self) -> None:
+        """Divergence guard: the step was skipped; the carried state may be poisoned, so restart it at zero."""
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        self.state = self.model.init_state(self.local_batch, self.ctx.device)
+        limit = int(self.tcfg.get("max_nonfinite_in_row", 10))
+        if self.nonfinite_in_row >= limit:
+            raise UserError(f"training diverged: {self.nonfinite_in_row} non-finite losses or gradients in a row "
+                            f"at step {self.step}; lower optim.lr or set optim.grad_clip")
+
+    def validate(self) -> float:
+        tcfg = self.tcfg
+        return evaluate_bpc(self.model, self.corpus.valid, batch_size=int(tcfg.get("eval_batch_size") or tcfg.batch_size),
+                            seq_len=int(tcfg.seq_len), device=self.ctx.device,
+                            max_chars=tcfg.get("eval_chars"), precision=self.precision)
+
+    def test(self) -> float:
+        tcfg = self.tcfg
+        return evaluate_bpc(self.model, self.corpus.test, batch_size=int(tcfg.get("eval_batch_size") or tcfg.batch_size),
+                            seq_len=int(tcfg.seq_len), device=self.ctx.device,
+                            max_chars=tcfg.get("test_chars"), precision=self.precision)
+
+    def _sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+    def _log_train(self, grad_norm: float, window_seconds: float, window_chars: int) -> None:
+        record = {
+            "step": self.step,
+            "chars": self.chars,
+            "time": round(self.train_seconds, 3),
+            "epoch": self.batches.epoch,
+            "train/bpc": self.window["nats"] / self.window["steps"] / LN2,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/nonfinite_steps": self.nonfinite_total,
+            "perf/chars_per_s": window_chars / max(window_seconds, 1e-9),
+            "perf/chars_per_s_per_rank": window_chars / max(window_seconds, 1e-9) / self.ctx.world_size,
+        }
+        if self.ctx.device.type == "cuda":
+            record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        self.sinks.log(record)
+        self.window = {"nats": 0.0, "steps": 0}
+
+    def _evaluate_and_log(self) -> float:
+        """Validation on rank 0 while the other ranks wait: evaluation is short next to training."""
+        valid = math.nan
+        if self.ctx.is_main:
+            valid = self.validate()
+            self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                            "valid/bpc": valid})
+        distributed.barrier(self.ctx)
+        return valid
+
+    def fit(self) -> dict:
+        tcfg = self.tcfg
+        max_steps = int(tcfg.max_steps)
+        log_every = int(tcfg.get("log_every") or 10)
+        eval_every = tcfg.get("eval_every")
+        ckpt_every = tcfg.get("checkpoint_every")
+        max_seconds = tcfg.get("max_time_s")
+        valid = math.nan
+        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and tcfg.get("progress", True)),
+                   dynamic_ncols=True, desc="train")
+        self.model.train()
+        window_seconds, window_chars = 0.0, 0
+        while self.step < max_steps and not (max_seconds and self.train_seconds >= max_seconds):
+            batch = self.batches.next_batch()
+            self._sync()
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step(batch)
+            self._sync()
+            elapsed = time.perf_counter() - started
+            self.train_seconds += elapsed
+            window_seconds += elapsed
+            window_chars += self.batches.chars_per_step
+            self.step += 1
+            self.chars += self.batches.chars_per_step
+            if math.isfinite(loss):
+                self.window["nats"] += loss
+                self.window["steps"] += 1
+            last = self.step >= max_steps or bool(max_seconds and self.train_seconds >= max_seconds)
+            if (self.step % log_every == 0 or last) and self.window["steps"]:
+                bar.set_postfix(bpc=f"{self.window['nats'] / self.window['steps'] / LN2:.3f}",
+                                chars_s=f"{window_chars / max(window_seconds, 1e-9):.0f}")
+                self._log_train(grad_norm, window_seconds, window_chars)
+                window_seconds, window_chars = 0.0, 0
+            is_best = False
+            if (eval_every and self.step % eval_every == 0) or last:
+                valid = self._evaluate_and_log()
+                is_best = self.ctx.is_main and valid < self.best_valid
+                if is_best:
+                    self.best_valid = valid
+            if (ckpt_every and self.step % ckpt_every == 0) or last or is_best:
+                self.save(best=is_best)
+            bar.update(1)
+        bar.close()
+        return self._finish(valid)
+
+    def _finish(self, valid: float) -> dict:
+        result = {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
+                  "num_parameters": self.num_params, "valid/bpc": valid, "best_valid/bpc": self.best_valid,
+                  "run_dir": str(self.run_dir)}
+        if self.tcfg.get("test_at_end", True):
+            if self.ctx.is_main:
+                result["test/bpc"] = self.test()
+                self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                                "test/bpc": result["test/bpc"]})
+            distributed.barrier(self.ctx)
+        self.sinks.summary({k: v for k, v in result.items() if k != "run_dir"})
+        self.sinks.close()
+        return result
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg, run_dir: str | Path | None = None) -> dict:
+    """Train the model a composed config describes; returns the final metrics. Raises UserError on bad input."""
+    if run_dir is None:
+        run_dir = default_run_dir()
+    trainer = Trainer(cfg, Path(run_dir))
+    if trainer.ctx.is_main:
+        print(f"parameters: {trainer.num_params:,}", file=sys.stderr)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.teardown(trainer.ctx)
+
+
+def default_run_dir() -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not under @hydra.main
+        return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")

@@ -1,0 +1,108 @@
+"""End to end on real text: `train(cfg)` on the enwik8 sample learns, logs, checkpoints and resumes exactly."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mlstm.config import load_config
+from mlstm.tracking import read_metrics
+from mlstm.trainer import train
+
+UNIGRAM_ENTROPY_ENWIK8_SAMPLE = 5.07  # bits/char, ../shared/data/README.md
+
+# a tiny CPU run: 16 streams x 50 characters, 64 units, validation on the first 20k characters
+SMALL = ["trainer=cpu", "trainer.batch_size=16", "trainer.seq_len=50", "cell.hidden_size=64",
+         "trainer.eval_chars=20000", "trainer.test_chars=20000", "trainer.eval_batch_size=8",
+         "trainer.progress=false", "optim.lr=3e-3", "optim.schedule=constant"]
+
+
+def small_config(sample, *overrides, logger="none"):
+    return load_config(["dataset=file", f"dataset.path={sample}", f"logger={logger}", *SMALL, *overrides])
+
+
+@pytest.mark.parametrize("cell", [["cell=mlstm"], ["cell=lstm"]], ids=["mlstm", "lstm"])
+def test_small_model_learns_real_text_below_unigram_entropy(enwik8_sample, tmp_path, cell):
+    cfg = small_config(enwik8_sample, *cell, "trainer.max_steps=200", "trainer.eval_every=100")
+    result = train(cfg, run_dir=tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    valid = [r["valid/bpc"] for r in records if "valid/bpc" in r]
+    assert len(valid) == 2
+    assert valid[-1] < UNIGRAM_ENTROPY_ENWIK8_SAMPLE - 1.0, valid  # learns context, not just byte frequencies
+    assert valid[-1] < valid[0]
+    assert math.isfinite(result["test/bpc"]) and result["test/bpc"] < UNIGRAM_ENTROPY_ENWIK8_SAMPLE
+    train_records = [r for r in records if "train/bpc" in r]
+    assert [r["step"] for r in train_records] == list(range(10, 201, 10))
+    assert all(r["chars"] == r["step"] * 16 * 50 for r in records)
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
+    assert result["num_parameters"] > 0
+
+
+def test_wandb_offline_run_holds_the_logged_keys(enwik8_sample, tmp_path):
+    cfg = small_config(enwik8_sample, "trainer.max_steps=20", "trainer.eval_every=10", logger="wandb")
+    train(cfg, run_dir=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "no W&B run file"
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    for key in ("train/bpc", "valid/bpc", "test/bpc", "chars", "step"):
+        assert key in summary, key
+    assert (tmp_path / "wandb_run_id.txt").read_text().strip() in runs[0].name
+
+
+def test_checkpoint_loads_without_pickle_and_holds_the_run_state(enwik8_sample, tmp_path):
+    train(small_config(enwik8_sample, "trainer.max_steps=15", "trainer.eval_every=10"), run_dir=tmp_path)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert payload["step"] == 15 and payload["chars"] == 15 * 16 * 50
+    assert payload["batcher"]["position"] == 15
+    for key in ("model", "optimizer", "scheduler", "rng", "hidden_state", "config"):
+        assert key in payload
+    h, c = payload["hidden_state"][0]
+    assert h.shape == (16, 64) and c.shape == (16, 64)
+
+
+TIMING_KEYS = {"time", "perf/chars_per_s", "perf/chars_per_s_per_rank"}
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def run_cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "mlstm.cli.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def logged_steps(path):
+    return [r["step"] for r in read_metrics(path)] if path.exists() else []
+
+
+def test_sigkill_then_resume_logs_exactly_the_uninterrupted_metrics(enwik8_sample, tmp_path):
+    """kill -9 mid-run, rerun the same command: every metric equals an uninterrupted run's (timings aside)."""
+    args = ["dataset=file", f"dataset.path={enwik8_sample}", "logger=none", *SMALL, "cell=mlstm",
+            "cell.dropout=0.1", "trainer.max_steps=80", "trainer.eval_every=20", "trainer.checkpoint_every=7"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    done = run_cli([*args, f"hydra.run.dir={straight}"])
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+
+    victim = run_cli([*args, f"hydra.run.dir={crashed}"])
+    deadline = time.time() + 300
+    while max(logged_steps(crashed / "metrics.jsonl"), default=0) < 30 and victim.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(logged_steps(crashed / "metrics.jsonl"))
+    assert 30 <= killed_at < 80, "the run finished before it could be killed"
+
+    resumed = run_cli([*args, f"hydra.run.dir={crashed}"])  # same command: resumes from last.pt by itself
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from step" in err
+    assert without_timing(read_metrics(crashed / "metrics.jsonl")) == \
+        without_timing(read_metrics(straight / "metrics.jsonl"))
