@@ -33,12 +33,12 @@ def cross_entropy_nats(logits: torch.Tensor, targets: torch.Tensor, reduction: s
 
 @torch.no_grad()
 def evaluate_bpc(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, device: torch.device,
-                 max_chars: int | None = None, precision: str = "fp32") -> float:
+                 max_chars: int | None = None, precision: str = "fp32", split_name: str = "tokens") -> float:
     if max_chars:
         tokens = tokens[: int(max_chars)]
     was_training = model.training
     model.eval()
-    batches = StreamBatcher(tokens, batch_size, seq_len, device=device)
+    batches = StreamBatcher(tokens, batch_size, seq_len, device=device, split_name=split_name)
     state = model.init_state(batch_size, device)
     total_nats, total_chars = 0.0, 0
     for batch in batches:

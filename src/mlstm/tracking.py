@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from mlstm.errors import UserError
@@ -75,7 +76,7 @@ class WandbSink:
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if (resume and id_file.exists()) else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if (resume and id_file.exists()) else uuid.uuid4().hex[:8]
             self.run = wandb.init(
                 project=logger_cfg.get("project", "mlstm"),
                 entity=logger_cfg.get("entity") or None,

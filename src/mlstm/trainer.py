@@ -82,7 +82,8 @@ class Trainer:
 
         B, T = int(self.tcfg.batch_size), int(self.tcfg.seq_len)
         self.batches = StreamBatcher(self.corpus.train, B, T, rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size, device=self.ctx.device)
+                                     world_size=self.ctx.world_size, device=self.ctx.device,
+                                     split_name="train")
         self.local_batch = B // self.ctx.world_size
         self.state = self.model.init_state(self.local_batch, self.ctx.device)
 
@@ -242,17 +243,14 @@ class Trainer:
             raise UserError(f"training diverged: {self.nonfinite_in_row} non-finite losses or gradients in a row "
                             f"at step {self.step}; lower optim.lr or set optim.grad_clip")
 
-    def validate(self) -> float:
+    def evaluate(self, split: str) -> float:
+        """bpc on the valid split (first `eval_chars`) or the test split (first `test_chars`; null = all)."""
         tcfg = self.tcfg
-        return evaluate_bpc(self.model, self.corpus.valid, batch_size=int(tcfg.get("eval_batch_size") or tcfg.batch_size),
-                            seq_len=int(tcfg.seq_len), device=self.ctx.device,
-                            max_chars=tcfg.get("eval_chars"), precision=self.precision)
-
-    def test(self) -> float:
-        tcfg = self.tcfg
-        return evaluate_bpc(self.model, self.corpus.test, batch_size=int(tcfg.get("eval_batch_size") or tcfg.batch_size),
-                            seq_len=int(tcfg.seq_len), device=self.ctx.device,
-                            max_chars=tcfg.get("test_chars"), precision=self.precision)
+        max_chars = tcfg.get("eval_chars") if split == "valid" else tcfg.get("test_chars")
+        return evaluate_bpc(self.model, self.corpus.split(split), split_name=split,
+                            batch_size=int(tcfg.get("eval_batch_size") or tcfg.batch_size),
+                            seq_len=int(tcfg.seq_len), device=self.ctx.device, max_chars=max_chars,
+                            precision=self.precision)
 
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
@@ -280,7 +278,7 @@ class Trainer:
         """Validation on rank 0 while the other ranks wait: evaluation is short next to training."""
         valid = math.nan
         if self.ctx.is_main:
-            valid = self.validate()
+            valid = self.evaluate("valid")
             self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
                             "valid/bpc": valid})
         distributed.barrier(self.ctx)
@@ -337,7 +335,7 @@ class Trainer:
                   "run_dir": str(self.run_dir)}
         if self.tcfg.get("test_at_end", True):
             if self.ctx.is_main:
-                result["test/bpc"] = self.test()
+                result["test/bpc"] = self.evaluate("test")
                 self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
                                 "test/bpc": result["test/bpc"]})
             distributed.barrier(self.ctx)
