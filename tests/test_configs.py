@@ -11,7 +11,7 @@ from mlstm.errors import UserError
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
 # groups not in train.yaml's defaults list are added with "+"
-OPTIONAL_GROUPS = {"experiment", "sweep"}
+OPTIONAL_GROUPS = {"experiment", "sweep", "variant"}
 
 
 def all_choices():
@@ -53,3 +53,16 @@ def test_unknown_group_choice_is_one_line():
 def test_paper_presets_have_the_papers_parameter_counts(experiment, expected):
     count = count_parameters(load_config([f"+experiment={experiment}"]))
     assert abs(count - expected) / expected < 0.01, count
+
+
+@pytest.mark.parametrize("dataset, vocab_size", [("enwik8", 205), ("text8", 27)])
+@pytest.mark.parametrize("scale", ["1m", "20m"])
+def test_study_variants_have_equal_parameter_counts(dataset, vocab_size, scale):
+    """Fair comparison: every variant of a study scale within 2% of the LSTM's parameter count."""
+    variants = sorted(p.stem for p in (Path(CONFIG_DIR) / "variant").glob(f"*_{scale}.yaml"))
+    assert {"lstm_" + scale, "mlstm_paper_" + scale, "mlstm_seed_" + scale} <= set(variants)
+    counts = {v: count_parameters(load_config([f"+variant={v}", f"dataset={dataset}",
+                                               f"dataset.vocab_size={vocab_size}"])) for v in variants}
+    baseline = counts["lstm_" + scale]
+    for variant, count in counts.items():
+        assert abs(count - baseline) / baseline < 0.02, (variant, count, baseline)
