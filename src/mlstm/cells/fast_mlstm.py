@@ -1,0 +1,557 @@
+"""Fast multiplicative LSTM (`cell.impl=fast`, every form): the reference equations with a hand-written backward.
+
+The reference layer (`mlstm.cells.mlstm`, `impl=reference`) runs the time loop through autograd: about fifteen graph
+nodes per step, each saving its own inputs, and T small products for every recurrent weight gradient. Here the whole
+segment is one `torch.autograd.Function`, `MLSTMSegment`:
+
+    x (T, B, I) ──the reference's `_project_inputs` (ordinary autograd: W_mx, W_x, biases / A_x, a, W_x, w)──►
+    xp (T, B, K) = [factor part F (paper/matlab: W_mx x, K_F = H; seed: A_x x + a, K_F = 2H) ; z part (4H)]
+    MLSTMSegment(xp, W_r, W_m, h0, c0, mask, peepholes, W_P, b_h):   W_r = W_mh (H, P) or the seed's A_h (2H, P)
+      forward   for t: r_t = W_r h_{t-1}                            one (B, P)(P, K_F) product
+                       m_t = xp_F ⊙ r_t  |  seed: m_t = a_t ⊙ b_t, [a_t; b_t] = xp_F + r_t
+                       z_t = xp_z + W_m m_t                           one (B, H)(H, 4H) product
+                       the form's pointwise math (below), in place on slices of one (B, 4H) gate buffer
+                saving per step only what backward needs in preallocated (T, B, ·) buffers
+      backward  for t = T-1..0: dz_t, dm_t = W_m^T dz_t, dr_t, dh_{t-1} = W_r^T dr_t, dc_{t-1}; dz_t and dr_t are
+                written into (T, B, ·) buffers, and after the loop each weight gradient is ONE large product:
+                dW_m = dZ^T M, dW_r = dR^T H_prev, dW_P = dP^T H_raw. d xp is returned whole, so that autograd gives
+                the gradients of the input weights (and of their weight-norm g, v) through `_project_inputs`.
+
+Pointwise math per form (slots of z; act = cell.activation; σ' and act' computed from the saved outputs):
+    paper   [ĥ; i; f; o]  c = σ(f + fb [+ w_F c_)) c_ + σ(i [+ w_I c_)) act(ĥ);  h = σ(o [+ w_O c]) act(c)
+    matlab  [ĥ; i; f; o]  c = same with the linear candidate ĥ;                    h = act(σ(o [+ w_O c]) c + b_h)
+    seed    [i; j; f; o]  c = c_ σ(f + fb [+ w_F c_)) + σ(i [+ w_I c_)) j;        h = act(c o)   (no σ on o)
+                          peepholes: o' = o + w_O c;  h = σ(o') act(c o')
+    all     c clipped to ±cell_clip after the update (the clipped c is carried; gradient zero where clipped, as
+            torch.clamp); h = clip(W_P h, ±proj_clip) when num_proj; h = h ⊙ mask (variational dropout).
+The fast layers subclass the reference classes (same parameters, state_dict keys, init, paper weights, dropout mask
+sampling), so a checkpoint moves freely between impl=fast and impl=reference; only `forward` differs. Every option of
+the reference is supported (all three activations); nothing falls back.
+
+Mixed precision: under autocast the two products per step (and the backward ones) run in the autocast dtype, the
+weights cast once per segment; c, the gates, the pointwise math and the carried h, c stay float32, as in the reference.
+On CUDA the same code runs with one kernel launch per pointwise op (no graph capture or Triton kernel here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mlstm.cells.common import get_tensor
+from mlstm.cells.mlstm import MatlabMultiplicativeLSTM, MultiplicativeLSTM, SeedMultiplicativeLSTM
+
+# Fused backward kernels with an out= argument (one launch each): grad ⊙ y(1-y), grad ⊙ (1-y²), grad ⊙ [y > 0].
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input
+_threshold_backward = torch.ops.aten.threshold_backward.grad_input
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What the segment computes, besides its tensors."""
+
+    form: str  # "paper" | "matlab" | "seed"
+    activation: str  # "tanh" | "relu" | "identity"
+    peepholes: bool  # diagonal peepholes w_I, w_F, w_O
+    forget_bias: float  # constant added to the forget pre-activation each step
+    cell_clip: float | None  # c clipped to ±cell_clip (None: no clip)
+    proj_clip: float | None  # projected h clipped to ±proj_clip (None: no clip)
+    compute_dtype: torch.dtype  # dtype of the matrix products (the autocast dtype, else the weights' dtype)
+
+
+class _Activation:
+    """act in place, act into out, and its backward from the saved output y = act(v)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def inplace(self, v: torch.Tensor) -> None:
+        if self.name == "tanh":
+            v.tanh_()
+        elif self.name == "relu":
+            v.relu_()
+
+    def into(self, v: torch.Tensor, out: torch.Tensor) -> None:
+        if self.name == "tanh":
+            torch.tanh(v, out=out)
+        elif self.name == "relu":
+            torch.clamp(v, min=0, out=out)
+        else:
+            out.copy_(v)
+
+    def backward(self, grad: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
+        """out = grad ⊙ act'(v), from y = act(v); out may be grad itself."""
+        if self.name == "tanh":
+            _tanh_backward(grad, y, grad_input=out)
+        elif self.name == "relu":
+            _threshold_backward(grad, y, 0, grad_input=out)  # relu'(v) = [v > 0] = [y > 0], 0 at v = 0 as torch
+        elif out is not grad:
+            out.copy_(grad)
+
+
+class _Products:
+    """Matrix products in the compute dtype; operands and results in the state dtype (float32 under autocast).
+
+    The weights are cast once per segment (`weight`); with a lower compute dtype each product rounds its result to
+    that dtype before it is added to float32, exactly as the reference's `F.linear(...).to(float32)` under autocast."""
+
+    def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype):
+        self.dtype = compute_dtype
+        self.low = compute_dtype != state_dtype
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w.detach().to(self.dtype).contiguous()
+
+    def weight_t(self, w: torch.Tensor) -> torch.Tensor:
+        """The transpose, contiguous: a plain row-major right operand is markedly faster for BLAS at B = 32."""
+        return w.detach().to(self.dtype).t().contiguous()
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        if self.low:
+            out.copy_(torch.mm(a.to(self.dtype), b))
+        else:
+            torch.mm(a, b, out=out)
+
+    def addmm(self, add: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        if self.low:
+            torch.add(add, torch.mm(a.to(self.dtype), b), out=out)
+        else:
+            torch.addmm(add, a, b, out=out)
+
+    def grad(self, a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """a @ b as a new tensor in the dtype of `like` (a weight gradient after the loop)."""
+        return torch.mm(a.to(self.dtype), b.to(self.dtype)).to(like.dtype)
+
+
+def _flat(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, v.shape[-1])  # (T, B, n) -> (T*B, n); a view also for a column slice of a (T, B, K) buffer
+
+
+class MLSTMSegment(torch.autograd.Function):
+    """One segment of any mLSTM form, forward and hand-written backward (see the module docstring).
+
+    apply(spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h) -> y (T, B, P), h_T (B, P), c_T (B, H)
+        xp (T, B, K_F + 4H) input projections (state dtype); W_r (K_F, P); W_m (4H, H); h0 (B, P), c0 (B, H);
+        mask (B, P) or None; w_I, w_F, w_O (H,) or None; W_P (P, H) or None; b_h (H,) (matlab) or None.
+        save: keep what backward needs (False under no_grad: the scratch buffers are one step long).
+    """
+
+    @staticmethod
+    def forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h):
+        with torch.autocast(xp.device.type, enabled=False):
+            return _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dY, dh_T, dc_T):
+        with torch.autocast(dY.device.type, enabled=False):
+            return (None, None) + _backward(ctx, dY, dh_T, dc_T)
+
+
+def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h):
+    T, B, K = xp.shape
+    H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
+    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    clip, pclip, fb = spec.cell_clip, spec.proj_clip, spec.forget_bias
+    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
+    W_rT, W_mT = pm.weight_t(W_r), pm.weight_t(W_m)  # (P, K_F), (H, 4H)
+    W_PT = pm.weight_t(W_P) if W_P is not None else None  # (H, P)
+
+    S = T if save else 1  # steps kept in the per-step buffers (one scratch step when nothing is saved)
+
+    def buf(width, steps=S):
+        return xp.new_empty(steps, B, width)
+
+    R, M, G = buf(KF), buf(H), buf(4 * H)  # r_t (seed: [a_t; b_t]), m_t, gates after their nonlinearity
+    C = buf(H, T if save else 2)  # c_t after the clip (two slots when not saving: c_{t-1} and c_t)
+    CR = buf(H) if clip is not None else C  # c_t before the clip
+    AC = buf(H) if paper or (seed and peep) else None  # paper: act(c_t); seed + peepholes: act(c_t o'_t)
+    SO = buf(H) if seed and peep else None  # seed + peepholes: σ(o'_t)
+    # h before projection and mask: needed by dW_P, and by act' in matlab/seed when the mask hides it in y
+    Y = xp.new_empty(T, B, P)  # the output, also h_{t-1} of the next step
+    HR = buf(H) if W_P is not None or (mask is not None and not paper) else Y
+    PR = buf(P) if pclip is not None else Y  # W_P h before the clip
+
+    # per-step views, made once (indexing costs about as much as a small kernel)
+    gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
+    xf, xz, r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (xp[..., :KF], xp[..., KF:], R, M, G, C, CR, Y, HR, PR))
+    gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
+    if seed:
+        g_sig = _steps(G.view(S, B, 2, 2 * H)[..., :H], T)  # i and f: one σ call; j and o stay linear
+    else:
+        g_sig = _steps(G[..., H : 3 * H] if peep else G[..., H:], T)  # σ(i), σ(f) [, σ(o)]
+    ac, so = _steps(AC, T), _steps(SO, T)
+
+    for t in range(T):
+        h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
+        if seed:
+            pm.addmm(xf[t], h_prev, W_rT, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
+            torch.mul(r[t][:, :H], r[t][:, H:], out=m[t])  # m = a ⊙ b                    (B, H)
+        else:
+            pm.mm(h_prev, W_rT, r[t])  # W_mh h_{t-1}                                  (B, H)
+            torch.mul(xf[t], r[t], out=m[t])  # m = (W_mx x) ⊙ (W_mh h_{t-1})
+        pm.addmm(xz[t], m[t], W_mT, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
+        if peep:  # the input and forget gates see c_{t-1}
+            gi[t].addcmul_(c_prev, w_I)
+            gf[t].addcmul_(c_prev, w_F)
+        if fb:
+            gf[t].add_(fb)
+        if paper:
+            act.inplace(gc[t])  # act(ĥ); the matlab and seed candidates are linear
+        g_sig[t].sigmoid_()
+        torch.mul(gf[t], c_prev, out=cr[t])  # c = f ⊙ c_{t-1} + i ⊙ candidate
+        cr[t].addcmul_(gi[t], gc[t])
+        if clip is not None:
+            torch.clamp(cr[t], -clip, clip, out=c[t])
+        if seed:
+            if peep:  # o' = o + w_O c;  h = σ(o') act(c o')
+                go[t].addcmul_(c[t], w_O)
+                torch.mul(c[t], go[t], out=ac[t])
+                act.inplace(ac[t])
+                torch.sigmoid(go[t], out=so[t])
+                torch.mul(so[t], ac[t], out=hr[t])
+            else:  # h = act(c o)
+                torch.mul(c[t], go[t], out=hr[t])
+                act.inplace(hr[t])
+        else:
+            if peep:  # o = σ(z_o + w_O c), c after the clip
+                go[t].addcmul_(c[t], w_O).sigmoid_()
+            if paper:  # h = o act(c)
+                act.into(c[t], ac[t])
+                torch.mul(go[t], ac[t], out=hr[t])
+            else:  # h = act(o c + b_h)
+                torch.addcmul(b_h, go[t], c[t], out=hr[t])
+                act.inplace(hr[t])
+        if W_P is not None:  # h = clip(W_P h)
+            pm.mm(hr[t], W_PT, pr[t])
+            if pclip is not None:
+                torch.clamp(pr[t], -pclip, pclip, out=y[t])
+        if mask is not None:
+            torch.mul(y[t] if W_P is not None else hr[t], mask, out=y[t])
+
+    h_T, c_T = y[T - 1].clone(), c[T - 1].clone()
+    if save:
+        keep_c = CR.abs() <= clip if clip is not None else None  # torch.clamp's gradient mask
+        keep_p = PR.abs() <= pclip if pclip is not None else None
+        ctx.spec = spec
+        ctx.buffers = (R, M, G, C, AC, SO, None if HR is Y else HR, keep_c, keep_p)
+        ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y)
+    return Y, h_T, c_T
+
+
+def _steps(buffer: torch.Tensor | None, T: int) -> list:
+    """T per-step views of a (S, B, n) buffer, cycling through its S slots (S = T, or 1-2 scratch slots)."""
+    if buffer is None:
+        return [None] * T
+    views = buffer.unbind(0)
+    return list(views) if len(views) == T else [views[t % len(views)] for t in range(T)]
+
+
+def _backward(ctx, dY, dh_T, dc_T):
+    spec = ctx.spec
+    xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors
+    R, M, G, C, AC, SO, HR, keep_c, keep_p = ctx.buffers
+    T, B, K = xp.shape
+    H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
+    seed, paper, matlab, peep = spec.form == "seed", spec.form == "paper", spec.form == "matlab", spec.peepholes
+    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
+    W_rc, W_mc = pm.weight(W_r), pm.weight(W_m)  # (K_F, P), (4H, H)
+    W_Pc = pm.weight(W_P) if W_P is not None else None  # (P, H)
+    HR = HR if HR is not None else Y  # (without W_P and mask, y is the h that act' needs)
+
+    dXP = torch.empty_like(xp)  # d xp: [dF ; dZ], written step by step        (T, B, K)
+    dF, dZ = dXP[..., :KF], dXP[..., KF:]
+    dR = dF if seed else xp.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters [a; b] additively)
+    dPP = xp.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
+    dU = xp.new_empty(T, B, H) if matlab else None  # grad of o c + b_h (for db_h)
+    dh = torch.add(dY[T - 1], dh_T)  # grad of h_t (output and recurrence)          (B, P)
+    dc = dc_T.clone()  # grad of c_t; becomes that of c_{t-1} during the step            (B, H)
+    tmp, dm = xp.new_empty(B, H), xp.new_empty(B, H)
+    dh0 = xp.new_empty(B, P)
+
+    gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
+    xf, r, c, ac, so, hr, dy, dz, df_, dr, dpp, du, kc, kp = (
+        _steps(v, T) for v in (xp[..., :KF], R, C, AC, SO, HR, dY, dZ, dF, dR, dPP, dU, keep_c, keep_p)
+    )
+    gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
+    di, df, dcand, do = (_steps(dZ[..., a : a + H], T) for a in gates)
+    if seed:  # σ' of i and f in one call
+        g_sig, d_sig = (_steps(v.view(T, B, 2, 2 * H)[..., :H], T) for v in (G, dZ))
+    else:  # σ' of i, f [, o]; with peepholes o is done first (its grad feeds dc)
+        g_sig, d_sig = (_steps(v[..., H : 3 * H] if peep else v[..., H:], T) for v in (G, dZ))
+
+    for t in range(T - 1, -1, -1):
+        c_prev = c0 if t == 0 else c[t - 1]
+        if mask is not None:
+            dh.mul_(mask)
+        if W_P is not None:  # through h = clip(W_P h_raw)
+            if keep_p is not None:
+                torch.mul(dh, kp[t], out=dpp[t])
+            else:
+                dpp[t].copy_(dh)
+            dhr = tmp
+            pm.mm(dpp[t], W_Pc, dhr)
+        else:
+            dhr = dh
+        # the output: dc += ∂h/∂c dhr, do = grad of the o pre-activation (after σ' where there is a σ)
+        if seed and peep:  # h = σ(o') a, a = act(c o'), o' = o + w_O c
+            torch.mul(dhr, ac[t], out=do[t])
+            _sigmoid_backward(do[t], so[t], grad_input=do[t])
+            torch.mul(dhr, so[t], out=tmp)
+            act.backward(tmp, ac[t], tmp)  # grad of c o'
+            do[t].addcmul_(tmp, c[t])
+            dc.addcmul_(tmp, go[t])
+            dc.addcmul_(do[t], w_O)
+        elif seed:  # h = act(c o)
+            act.backward(dhr, hr[t], tmp)
+            torch.mul(tmp, c[t], out=do[t])
+            dc.addcmul_(tmp, go[t])
+        else:
+            if paper:  # h = o act(c)
+                torch.mul(dhr, ac[t], out=do[t])
+                torch.mul(dhr, go[t], out=tmp)
+                act.backward(tmp, ac[t], tmp)
+                dc.add_(tmp)
+            else:  # h = act(o c + b_h)
+                act.backward(dhr, hr[t], du[t])
+                torch.mul(du[t], c[t], out=do[t])
+                dc.addcmul_(du[t], go[t])
+            if peep:  # o = σ(z_o + w_O c)
+                _sigmoid_backward(do[t], go[t], grad_input=do[t])
+                dc.addcmul_(do[t], w_O)
+        if keep_c is not None:
+            dc.mul_(kc[t])
+        # the cell update c = f c_{t-1} + i candidate
+        torch.mul(dc, gc[t], out=di[t])
+        torch.mul(dc, c_prev, out=df[t])
+        torch.mul(dc, gi[t], out=dcand[t])
+        dc.mul_(gf[t])  # now the grad of c_{t-1}
+        if paper:
+            act.backward(dcand[t], gc[t], dcand[t])
+        _sigmoid_backward(d_sig[t], g_sig[t], grad_input=d_sig[t])
+        if peep:
+            dc.addcmul_(di[t], w_I)
+            dc.addcmul_(df[t], w_F)
+        # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
+        pm.mm(dz[t], W_mc, dm)  # grad of m_t                                      (B, H)
+        if seed:  # m = a ⊙ b, [a; b] = xp_F + r
+            torch.mul(dm, r[t][:, H:], out=df_[t][:, :H])
+            torch.mul(dm, r[t][:, :H], out=df_[t][:, H:])
+        else:  # m = xp_F ⊙ r
+            torch.mul(dm, r[t], out=df_[t])
+            torch.mul(dm, xf[t], out=dr[t])
+        if t > 0:  # grad of h_{t-1}: its output grad + the recurrence
+            pm.addmm(dy[t - 1], dr[t], W_rc, dh)
+        else:
+            pm.mm(dr[0], W_rc, dh0)
+
+    need = ctx.needs_input_grad[2:]  # (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
+    dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None
+    if need[1]:  # dW_r = Σ_t dr_t^T h_{t-1}
+        dW_r = pm.grad(dR[0].t(), h0, W_r)
+        if T > 1:
+            dW_r += pm.grad(_flat(dR[1:]).t(), _flat(Y[:-1]), W_r)
+    if need[2]:
+        dW_m = pm.grad(_flat(dZ).t(), _flat(M), W_m)  # Σ_t dz_t^T m_t
+    if peep and any(need[6:9]):
+        dz_i, dz_f, dz_o = (dZ[..., a : a + H] for a in (gates[0], gates[1], gates[3]))
+        C_prev = torch.cat([c0[None], C[:-1]])
+        dw_I = (dz_i * C_prev).sum((0, 1)).to(w_I.dtype)
+        dw_F = (dz_f * C_prev).sum((0, 1)).to(w_F.dtype)
+        dw_O = (dz_o * C).sum((0, 1)).to(w_O.dtype)
+    if W_P is not None and need[9]:
+        dW_P = pm.grad(_flat(dPP).t(), _flat(HR), W_P)  # Σ_t dp_t^T h_raw_t
+    if dU is not None and need[10]:
+        db_h = dU.sum((0, 1)).to(b_h.dtype)
+    return dXP, dW_r, dW_m, dh0, dc, None, dw_I, dw_F, dw_O, dW_P, db_h
+
+
+def _steps(buffer: torch.Tensor | None, T: int) -> list:
+    """T per-step views of a (S, B, n) buffer, cycling through its S slots (S = T, or 1-2 scratch slots)."""
+    if buffer is None:
+        return [None] * T
+    views = buffer.unbind(0)
+    return list(views) if len(views) == T else [views[t % len(views)] for t in range(T)]
+
+
+def _backward(ctx, dY, dh_T, dc_T):
+    spec = ctx.spec
+    xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors
+    R, M, G, C, AC, SO, HR, keep_c, keep_p = ctx.buffers
+    T, B, K = xp.shape
+    H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
+    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
+    W_rc, W_mc = pm.weight(W_r), pm.weight(W_m)  # (K_F, P), (4H, H)
+    W_Pc = pm.weight(W_P) if W_P is not None else None  # (P, H)
+    XF = xp[..., :KF]
+    HR = HR if HR is not None else Y  # (without W_P and mask, y is the h that act' needs)
+    dY = dY.contiguous()
+
+    dXP = torch.empty_like(xp)  # d xp: [dF ; dZ], written step by step        (T, B, K)
+    dF, dZ = dXP[..., :KF], dXP[..., KF:]
+    dR = dF if seed else xp.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters [a; b] additively)
+    dPP = xp.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
+    dU = xp.new_empty(T, B, H) if spec.form == "matlab" else None  # grad of o c + b_h (for db_h)
+    dh = torch.add(dY[T - 1], dh_T)  # grad of h_t (output and recurrence)          (B, P)
+    dc = dc_T.clone()  # grad of c_t; becomes that of c_{t-1} during the step            (B, H)
+    tmp, dm = xp.new_empty(B, H), xp.new_empty(B, H)
+    dh0 = None
+
+    for t in range(T - 1, -1, -1):
+        c_prev = c0 if t == 0 else C[t - 1]
+        g, c, d = G[t], C[t], dZ[t]
+        if seed:
+            gi, gc, gf, go = g.split(H, 1)
+            di, dcand, df, do = d.split(H, 1)
+        else:
+            gc, gi, gf, go = g.split(H, 1)
+            dcand, di, df, do = d.split(H, 1)
+        if mask is not None:
+            dh.mul_(mask)
+        if W_P is not None:  # through h = clip(W_P h_raw)
+            if keep_p is not None:
+                torch.mul(dh, keep_p[t], out=dPP[t])
+            else:
+                dPP[t].copy_(dh)
+            dhr = tmp
+            pm.mm(dPP[t], W_Pc, dhr)
+        else:
+            dhr = dh
+        # the output: dc += ∂h/∂c dhr, do = grad of the o pre-activation (after σ' where there is a σ)
+        if seed and peep:  # h = σ(o') a, a = act(c o'), o' = o + w_O c
+            torch.mul(dhr, AC[t], out=do)
+            _sigmoid_backward(do, SO[t], grad_input=do)
+            torch.mul(dhr, SO[t], out=tmp)
+            act.backward(tmp, AC[t], tmp)  # grad of c o'
+            do.addcmul_(tmp, c)
+            dc.addcmul_(tmp, go)
+            dc.addcmul_(do, w_O)
+        elif seed:  # h = act(c o)
+            act.backward(dhr, HR[t], tmp)
+            torch.mul(tmp, c, out=do)
+            dc.addcmul_(tmp, go)
+        else:
+            if paper:  # h = o act(c)
+                torch.mul(dhr, AC[t], out=do)
+                torch.mul(dhr, go, out=tmp)
+                act.backward(tmp, AC[t], tmp)
+                dc.add_(tmp)
+            else:  # h = act(o c + b_h)
+                act.backward(dhr, HR[t], dU[t])
+                torch.mul(dU[t], c, out=do)
+                dc.addcmul_(dU[t], go)
+            if peep:  # o = σ(z_o + w_O c)
+                _sigmoid_backward(do, go, grad_input=do)
+                dc.addcmul_(do, w_O)
+        if keep_c is not None:
+            dc.mul_(keep_c[t])
+        # the cell update c = f c_{t-1} + i candidate
+        torch.mul(dc, gc, out=di)
+        torch.mul(dc, c_prev, out=df)
+        torch.mul(dc, gi, out=dcand)
+        dc.mul_(gf)  # now the grad of c_{t-1}
+        if seed:
+            gv, dv = g.view(B, 2, 2 * H)[:, :, :H], d.view(B, 2, 2 * H)[:, :, :H]  # i and f
+            _sigmoid_backward(dv, gv, grad_input=dv)
+        else:
+            if paper:
+                act.backward(dcand, gc, dcand)
+            sl = slice(H, 3 * H) if peep else slice(H, 4 * H)  # (o is done above when peepholes)
+            _sigmoid_backward(d[:, sl], g[:, sl], grad_input=d[:, sl])
+        if peep:
+            dc.addcmul_(di, w_I)
+            dc.addcmul_(df, w_F)
+        # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
+        pm.mm(d, W_mc, dm)  # grad of m_t                                          (B, H)
+        if seed:  # m = a ⊙ b, [a; b] = xp_F + r
+            torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
+            torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
+        else:  # m = xp_F ⊙ r
+            torch.mul(dm, R[t], out=dF[t])
+            torch.mul(dm, XF[t], out=dR[t])
+        if t > 0:
+            pm.addmm(dY[t - 1], dR[t], W_rc, dh)  # grad of h_{t-1}: its output grad + the recurrence
+        else:
+            dh0 = xp.new_empty(B, P)
+            pm.mm(dR[0], W_rc, dh0)
+
+    need = ctx.needs_input_grad[2:]  # (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
+    dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None
+    if need[1]:  # dW_r = Σ_t dr_t^T h_{t-1}
+        dW_r = pm.grad(dR[0].t(), h0, W_r)
+        if T > 1:
+            dW_r += pm.grad(_flat(dR[1:]).t(), _flat(Y[:-1]), W_r)
+    if need[2]:
+        dW_m = pm.grad(_flat(dZ).t(), _flat(M), W_m)  # Σ_t dz_t^T m_t
+    if peep and any(need[6:9]):
+        slots = (0, 2, 3) if seed else (1, 2, 3)  # i, f, o
+        dz_i, dz_f, dz_o = (dZ[..., s * H : (s + 1) * H] for s in slots)
+        C_prev = torch.cat([c0[None], C[:-1]])
+        dw_I = (dz_i * C_prev).sum((0, 1)).to(w_I.dtype)
+        dw_F = (dz_f * C_prev).sum((0, 1)).to(w_F.dtype)
+        dw_O = (dz_o * C).sum((0, 1)).to(w_O.dtype)
+    if W_P is not None and need[9]:
+        dW_P = pm.grad(_flat(dPP).t(), _flat(HR), W_P)  # Σ_t dp_t^T h_raw_t
+    if dU is not None and need[10]:
+        db_h = dU.sum((0, 1)).to(b_h.dtype)
+    return dXP, dW_r, dW_m, dh0, dc, None, dw_I, dw_F, dw_O, dW_P, db_h
+
+
+class _FastForward:
+    """`forward` of the fast layers; everything else (parameters, init, paper weights, dropout) is the reference's."""
+
+    def segment_spec(self, device_type: str) -> SegmentSpec:
+        cfg, dtype = self.cfg, next(self.parameters()).dtype
+        low = torch.is_autocast_enabled(device_type) and dtype != torch.float64  # autocast leaves float64 alone
+        return SegmentSpec(
+            form=cfg.form,
+            activation=cfg.activation,
+            peepholes=cfg.use_peepholes,
+            forget_bias=float(cfg.forget_bias or 0.0),
+            cell_clip=cfg.cell_clip,
+            proj_clip=cfg.proj_clip,
+            compute_dtype=torch.get_autocast_dtype(device_type) if low else dtype,
+        )
+
+    def forward(self, x: torch.Tensor, state=None):
+        T, B, _ = x.shape  # (T, B, I), time-major
+        if state is None:
+            state = self.init_state(B, x.device)
+        sd = self.state_dtype
+        h, c = state[0].to(sd), state[1].to(sd)  # (B, P), (B, H)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(next(self.parameters()).dtype)
+        w = {name: get_tensor(self, name) for name in self.parameter_tensors()}  # g v/|v| computed once per segment
+        xp = self._project_inputs(x, w)  # (T, B, K), the reference's own hoisted projection (autograd)
+        mask = self.dropout_mask(B, x.device, sd)  # (B, P) or None; drawn exactly as the reference draws it
+        W_r = w["A_h"] if self.cfg.form == "seed" else w["W_mh"]
+        tensors = (xp, W_r, w["W_m"], h, c, mask, w.get("w_I"), w.get("w_F"), w.get("w_O"), w.get("W_P"), w.get("b_h"))
+        save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
+        y, h, c = MLSTMSegment.apply(self.segment_spec(x.device.type), save, *tensors)
+        return y, (h, c)  # (T, B, P), ((B, P), (B, H))
+
+
+class FastMatlabMultiplicativeLSTM(_FastForward, MatlabMultiplicativeLSTM):
+    """The matlab form, impl=fast."""
+
+
+class FastSeedMultiplicativeLSTM(_FastForward, SeedMultiplicativeLSTM):
+    """The seed form, impl=fast."""
+
+
+class FastMultiplicativeLSTM(_FastForward, MultiplicativeLSTM):
+    """The paper form, impl=fast. As the one symbol `build_layer` asks for, `FastMultiplicativeLSTM(input_size, cfg)`
+    builds the fast class of `cfg.form` (`FAST_MLSTM_FORMS`); each is a subclass of that form's reference class."""
+
+    def __new__(cls, *args, **kwargs):
+        cfg = args[1] if len(args) > 1 else kwargs.get("cfg")
+        if cls is FastMultiplicativeLSTM and cfg is not None and cfg.form != "paper":
+            return FAST_MLSTM_FORMS[cfg.form](*args, **kwargs)  # not an instance of cls: __init__ is not rerun
+        return super().__new__(cls)
+
+
+FAST_MLSTM_FORMS = {"paper": FastMultiplicativeLSTM, "matlab": FastMatlabMultiplicativeLSTM, "seed": FastSeedMultiplicativeLSTM}
