@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, each step under a timeout, about 7 minutes at most (usually far less):
+#   1. scripts/bench.py --preset gpu  ->  $OUT/bench_gpu.json, $OUT/bench_gpu.md, $OUT/bench.log
+#   2. a short bf16 training of the fast mLSTM on the enwik8 sample  ->  $OUT/train/{metrics.jsonl,config.yaml,train.log}
+# plus $OUT/env.txt (nvidia-smi, versions). At most 8 files come back, none large (checkpoints stay in $WORK).
+#
+#   OUT=gpu_out bash scripts/gpu_check.sh            # run from the repository root
+# Environment: OUT (default ./gpu_out); WORK (scratch, default a fresh temporary folder); PYTHON (default .venv's
+# python, else python3); SAMPLE (a text file to train on when the enwik8 sample is not found); BENCH_TIMEOUT (s, 270),
+# TRAIN_TIMEOUT (s, 150); BENCH_ARGS / TRAIN_ARGS (extra flags / Hydra overrides, appended, so they win: a CPU dry run
+# is BENCH_ARGS="--device cpu --hidden 32 --batch 4 --seq-len 10 --iters 1 --warmup 0" TRAIN_ARGS="trainer.device=cpu
+# trainer.precision=fp32 cell.hidden_size=32 trainer.max_steps=3 trainer.batch_size=4 trainer.eval_batch_size=4 ...").
+# No internet: hydra-core, omegaconf and antlr4 (pure Python) are taken from ./.gpu_site when present (copied there
+# from .venv's site-packages; see results/bench/README.md), or installed from wheels in ./.whl when present.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
+mkdir -p "$WORK"
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-150}
+export PYTHONUNBUFFERED=1
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .gpu_site ]; then export PYTHONPATH="$PWD/.gpu_site:$PYTHONPATH"; fi
+if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null && [ -d .whl ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
+    && export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
+status=0
+
+{ date -u; nvidia-smi 2>&1 || echo "nvidia-smi: not available";
+  "$PYTHON" -c "import sys, torch; print('python', sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  "$PYTHON" -c "import hydra, omegaconf; print('hydra', hydra.__version__, 'omegaconf', omegaconf.__version__)" 2>&1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== 1/2 bench --preset gpu (timeout ${BENCH_TIMEOUT}s)"
+# rows are rewritten after each one: a timeout still leaves the rows measured so far
+timeout -k 10 "$BENCH_TIMEOUT" "$PYTHON" scripts/bench.py --preset gpu --json "$OUT/bench_gpu.json" \
+  --markdown "$OUT/bench_gpu.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+rc=$?; cat "$OUT/bench.log"; echo "bench exit status: $rc"; [ $rc -eq 0 ] || status=1
+rm -f "$OUT"/*.tmp
+
+echo "== 2/2 short bf16 training of the fast mLSTM (timeout ${TRAIN_TIMEOUT}s)"
+SHARED=${MLSTM_SHARED_DATA:-../shared/data}
+DATA=()
+if [ -f "$SHARED/enwik8_head3M.xml" ]; then
+  export MLSTM_SHARED_DATA=$(cd "$SHARED" && pwd); DATA=(dataset=enwik8_sample)
+elif [ -f shared/data/enwik8_head3M.xml ]; then
+  export MLSTM_SHARED_DATA=$PWD/shared/data; DATA=(dataset=enwik8_sample)
+elif [ -n "${SAMPLE:-}" ] && [ -f "$SAMPLE" ]; then
+  DATA=(dataset=file "dataset.path='$(cd "$(dirname "$SAMPLE")" && pwd)/$(basename "$SAMPLE")'")
+fi
+if [ ${#DATA[@]} -eq 0 ]; then
+  echo "training SKIPPED: no enwik8 sample ($SHARED/enwik8_head3M.xml or shared/data/enwik8_head3M.xml) and no" \
+       "SAMPLE=<text file> given; nothing can be downloaded here" | tee "$OUT/train_skipped.txt"
+else
+  mkdir -p "$OUT/train"
+  MLSTM_DATA_DIR="$WORK/data_cache" timeout -k 10 "$TRAIN_TIMEOUT" "$PYTHON" -m mlstm.cli.train \
+    trainer=gpu trainer.precision=bf16 "${DATA[@]}" logger=none optim=adam \
+    cell=mlstm cell.form=paper cell.impl=fast cell.hidden_size=1024 model.embedding_size=128 \
+    trainer.batch_size=128 trainer.seq_len=200 trainer.max_steps=300 trainer.log_every=10 \
+    trainer.eval_every=100 trainer.eval_chars=100000 trainer.eval_batch_size=100 trainer.test_at_end=false \
+    trainer.checkpoint_every=300 trainer.max_time_s=120 trainer.progress=false \
+    "hydra.run.dir=$WORK/train" ${TRAIN_ARGS:-} > "$OUT/train/train.log" 2>&1
+  rc=$?; tail -n 40 "$OUT/train/train.log"; echo "train exit status: $rc"; [ $rc -eq 0 ] || status=1
+  cp "$WORK/train/metrics.jsonl" "$OUT/train/metrics.jsonl" 2>/dev/null || { echo "no metrics.jsonl written"; status=1; }
+  cp "$WORK/train/.hydra/config.yaml" "$OUT/train/config.yaml" 2>/dev/null || true
+fi
+exit $status
