@@ -269,6 +269,8 @@ class Trainer:
             "perf/chars_per_s": window_chars / max(window_seconds, 1e-9),
             "perf/chars_per_s_per_rank": window_chars / max(window_seconds, 1e-9) / self.ctx.world_size,
         }
+        if hasattr(self.optimizer, "threshold"):  # optim=rmsprop_norm: the norm of the next update
+            record["train/update_norm_threshold"] = self.optimizer.threshold
         if self.ctx.device.type == "cuda":
             record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         self.sinks.log(record)
