@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 NPROC  ?= 2
+# torchrun's rendezvous: one machine by default; multi-node e.g. "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB"
+TORCHRUN_ARGS ?= --standalone
 SWEEP  ?= convergence_cpu
 RUNS   ?=
 OUT    ?=
@@ -23,8 +25,8 @@ setup: ## create .venv and install the package (editable) with exactly the teste
 train: ## train one model (default: the paper's mLSTM on enwik8); ARGS = Hydra overrides
 	$(PY) -m mlstm.cli.train $(ARGS)
 
-train-ddp: ## train on NPROC processes with torchrun/DDP; ARGS = Hydra overrides
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mlstm.cli.train $(ARGS)
+train-ddp: ## train on NPROC processes per node with torchrun/DDP (multi-node: TORCHRUN_ARGS); ARGS = Hydra overrides
+	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc_per_node=$(NPROC) -m mlstm.cli.train $(ARGS)
 
 sweep: ## Hydra multirun of a sweep config: make sweep SWEEP=convergence_cpu ARGS=...
 	$(PY) -m mlstm.cli.train --multirun +sweep=$(SWEEP) $(ARGS)

@@ -77,6 +77,57 @@ def gather_streams(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def all_reduce_sum(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def broadcast_object(obj, ctx: Context):
+    """Rank 0's `obj` on every rank (any picklable value; e.g. the run directory all ranks must agree on)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, ctx: Context) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    boxes = [None] * ctx.world_size
+    dist.all_gather_object(boxes, obj)
+    return boxes
+
+
+def secondary_rank_overrides() -> list[str]:
+    """Hydra overrides for ranks > 0 under torchrun: Hydra runs in every rank, only rank 0 writes `.hydra/` and the
+    job log (the run directory itself is agreed on in the trainer, see `Trainer._agree_on_run_dir`)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+
+
+def runtime_info(ctx: Context) -> dict:
+    """What the numbers of a run also depend on, logged once (config.yaml `runtime:` and the W&B config)."""
+    matmul = torch.backends.cuda.matmul
+    info = {
+        "world_size": ctx.world_size,
+        "backend": dist.get_backend() if ctx.distributed else None,
+        "device": str(ctx.device),
+        "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "tf32_matmul": bool(matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    return info
+
+
 def teardown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from mlstm import checkpoint, distributed
 from mlstm.data import StreamBatcher, load_corpus
 from mlstm.errors import UserError
-from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc
+from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc, evaluate_nats
 from mlstm.model import build_model, detach_state, num_parameters
 from mlstm.optim import build_optimizer
 from mlstm.tracking import JsonlSink, Sinks, WandbSink
@@ -68,6 +69,7 @@ class Trainer:
         if self.tcfg.get("threads"):
             torch.set_num_threads(int(self.tcfg.threads))
         self.ctx = distributed.setup(self.tcfg.get("device", "auto"))
+        run_dir = self._agree_on_run_dir(Path(run_dir))
         self.run_dir = prepare_run_dir(run_dir) if self.ctx.is_main else Path(run_dir)
         self.precision = self.tcfg.get("precision", "fp32")
         self._set_precision_flags()
@@ -76,7 +78,9 @@ class Trainer:
         self.corpus = self._load_corpus()
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.ctx.device)
         self.num_params = num_parameters(self.model)
-        self.ddp_model = self._wrap_ddp(self.model)
+        self.ddp_model = self._wrap_ddp(self.model)  # DDP broadcasts rank 0's initial parameters
+        if self.ctx.distributed:  # one RNG stream per rank: the dropout masks of different streams stay independent
+            torch.manual_seed(rank_seed(int(cfg.seed), self.ctx.rank))
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters())
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
 
@@ -97,9 +101,14 @@ class Trainer:
         self.nonfinite_in_row = 0
 
         resumed = self._maybe_resume()
+        # world size, TF32 flags, torch/CUDA/cuDNN versions: logged once, in config.yaml and the W&B config
+        self.runtime = distributed.runtime_info(self.ctx)
         if self.ctx.is_main:
             # the resolved config beside the metrics: what plots and reports group runs by
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            config["runtime"] = self.runtime
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+            print(f"runtime: {self.runtime}", file=sys.stderr)
         self.sinks = self._open_sinks(resumed) if self.ctx.is_main else Sinks([])
 
     # ----------------------------------------------------------------------------------------------- setup pieces
@@ -110,6 +119,17 @@ class Trainer:
         torch.backends.cudnn.allow_tf32 = allow_tf32
         if self.precision == "bf16" and self.ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 is not supported on this GPU; use fp16 or fp32")
+
+    def _agree_on_run_dir(self, run_dir: Path) -> Path:
+        """Rank 0's run directory on every rank. Hydra runs in every rank under torchrun, and a run dir made from
+        ${now:...} can differ by a second between ranks; the others' own (empty) Hydra directory is removed."""
+        agreed = Path(distributed.broadcast_object(str(run_dir), self.ctx))
+        if not self.ctx.is_main and agreed.resolve() != run_dir.resolve() and run_dir.is_dir():
+            try:
+                run_dir.rmdir()  # only ever removes an empty directory
+            except OSError:
+                pass
+        return agreed
 
     def _load_corpus(self):
         # rank 0 builds the token cache first, the others then only open the memmaps
@@ -134,6 +154,7 @@ class Trainer:
         if logger_cfg is not None and logger_cfg.get("name", "none") == "wandb":
             config = OmegaConf.to_container(self.cfg, resolve=True)
             config["num_parameters"] = self.num_params
+            config["runtime"] = self.runtime
             sinks.append(WandbSink(logger_cfg, self.run_dir, config, resume=resumed))
         return Sinks(sinks)
 
@@ -154,7 +175,8 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "batcher": self.batches.state_dict(),
             "hidden_state": state,
-            "rng": rng_state(),
+            "rng": rng_state(),  # rank 0's: what a single process resumes with
+            "rng_per_rank": distributed.gather_objects(rng_state(), self.ctx),  # exact resume at the same world size
             "vocab_size": self.corpus.vocab_size,
             "symbols": torch.tensor(list(self.corpus.symbols), dtype=torch.uint8),
             "num_parameters": self.num_params,
@@ -176,6 +198,11 @@ class Trainer:
         if mode is False:
             return False
         payload = checkpoint.load_latest(self.run_dir)
+        # every rank reads the checkpoint itself: they must all see the same one (a run dir on a shared file system)
+        found = distributed.gather_objects(None if payload is None else int(payload["step"]), self.ctx)
+        if len(set(found)) > 1:
+            raise UserError(f"the ranks see different checkpoints in {self.run_dir} (steps by rank: {found}); "
+                            f"under multi-node DDP hydra.run.dir must be on a file system shared by all nodes")
         if payload is None:
             if mode is True:
                 raise UserError(f"trainer.resume=true but {self.run_dir} holds no checkpoint (last.pt)")
@@ -205,7 +232,13 @@ class Trainer:
         for key in ("step", "chars", "train_seconds", "best_valid", "nonfinite_total"):
             setattr(self, key, payload[key])
         self.window = dict(payload["window"])
-        set_rng_state(payload["rng"])
+        per_rank = payload.get("rng_per_rank") or [payload["rng"]]
+        if len(per_rank) == self.ctx.world_size:
+            set_rng_state(per_rank[self.ctx.rank])
+        elif self.ctx.is_main:  # another world size: rank 0 continues rank 0's stream, the others start fresh ones
+            set_rng_state(payload["rng"])
+        else:
+            torch.manual_seed(rank_seed(int(self.cfg.seed), self.ctx.rank, self.step))
 
     # ------------------------------------------------------------------------------------------------- the loop
     def train_step(self, batch) -> tuple[float, float]:
@@ -227,6 +260,10 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.state = detach_state(state)
+        if self.precision == "fp16" and math.isfinite(loss_value):
+            # dynamic loss scaling: an overflow of the *scaled* gradients is expected while the scale settles (the
+            # scaler skipped the step and lowered the scale); the forward pass and carried state are fine
+            finite = True
         if not finite:
             self._on_nonfinite()
         else:
@@ -244,17 +281,44 @@ class Trainer:
                             f"at step {self.step}; lower optim.lr or set optim.grad_clip")
 
     def evaluate(self, split: str) -> float:
-        """bpc on the valid split (first `eval_chars`) or the test split (first `test_chars`; null = all)."""
+        """bpc on the valid split (first `eval_chars`) or the test split (first `test_chars`; null = all).
+
+        Collective under DDP, and every rank gets the same number: the evaluation streams are sharded across the
+        ranks like the training streams when `eval_batch_size` is a multiple of the world size (the summed nats are
+        the single-process ones), otherwise rank 0 evaluates alone while the others wait for its result."""
         tcfg = self.tcfg
         max_chars = tcfg.get("eval_chars") if split == "valid" else tcfg.get("test_chars")
-        return evaluate_bpc(self.model, self.corpus.split(split), split_name=split,
-                            batch_size=int(tcfg.get("eval_batch_size") or tcfg.batch_size),
-                            seq_len=int(tcfg.seq_len), device=self.ctx.device, max_chars=max_chars,
-                            precision=self.precision)
+        batch_size = int(tcfg.get("eval_batch_size") or tcfg.batch_size)
+        kwargs = dict(split_name=split, batch_size=batch_size, seq_len=int(tcfg.seq_len), device=self.ctx.device,
+                      max_chars=max_chars, precision=self.precision)
+        if batch_size % self.ctx.world_size == 0:
+            nats, chars = evaluate_nats(self.model, self.corpus.split(split), rank=self.ctx.rank,
+                                        world_size=self.ctx.world_size, **kwargs)
+            totals = torch.tensor([nats, chars], dtype=torch.float64, device=self.ctx.device)
+            nats, chars = distributed.all_reduce_sum(totals, self.ctx).tolist()
+            return nats / chars / LN2
+        bpc = evaluate_bpc(self.model, self.corpus.split(split), **kwargs) if self.ctx.is_main else None
+        return distributed.broadcast_object(bpc, self.ctx)
 
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
+
+    def _throughput(self, window_seconds: float, window_chars: int) -> dict:
+        """chars/s of every rank (its own B/W streams over its own time) and in total (all characters over the
+        slowest rank's time), and peak GPU memory per rank. Collective under DDP: every rank calls it."""
+        memory = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30 if self.ctx.device.type == "cuda" else None
+        seconds, memories = zip(*distributed.gather_objects((max(window_seconds, 1e-9), memory), self.ctx))
+        per_rank = [window_chars / self.ctx.world_size / s for s in seconds]
+        perf = {"perf/chars_per_s": window_chars / max(seconds),
+                "perf/chars_per_s_per_rank": sum(per_rank) / len(per_rank)}
+        if memory is not None:
+            perf["perf/gpu_mem_gb"] = max(memories)  # peak allocated, the largest over the ranks
+        if self.ctx.distributed:
+            perf.update({f"perf/chars_per_s/rank{r}": rate for r, rate in enumerate(per_rank)})
+            if memory is not None:
+                perf.update({f"perf/gpu_mem_gb/rank{r}": m for r, m in enumerate(memories)})
+        return perf
 
     def _log_train(self, grad_norm: float, window_seconds: float, window_chars: int) -> None:
         record = {
@@ -266,24 +330,18 @@ class Trainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": grad_norm,
             "train/nonfinite_steps": self.nonfinite_total,
-            "perf/chars_per_s": window_chars / max(window_seconds, 1e-9),
-            "perf/chars_per_s_per_rank": window_chars / max(window_seconds, 1e-9) / self.ctx.world_size,
+            **self._throughput(window_seconds, window_chars),
         }
         if hasattr(self.optimizer, "threshold"):  # optim=rmsprop_norm: the norm of the next update
             record["train/update_norm_threshold"] = self.optimizer.threshold
-        if self.ctx.device.type == "cuda":
-            record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         self.sinks.log(record)
         self.window = {"nats": 0.0, "steps": 0}
 
     def _evaluate_and_log(self) -> float:
-        """Validation on rank 0 while the other ranks wait: evaluation is short next to training."""
-        valid = math.nan
-        if self.ctx.is_main:
-            valid = self.evaluate("valid")
-            self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
-                            "valid/bpc": valid})
-        distributed.barrier(self.ctx)
+        """Validation on every rank (sharded, see `evaluate`): all ranks agree on the value, hence on `best.pt`."""
+        valid = self.evaluate("valid")
+        self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                        "valid/bpc": valid})
         return valid
 
     def fit(self) -> dict:
@@ -294,12 +352,6 @@ class Trainer:
         ckpt_every = tcfg.get("checkpoint_every")
         max_seconds = tcfg.get("max_time_s")
         valid = math.nan
-        if self.step >= max_steps:  # a resumed run with nothing left to do: rerunning its ending would log it twice
-            if self.ctx.is_main:
-                print(f"nothing to do: the run in {self.run_dir} already reached step {self.step}", file=sys.stderr)
-            self.sinks.close()
-            return {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
-                    "num_parameters": self.num_params, "best_valid/bpc": self.best_valid, "run_dir": str(self.run_dir)}
         bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and tcfg.get("progress", True)),
                    dynamic_ncols=True, desc="train")
         self.model.train()
@@ -311,8 +363,10 @@ class Trainer:
             loss, grad_norm = self.train_step(batch)
             self._sync()
             elapsed = time.perf_counter() - started
+            window_seconds += elapsed  # this rank's own time, for its throughput
+            if max_seconds and self.ctx.distributed:  # a time budget must stop every rank at the same step
+                elapsed = distributed.broadcast_object(elapsed, self.ctx)
             self.train_seconds += elapsed
-            window_seconds += elapsed
             window_chars += self.batches.chars_per_step
             self.step += 1
             self.chars += self.batches.chars_per_step
@@ -328,7 +382,7 @@ class Trainer:
             is_best = False
             if (eval_every and self.step % eval_every == 0) or last:
                 valid = self._evaluate_and_log()
-                is_best = self.ctx.is_main and valid < self.best_valid
+                is_best = valid < self.best_valid  # the same on every rank: save() is collective
                 if is_best:
                     self.best_valid = valid
             if (ckpt_every and self.step % ckpt_every == 0) or last or is_best:
@@ -342,14 +396,17 @@ class Trainer:
                   "num_parameters": self.num_params, "valid/bpc": valid, "best_valid/bpc": self.best_valid,
                   "run_dir": str(self.run_dir)}
         if self.tcfg.get("test_at_end", True):
-            if self.ctx.is_main:
-                result["test/bpc"] = self.evaluate("test")
-                self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
-                                "test/bpc": result["test/bpc"]})
-            distributed.barrier(self.ctx)
+            result["test/bpc"] = self.evaluate("test")
+            self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                            "test/bpc": result["test/bpc"]})
         self.sinks.summary({k: v for k, v in result.items() if k != "run_dir"})
         self.sinks.close()
         return result
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed per (run seed, rank[, resume step]) for the per-rank RNG streams (dropout masks) under DDP."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:

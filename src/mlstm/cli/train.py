@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mlstm.cli import CONFIG_DIR, exit_on_user_error, hydra_entry
+from mlstm.distributed import secondary_rank_overrides
 from mlstm.trainer import train
 
 
@@ -15,7 +16,8 @@ def task(cfg: DictConfig) -> float:
     return result.get("best_valid/bpc", float("nan"))
 
 
-main = hydra_entry(task)
+# under torchrun, ranks > 0 write no .hydra/ files and no job log (rank 0's run directory is the run's)
+main = hydra_entry(task, secondary_rank_overrides())
 
 if __name__ == "__main__":
     main()
