@@ -8,11 +8,15 @@ A checkpoint is a plain dict of tensors, numbers and strings (no pickled objects
     best.pt            the lowest validation bpc so far
 
 Each file is written to a temporary name, flushed and fsynced, then renamed: a crash mid-write leaves the previous
-file intact. On load, a truncated or corrupted file is reported and the previous good one is used.
+file intact. Each payload carries `digest`, a SHA-256 of its whole content (tensor bytes included), because a zip
+archive with flipped bytes inside a tensor still loads. On load, a truncated or corrupted file (unreadable, missing
+keys, wrong digest) is reported in one line, renamed to `<name>.corrupt` (kept for inspection, never read again) and
+the previous good one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -61,6 +65,7 @@ def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 2, best: bool =
     """Write `ckpt-<step>.pt`, point `last.pt` (and `best.pt` when asked) at it, drop the oldest beyond `keep`."""
     run_dir = Path(run_dir)
     payload = {"format_version": FORMAT_VERSION, **payload}
+    payload["digest"] = content_digest(payload)
     path = run_dir / f"ckpt-{int(payload['step']):08d}.pt"
     atomic_save(payload, path)
     _link_atomically(path, run_dir / "last.pt")
@@ -84,19 +89,72 @@ def load_file(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is not a checkpoint of this project (missing keys)")
     if payload["format_version"] != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {payload['format_version']}, expected {FORMAT_VERSION}")
+    # checkpoints written before digests existed have none; any other must match its content to the last byte
+    if "digest" in payload and content_digest(payload) != payload["digest"]:
+        raise UserError(f"checkpoint {path} is corrupted (its content does not match its SHA-256 digest)")
     return payload
 
 
-def load_latest(run_dir: Path) -> dict | None:
-    """The newest good checkpoint of a run directory, falling back past corrupted files; None if there is none."""
+def content_digest(payload: dict) -> str:
+    """SHA-256 of a payload without its `digest`: every tensor's dtype, shape and bytes, every other value's repr."""
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in payload.items() if key != "digest"})
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"V{type(value).__name__}:{value!r};".encode())
+
+
+def _set_aside(path: Path) -> None:
+    try:
+        os.replace(path, path.with_name(path.name + ".corrupt"))
+    except OSError:
+        pass
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds any checkpoint file (good or set aside as corrupted)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "last.pt").exists() or any(run_dir.glob("ckpt-*.pt")) or any(run_dir.glob("*.pt.corrupt"))
+
+
+def load_latest(run_dir: Path, *, accept=None, set_aside: bool = True) -> dict | None:
+    """The newest good checkpoint of a run directory, falling back past corrupted files; None if there is none.
+
+    A corrupted file is reported and, with `set_aside` (one process only, under DDP), renamed to `<name>.corrupt`.
+    `accept(payload) -> bool` skips readable checkpoints a caller cannot use (e.g. non-finite weights).
+    """
     run_dir = Path(run_dir)
     candidates = [run_dir / "last.pt"] + sorted(run_dir.glob("ckpt-*.pt"), reverse=True)
     candidates = [path for path in candidates if path.exists()]
     for path in candidates:
         try:
-            return load_file(path)
+            payload = load_file(path)
         except UserError as error:
-            print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
-    if candidates:
-        raise UserError(f"no readable checkpoint in {run_dir}: every checkpoint file is corrupted")
+            print(f"warning: {error}; {'set it aside as .corrupt, ' if set_aside else ''}trying the previous "
+                  f"checkpoint", file=sys.stderr)
+            if set_aside:
+                _set_aside(path)
+            continue
+        if accept is None or accept(payload):
+            return payload
+        print(f"warning: checkpoint {path} is not usable here; trying the previous checkpoint", file=sys.stderr)
+    if accept is None and (candidates or any(run_dir.glob("*.pt.corrupt"))):
+        raise UserError(f"no readable checkpoint in {run_dir}: every checkpoint file is corrupted (kept as *.corrupt); "
+                        f"start afresh with a new hydra.run.dir")
     return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from mlstm.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+REWOUND_FILE = "metrics.rewound.jsonl"  # records of a trajectory abandoned by a divergence reload
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
@@ -28,16 +29,33 @@ class JsonlSink:
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         elif resume_step is None and self.path.exists():
-            # a fresh run in a directory that already has metrics: keep them, never overwrite a run
-            self.path.rename(self.path.with_suffix(".jsonl.old"))
+            # a fresh run in a directory that already has metrics: keep them, never overwrite a run (nor an .old)
+            old, n = self.path.with_suffix(".jsonl.old"), 1
+            while old.exists():
+                old, n = self.path.with_suffix(f".jsonl.old{n}"), n + 1
+            self.path.rename(old)
         self._file = open(self.path, "a", encoding="utf-8")
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop records logged after the checkpoint: they will be logged again, identically."""
-        kept = [line for line in read_lines(self.path) if json.loads(line)["step"] <= step]
+    def _truncate_after(self, step: int, move_to: Path | None = None) -> None:
+        """On resume, drop records logged after the checkpoint: they will be logged again, identically. A divergence
+        reload (`rewind`) moves them to `move_to` instead: they are the abandoned trajectory."""
+        kept, dropped = [], []
+        for line in read_lines(self.path):
+            (kept if json.loads(line)["step"] <= step else dropped).append(line)
+        if move_to is not None and dropped:
+            with open(move_to, "a", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in dropped))
+                handle.flush()
+                os.fsync(handle.fileno())
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
+
+    def rewind(self, step: int) -> None:
+        """A divergence reload went back to `step`: later records move to metrics.rewound.jsonl."""
+        self._file.close()
+        self._truncate_after(step, move_to=self.path.with_name(REWOUND_FILE))
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
@@ -76,21 +94,37 @@ class WandbSink:
         try:
             import wandb
 
+            # a resumed run continues the same W&B run (same id), so its curves stay one run
             run_id = id_file.read_text().strip() if (resume and id_file.exists()) else uuid.uuid4().hex[:8]
-            self.run = wandb.init(
+            id_file.write_text(run_id + "\n")
+            init = dict(
                 project=logger_cfg.get("project", "mlstm"),
                 entity=logger_cfg.get("entity") or None,
                 group=logger_cfg.get("group") or None,
                 name=logger_cfg.get("name") or None,
                 tags=list(logger_cfg.get("tags") or []),
-                mode=mode,
                 dir=str(run_dir),
                 config=config,
                 id=run_id,
                 resume="allow",
                 settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", 60)), silent=True),
             )
-            id_file.write_text(run_id + "\n")
+            try:
+                self.run = wandb.init(mode=mode, **init)
+            except Exception as error:  # noqa: BLE001 - no network, bad key, server down
+                if mode != "online":
+                    raise
+                # the run still gets real W&B files: offline, same id, `wandb sync` uploads them later
+                wandb.teardown()
+                try:
+                    self.run = wandb.init(mode="offline", **init)
+                except Exception:  # noqa: BLE001 - a shared W&B service may still hold the id: take a new one
+                    init["id"] = run_id = uuid.uuid4().hex[:8]
+                    id_file.write_text(run_id + "\n")
+                    self.run = wandb.init(mode="offline", **init)
+                self._warn(f"W&B online failed ({type(error).__name__}: {first_line(error)}); logging offline "
+                           f"instead (upload later: wandb sync {Path(run_dir) / 'wandb'}/offline-run-*), and "
+                           f"metrics.jsonl keeps every metric")
             # both x-axes of the convergence question: optimizer steps and characters seen
             self.run.define_metric("chars")
             self.run.define_metric("*", step_metric="step")
@@ -147,6 +181,12 @@ class Sinks:
         for sink in self.sinks:
             if hasattr(sink, "summary"):
                 sink.summary(values)
+
+    def rewind(self, step: int) -> None:
+        """Back to `step` after a divergence reload (metrics.jsonl only: W&B cannot forget logged steps)."""
+        for sink in self.sinks:
+            if hasattr(sink, "rewind"):
+                sink.rewind(step)
 
     def close(self) -> None:
         for sink in self.sinks:

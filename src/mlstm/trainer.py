@@ -21,16 +21,23 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mlstm import checkpoint, distributed
+from mlstm.cells import CellConfig
 from mlstm.data import StreamBatcher, load_corpus
+from mlstm.data.corpus import SPLITS
 from mlstm.errors import UserError
 from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc, evaluate_nats
-from mlstm.model import build_model, detach_state, num_parameters
+from mlstm.model import ModelConfig, build_model, detach_state, num_parameters
 from mlstm.optim import build_optimizer
+from mlstm.optim import check as check_optim
 from mlstm.tracking import JsonlSink, Sinks, WandbSink
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# keys of the config that must agree between a checkpoint and the run that resumes it
+# keys of the config that must agree between a checkpoint and the run that resumes it: the architecture, the data
+# layout (the carried hidden state and the batcher position only mean something for the same streams) and the
+# optimizer (its state has that optimizer's shape)
 ARCHITECTURE_KEYS = ("cell", "model")
+RESUME_KEYS = (*ARCHITECTURE_KEYS, "dataset.name", "trainer.batch_size", "trainer.seq_len", "optim.name")
+DIVERGENCE_POLICIES = ("stop", "reload")
 
 
 def check_trainer(tcfg) -> None:
@@ -44,6 +51,29 @@ def check_trainer(tcfg) -> None:
         value = tcfg.get(key)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UserError(f"trainer.{key}={value!r} must be a positive integer or null")
+    for key, default in (("max_nonfinite_in_row", 10), ("max_divergence_reloads", 3)):
+        value = tcfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "max_nonfinite_in_row" else 0):
+            raise UserError(f"trainer.{key}={value!r} must be an integer >= {1 if key == 'max_nonfinite_in_row' else 0}")
+    policy = tcfg.get("on_divergence", "stop")
+    if policy not in DIVERGENCE_POLICIES:
+        raise UserError(f"trainer.on_divergence={policy!r} is not one of {', '.join(DIVERGENCE_POLICIES)}")
+    factor = tcfg.get("divergence_lr_factor", 0.5)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        raise UserError(f"trainer.divergence_lr_factor={factor!r} must be a number in (0, 1): the learning rate is "
+                        f"multiplied by it at each reload")
+
+
+def check_config(cfg) -> None:
+    """Every check that needs no data, before any data is read or downloaded: bad input fails in a second."""
+    check_trainer(cfg.trainer)
+    check_optim(cfg.optim)
+    CellConfig.resolve(cfg.cell)
+    ModelConfig.from_cfg(cfg.model, vocab_size=2)
+    logger_cfg = cfg.get("logger")
+    if logger_cfg is not None and logger_cfg.get("name", "none") == "wandb" \
+            and logger_cfg.get("mode", "offline") not in ("offline", "online", "disabled"):
+        raise UserError(f"logger.mode={logger_cfg.mode!r} is not one of offline, online, disabled")
 
 
 def prepare_run_dir(run_dir: Path) -> Path:
@@ -65,7 +95,7 @@ class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
         self.tcfg = cfg.trainer
-        check_trainer(self.tcfg)
+        check_config(cfg)
         if self.tcfg.get("threads"):
             torch.set_num_threads(int(self.tcfg.threads))
         self.ctx = distributed.setup(self.tcfg.get("device", "auto"))
@@ -90,6 +120,7 @@ class Trainer:
                                      split_name="train")
         self.local_batch = B // self.ctx.world_size
         self.state = self.model.init_state(self.local_batch, self.ctx.device)
+        self._check_eval_sizes()
 
         # counters that a checkpoint must restore for an exact resume
         self.step = 0
@@ -99,6 +130,8 @@ class Trainer:
         self.window = {"nats": 0.0, "steps": 0}  # train bpc is the mean over the steps since the last log
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self.divergence_reloads = 0  # trainer.on_divergence=reload: how often the last good checkpoint was reloaded
+        self.lr_scale = 1.0  # the product of divergence_lr_factor over those reloads
 
         resumed = self._maybe_resume()
         # world size, TF32 flags, torch/CUDA/cuDNN versions: logged once, in config.yaml and the W&B config
@@ -140,6 +173,21 @@ class Trainer:
             corpus = load_corpus(self.cfg.dataset, self.cfg.data_dir)
         return corpus
 
+    def _check_eval_sizes(self) -> None:
+        """Validation and test must fit one evaluation batch: find out now, not after hours of training."""
+        B, T = int(self.tcfg.get("eval_batch_size") or self.tcfg.batch_size), int(self.tcfg.seq_len)
+        splits = [("valid", "eval_chars")] + ([("test", "test_chars")] if self.tcfg.get("test_at_end", True) else [])
+        for split, limit_key in splits:
+            available = len(self.corpus.split(split))
+            limit = self.tcfg.get(limit_key)
+            n = min(available, int(limit)) if limit else available
+            if n < B * (T + 1):
+                where = f"trainer.{limit_key}={limit} of the {available}" if limit and limit < available else \
+                    f"the {available}"
+                raise UserError(f"the {split} evaluation reads {where} characters of split {split!r}, fewer than "
+                                f"eval_batch_size*(seq_len+1)={B * (T + 1)}; use a smaller trainer.eval_batch_size "
+                                f"/ trainer.seq_len, a larger trainer.{limit_key} or a bigger corpus")
+
     def _wrap_ddp(self, model):
         if not self.ctx.distributed:
             return model
@@ -173,6 +221,10 @@ class Trainer:
             "best_valid": self.best_valid,
             "window": dict(self.window),
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "divergence_reloads": self.divergence_reloads,
+            "lr_scale": self.lr_scale,
+            "corpus": {"name": self.corpus.name, "split_sizes": [len(self.corpus.split(s)) for s in SPLITS]},
             "batcher": self.batches.state_dict(),
             "hidden_state": state,
             "rng": rng_state(),  # rank 0's: what a single process resumes with
@@ -196,8 +248,12 @@ class Trainer:
         if mode not in (True, False, "auto"):
             raise UserError(f"trainer.resume={mode!r} must be true, false or auto")
         if mode is False:
+            if checkpoint.has_checkpoint(self.run_dir):
+                # a fresh run here would rotate away, and mix with, the checkpoints of the run already there
+                raise UserError(f"trainer.resume=false but {self.run_dir} already holds checkpoints of a run; use a new "
+                                f"hydra.run.dir, or trainer.resume=auto to continue that run")
             return False
-        payload = checkpoint.load_latest(self.run_dir)
+        payload = checkpoint.load_latest(self.run_dir, set_aside=self.ctx.is_main)
         # every rank reads the checkpoint itself: they must all see the same one (a run dir on a shared file system)
         found = distributed.gather_objects(None if payload is None else int(payload["step"]), self.ctx)
         if len(set(found)) > 1:
@@ -212,15 +268,31 @@ class Trainer:
             print(f"resumed from step {self.step} in {self.run_dir}", file=sys.stderr)
         return True
 
-    def _restore(self, payload: dict) -> None:
+    def _check_compatible(self, payload: dict) -> None:
+        """A checkpoint resumes only under the config and data it was made with (RESUME_KEYS, the corpus)."""
         saved = OmegaConf.create(payload["config"])
-        for key in ARCHITECTURE_KEYS:
-            if OmegaConf.to_container(saved.get(key)) != OmegaConf.to_container(self.cfg.get(key), resolve=True):
-                raise UserError(f"the checkpoint in {self.run_dir} was trained with a different '{key}' config; "
-                                f"use a new hydra.run.dir or trainer.resume=false")
-        if payload["vocab_size"] != self.corpus.vocab_size:
-            raise UserError(f"the checkpoint in {self.run_dir} has vocabulary {payload['vocab_size']}, "
-                            f"this dataset {self.corpus.vocab_size}; use the same dataset or a new run dir")
+        hint = "rerun with the checkpoint's values, or start a new run with another hydra.run.dir"
+        for key in RESUME_KEYS:
+            before, now = OmegaConf.select(saved, key), OmegaConf.select(self.cfg, key)
+            before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                           for v in (before, now))
+            if before != now:
+                detail = _first_difference(key, before, now)
+                raise UserError(f"cannot resume the checkpoint in {self.run_dir}: {detail}; {hint}")
+        symbols = bytes(payload["symbols"].tolist()) if "symbols" in payload else None
+        corpus = payload.get("corpus", {})
+        if payload["vocab_size"] != self.corpus.vocab_size or (symbols is not None and symbols != self.corpus.symbols):
+            raise UserError(f"cannot resume the checkpoint in {self.run_dir}: it was trained on a vocabulary of "
+                            f"{payload['vocab_size']} symbols, this dataset has {self.corpus.vocab_size} (another "
+                            f"corpus); {hint}")
+        sizes = [len(self.corpus.split(s)) for s in SPLITS]
+        if corpus and list(corpus.get("split_sizes", sizes)) != sizes:
+            raise UserError(f"cannot resume the checkpoint in {self.run_dir}: it was trained on {corpus.get('name')} "
+                            f"with splits of {corpus['split_sizes']} characters, this dataset ({self.corpus.name}) "
+                            f"has {sizes}; {hint}")
+
+    def _restore(self, payload: dict) -> None:
+        self._check_compatible(payload)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -231,6 +303,9 @@ class Trainer:
                       for layer in payload["hidden_state"]]
         for key in ("step", "chars", "train_seconds", "best_valid", "nonfinite_total"):
             setattr(self, key, payload[key])
+        self.nonfinite_in_row = int(payload.get("nonfinite_in_row", 0))
+        self.divergence_reloads = int(payload.get("divergence_reloads", 0))
+        self.lr_scale = float(payload.get("lr_scale", 1.0))
         self.window = dict(payload["window"])
         per_rank = payload.get("rng_per_rank") or [payload["rng"]]
         if len(per_rank) == self.ctx.world_size:
@@ -265,20 +340,65 @@ class Trainer:
             # scaler skipped the step and lowered the scale); the forward pass and carried state are fine
             finite = True
         if not finite:
-            self._on_nonfinite()
+            self._on_nonfinite(loss_value, grad_norm.item())
         else:
             self.nonfinite_in_row = 0
         return loss_value, grad_norm.item()
 
-    def _on_nonfinite(self) -> None:
-        """Divergence guard: the step was skipped; the carried state may be poisoned, so restart it at zero."""
+    def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Divergence guard: the step was skipped; the carried state may be poisoned, so restart it at zero.
+
+        After `max_nonfinite_in_row` such steps, `on_divergence=stop` ends the run with a UserError; `reload` makes
+        `fit` go back to the last good checkpoint with a lower learning rate (`_reload_after_divergence`)."""
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
         self.state = self.model.init_state(self.local_batch, self.ctx.device)
-        limit = int(self.tcfg.get("max_nonfinite_in_row", 10))
-        if self.nonfinite_in_row >= limit:
+        if self.ctx.is_main and self.nonfinite_in_row == 1:  # once per streak; every skip is counted in the metrics
+            print(f"warning: step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); step "
+                  f"skipped and hidden state reset ({self.nonfinite_total} skipped so far)", file=sys.stderr)
+        if self._divergence_limit_reached() and self.tcfg.get("on_divergence", "stop") == "stop":
             raise UserError(f"training diverged: {self.nonfinite_in_row} non-finite losses or gradients in a row "
-                            f"at step {self.step}; lower optim.lr or set optim.grad_clip")
+                            f"at step {self.step}; lower optim.lr or set optim.grad_clip (or "
+                            f"trainer.on_divergence=reload to retry from the last checkpoint with a lower lr)")
+
+    def _divergence_limit_reached(self) -> bool:
+        return self.nonfinite_in_row >= int(self.tcfg.get("max_nonfinite_in_row", 10))
+
+    def _reload_after_divergence(self) -> None:
+        """on_divergence=reload: back to the newest checkpoint with finite weights, every learning rate (and the
+        schedule's base) times `divergence_lr_factor`. The metrics logged after that checkpoint belong to the
+        abandoned trajectory: they move to metrics.rewound.jsonl, so metrics.jsonl stays one record per step."""
+        in_row, total, max_reloads = self.nonfinite_in_row, self.nonfinite_total, int(
+            self.tcfg.get("max_divergence_reloads", 3))
+        what = f"training diverged: {in_row} non-finite losses or gradients in a row at step {self.step}"
+        if self.divergence_reloads >= max_reloads:
+            raise UserError(f"{what}, after {self.divergence_reloads} reload(s) with a lower learning rate "
+                            f"(trainer.max_divergence_reloads={max_reloads}); lower optim.lr or set optim.grad_clip")
+        payload = checkpoint.load_latest(self.run_dir, accept=finite_weights, set_aside=self.ctx.is_main)
+        if payload is None:
+            raise UserError(f"{what} and {self.run_dir} holds no checkpoint with finite weights to reload; lower "
+                            f"optim.lr or set optim.grad_clip")
+        scale = self.lr_scale * float(self.tcfg.get("divergence_lr_factor", 0.5))
+        reloads = self.divergence_reloads + 1
+        self._restore(payload)
+        ratio = scale / self.lr_scale  # the checkpoint may already run at a lowered rate
+        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.lr_scale, self.divergence_reloads = scale, reloads
+        self.nonfinite_total, self.nonfinite_in_row = total, 0  # the skipped steps stay counted
+        self.sinks.rewind(self.step)
+        self.save()  # a crash from here on resumes the reloaded state at its lower rate, not the diverging one
+        self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                        "event": "divergence_reload", "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/lr_scale": scale, "train/divergence_reloads": reloads,
+                        "train/nonfinite_steps": total})
+        if self.ctx.is_main:
+            print(f"warning: {what}; reloaded the checkpoint of step {self.step} with the learning rate times "
+                  f"{scale:g} (reload {reloads} of at most {max_reloads})", file=sys.stderr)
 
     def evaluate(self, split: str) -> float:
         """bpc on the valid split (first `eval_chars`) or the test split (first `test_chars`; null = all).
@@ -326,7 +446,8 @@ class Trainer:
             "chars": self.chars,
             "time": round(self.train_seconds, 3),
             "epoch": self.batches.epoch,
-            "train/bpc": self.window["nats"] / self.window["steps"] / LN2,
+            # no train/bpc when every step since the last record was skipped (non-finite)
+            **({"train/bpc": self.window["nats"] / self.window["steps"] / LN2} if self.window["steps"] else {}),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": grad_norm,
             "train/nonfinite_steps": self.nonfinite_total,
@@ -355,12 +476,19 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and tcfg.get("progress", True)),
                    dynamic_ncols=True, desc="train")
         self.model.train()
+        if tcfg.get("on_divergence", "stop") == "reload" and not checkpoint.has_checkpoint(self.run_dir):
+            self.save()  # the initial state is the last good checkpoint until the first periodic one
         window_seconds, window_chars = 0.0, 0
         while self.step < max_steps and not (max_seconds and self.train_seconds >= max_seconds):
             batch = self.batches.next_batch()
             self._sync()
             started = time.perf_counter()
             loss, grad_norm = self.train_step(batch)
+            if self._divergence_limit_reached():  # on_divergence=reload (stop has raised in train_step)
+                self._reload_after_divergence()
+                bar.n = self.step
+                window_seconds, window_chars = 0.0, 0
+                continue
             self._sync()
             elapsed = time.perf_counter() - started
             window_seconds += elapsed  # this rank's own time, for its throughput
@@ -374,9 +502,10 @@ class Trainer:
                 self.window["nats"] += loss
                 self.window["steps"] += 1
             last = self.step >= max_steps or bool(max_seconds and self.train_seconds >= max_seconds)
-            if (self.step % log_every == 0 or last) and self.window["steps"]:
-                bar.set_postfix(bpc=f"{self.window['nats'] / self.window['steps'] / LN2:.3f}",
-                                chars_s=f"{window_chars / max(window_seconds, 1e-9):.0f}")
+            if self.step % log_every == 0 or last:  # also when every step of the window was skipped as non-finite
+                if self.window["steps"]:
+                    bar.set_postfix(bpc=f"{self.window['nats'] / self.window['steps'] / LN2:.3f}",
+                                    chars_s=f"{window_chars / max(window_seconds, 1e-9):.0f}")
                 self._log_train(grad_norm, window_seconds, window_chars)
                 window_seconds, window_chars = 0.0, 0
             is_best = False
@@ -402,6 +531,20 @@ class Trainer:
         self.sinks.summary({k: v for k, v in result.items() if k != "run_dir"})
         self.sinks.close()
         return result
+
+
+def finite_weights(payload: dict) -> bool:
+    """Whether a checkpoint's model weights are all finite: what a divergence reload may go back to."""
+    return all(bool(torch.isfinite(t).all()) for t in payload["model"].values() if t.is_floating_point())
+
+
+def _first_difference(key: str, before, now) -> str:
+    """`cell.hidden_size is 64 in the checkpoint, 32 now` for the first key where two config values differ."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for sub in sorted(set(before) | set(now)):
+            if before.get(sub, "<absent>") != now.get(sub, "<absent>"):
+                return _first_difference(f"{key}.{sub}", before.get(sub, "<absent>"), now.get(sub, "<absent>"))
+    return f"{key} is {before!r} in the checkpoint, {now!r} now"
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

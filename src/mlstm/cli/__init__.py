@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from mlstm.errors import UserError
 
 # configs/ lives at the repository root (the package is installed editable from the checkout)
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -27,12 +30,17 @@ def check_group_choices(argv: list[str]) -> None:
 
 
 def exit_on_user_error(function):
-    """Print a UserError as `error: <one line>` and exit 2: bad input never shows a traceback."""
+    """Print a UserError as `error: <one line>` and exit 2: bad input never shows a traceback. An OmegaConf error
+    raised while the task reads its config (a bad interpolation, a missing value) is the user's input too."""
+    from omegaconf.errors import OmegaConfBaseException
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
-            return function(*args, **kwargs)
+            try:
+                return function(*args, **kwargs)
+            except OmegaConfBaseException as error:
+                raise UserError(describe_config_error(error, sys.argv[1:])) from None
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
@@ -52,6 +60,92 @@ def hydra_entry(task, extra_overrides: list[str] | None = None):
     def main():
         check_group_choices(sys.argv[1:])
         sys.argv.extend(extra_overrides or [])
-        task()
+        run_with_one_line_errors(task, sys.argv[1:])
 
     return main
+
+
+def run_with_one_line_errors(task, argv: list[str]):
+    """Run a Hydra task with Hydra's own errors (bad override, unknown key, missing value, unwritable run directory)
+    turned into one-line UserErrors. Hydra prints those over several lines, or as a traceback, then exits 1; with
+    HYDRA_FULL_ERROR=1 it raises them instead, which is how they reach us. A user who set HYDRA_FULL_ERROR=1
+    themselves gets Hydra's full report, untouched."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return task()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return task()
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(describe_config_error(error, argv)) from None
+    except OSError as error:
+        if error.filename is None or _raised_in_project(error):
+            raise
+        # Hydra creates the run directory, writes .hydra/ and opens the job log before the task starts
+        raise UserError(f"cannot write the run directory: {error.strerror}: {error.filename}; set hydra.run.dir "
+                        f"(hydra.sweep.dir with --multirun) to a writable path") from None
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _raised_in_project(error: BaseException) -> bool:
+    """Whether a frame of the traceback is project code (other than this module): then it is not Hydra's error."""
+    tb = error.__traceback__
+    while tb is not None:
+        filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+        if PACKAGE_DIR in filename.parents and filename != Path(__file__).resolve():
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def describe_config_error(error: BaseException, argv: list[str]) -> str:
+    """One line naming the problem and the fix for a Hydra or OmegaConf error."""
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import MissingMandatoryValue
+
+    cause = error.__cause__
+    listing = "python -m mlstm.cli.train --cfg job prints every key"
+    if isinstance(error, OverrideParseException):
+        bad = _unparsable_override(argv)
+        return (f"cannot parse the override {bad!r} ({_lines(error)[0]}); write key=value and quote values with "
+                f"special characters (https://hydra.cc/docs/advanced/override_grammar/basic)" if bad else
+                f"cannot parse the overrides ({_lines(error)[0]}); write key=value "
+                f"(https://hydra.cc/docs/advanced/override_grammar/basic)")
+    if "not in struct" in str(cause):  # ConfigKeyError or ConfigAttributeError
+        match = re.search(r"override '([^']+)'", str(error))
+        key = match.group(1) if match else getattr(cause, "full_key", None) or "?"
+        return f"unknown config key '{key}'; check its spelling ({listing}), or add a new key with +{key}=..."
+    for exc in (error, cause):
+        if isinstance(exc, MissingMandatoryValue):
+            key = getattr(exc, "full_key", None) or "?"
+            return f"config value '{key}' is missing (???); pass it on the command line, e.g. {key}=..."
+    lines = _lines(error) + (_lines(cause) if isinstance(cause, Exception) else [])
+    key = getattr(error, "full_key", None)  # OmegaConf errors know which key they are about
+    if key and key not in lines[0]:
+        lines[0] = f"{key}: {lines[0]}"
+    return f"{'; '.join(lines)} (check the command-line overrides; {listing})"
+
+
+def _lines(error: BaseException) -> list[str]:
+    """The informative lines of an error message (OmegaConf's full_key/object_type context lines dropped)."""
+    lines = [line.strip().rstrip(".") for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("full_key:", "object_type=", "reference_type="))]
+    return lines or [type(error).__name__]
+
+
+def _unparsable_override(argv: list[str]) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException:
+            return arg
+    return None

@@ -9,6 +9,7 @@ usually means placing the archive in the data directory by hand.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import urllib.error
@@ -53,9 +54,16 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, progress: bool = Tr
             with open(part, "wb") as out, tqdm(
                 total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
             ) as bar:
+                received = 0
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            if total is not None and received != total:  # the connection closed early: never keep a partial file
+                raise UserError(f"download of {url} was interrupted after {received:,} of {total:,} bytes; run the "
+                                f"same command again to restart it, or {_no_network_hint(dest)}")
         os.replace(part, dest)
     except urllib.error.HTTPError as e:
         raise UserError(f"download of {url} failed with HTTP {e.code} {e.reason}; check the url or "
@@ -64,8 +72,9 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, progress: bool = Tr
         raise UserError(f"could not download {url} ({e.reason}); no network? {_no_network_hint(dest)}") from None
     except ValueError as e:  # urllib's complaint about a malformed url, e.g. a missing scheme
         raise UserError(f"invalid download url {url!r} ({e}); use an http(s):// or file:// url") from None
-    except OSError as e:  # timeouts, resets mid-stream, a full disk
-        raise UserError(f"download of {url} to {dest} failed ({e}); retry, or {_no_network_hint(dest)}") from None
+    except (OSError, http.client.HTTPException) as e:  # timeouts, resets or a short read mid-stream, a full disk
+        raise UserError(f"download of {url} to {dest} failed ({type(e).__name__}: {e}); run the same command again "
+                        f"to restart it, or {_no_network_hint(dest)}") from None
     finally:
         part.unlink(missing_ok=True)  # only present if something went wrong; never trusted later anyway
     return dest
