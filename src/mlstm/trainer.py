@@ -473,6 +473,12 @@ class Trainer:
         ckpt_every = tcfg.get("checkpoint_every")
         max_seconds = tcfg.get("max_time_s")
         valid = math.nan
+        if self.step >= max_steps:  # a resumed run with nothing left to do: rerunning its ending would log it twice
+            if self.ctx.is_main:
+                print(f"nothing to do: the run in {self.run_dir} already reached step {self.step}", file=sys.stderr)
+            self.sinks.close()
+            return {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
+                    "num_parameters": self.num_params, "best_valid/bpc": self.best_valid, "run_dir": str(self.run_dir)}
         bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and tcfg.get("progress", True)),
                    dynamic_ncols=True, desc="train")
         self.model.train()

@@ -78,7 +78,8 @@ class StreamBatcher:
     def segment(self, k: int) -> Batch:
         """Segment k of every local stream, on the batcher's device."""
         start = k * self.seq_len
-        window = np.ascontiguousarray(self._streams[:, start:start + self.seq_len + 1].T)  # (T+1, B/W) uint8
+        # a copy (T+1, B/W) of the read-only memmap: small, and torch may own it
+        window = np.array(self._streams[:, start:start + self.seq_len + 1].T, dtype=np.uint8, order="C")
         tokens = torch.from_numpy(window).to(device=self.device, dtype=torch.int64, non_blocking=True)
         return Batch(x=tokens[:-1], y=tokens[1:], reset=k == 0)
 
