@@ -158,6 +158,11 @@ class WandbSink:
         if self.run is not None:
             try:
                 self.run.finish()
+                # finish() can return before W&B's writer process has flushed the history to the run file;
+                # shutting the service down waits for it, so the run file is complete when training returns
+                import wandb
+
+                wandb.teardown()
             except Exception as error:  # noqa: BLE001
                 self._warn(f"W&B could not finish ({first_line(error)})")
 
