@@ -170,8 +170,8 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     CR = buf(H) if clip is not None else C  # c_t before the clip
     AC = buf(H) if paper or (seed and peep) else None  # paper: act(c_t); seed + peepholes: act(c_t o'_t)
     SO = buf(H) if seed and peep else None  # seed + peepholes: σ(o'_t)
-    # h before projection and mask: needed by dW_P, and by act' in matlab/seed when the mask hides it in y
     Y = xp.new_empty(T, B, P)  # the output, also h_{t-1} of the next step
+    # h before projection and mask: needed by dW_P, and by act' in matlab/seed when the mask hides it in y
     HR = buf(H) if W_P is not None or (mask is not None and not paper) else Y
     PR = buf(P) if pclip is not None else Y  # W_P h before the clip
 
