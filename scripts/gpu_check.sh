@@ -2,7 +2,7 @@
 # One GPU session's measurements, each step under a timeout, about 7 minutes at most (usually far less):
 #   1. scripts/bench.py --preset gpu  ->  $OUT/bench_gpu.json, $OUT/bench_gpu.md, $OUT/bench.log
 #   2. a short bf16 training of the fast mLSTM on the enwik8 sample  ->  $OUT/train/{metrics.jsonl,config.yaml,train.log}
-# plus $OUT/env.txt (nvidia-smi, versions). At most 8 files come back, none large (checkpoints stay in $WORK).
+# plus $OUT/env.txt (nvidia-smi, versions). Only a few small files go to $OUT (checkpoints stay in $WORK).
 #
 #   OUT=gpu_out bash scripts/gpu_check.sh            # run from the repository root
 # Environment: OUT (default ./gpu_out); WORK (scratch, default a fresh temporary folder); PYTHON (default .venv's

@@ -1,6 +1,5 @@
 """The recurrent layers against independent NumPy references, autograd, the layer interface and the config checks."""
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -270,8 +269,8 @@ def test_dictconfig_and_null_defaults():
     cfg = OmegaConf.create(dict(name="mlstm", form="seed", impl=None, hidden_size=4, forget_bias=None,
                                 forget_bias_init=None, cell_clip=None, num_proj=None))
     layer = build_layer(cfg, 3)
-    assert type(layer).__name__ == "SeedMultiplicativeLSTM"
-    assert (layer.cfg.impl, layer.cfg.forget_bias, layer.cfg.forget_bias_init) == ("reference", 1.0, 0.0)
+    assert type(layer).__name__ == "FastSeedMultiplicativeLSTM"  # impl defaults to the fast layer
+    assert (layer.cfg.impl, layer.cfg.forget_bias, layer.cfg.forget_bias_init) == ("fast", 1.0, 0.0)
     lstm = build_layer(OmegaConf.create(dict(name="lstm", hidden_size=4, form=None, impl=None)), 3)
     assert type(lstm).__name__ == "LSTMCudnn" and lstm.cfg.forget_bias_init == 3.0
 
@@ -320,9 +319,3 @@ def test_load_paper_weights_checks_names_and_shapes():
         layer.load_paper_weights(weights)
     msg = str(e.value)
     assert "missing b" in msg and "unexpected extra" in msg and "W_m" in msg and "\n" not in msg
-
-
-@pytest.mark.skipif(importlib.util.find_spec("mlstm.cells.fast_mlstm") is not None, reason="the fast impl exists")
-def test_fast_impl_not_available_yet():
-    with pytest.raises(UserError, match="cell.impl=reference"):
-        build_layer({"name": "mlstm", "impl": "fast", "hidden_size": 4}, 3)

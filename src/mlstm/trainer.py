@@ -140,6 +140,7 @@ class Trainer:
             # the resolved config beside the metrics: what plots and reports group runs by
             config = OmegaConf.to_container(self.cfg, resolve=True)
             config["runtime"] = self.runtime
+            config["num_parameters"] = self.num_params
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
             print(f"runtime: {self.runtime}", file=sys.stderr)
         self.sinks = self._open_sinks(resumed) if self.ctx.is_main else Sinks([])

@@ -30,7 +30,6 @@ Unknown keys or invalid values raise mlstm.errors.UserError with one line naming
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import nn
@@ -60,13 +59,7 @@ def build_layer(cell_cfg: Any, input_size: int) -> nn.Module:
     if cfg.name == "lstm":
         return (LSTMCudnn if cfg.impl == "cudnn" else LSTMLoop)(input_size, cfg)
     if cfg.impl == "fast":
-        # The hand-differentiated impl lives in mlstm.cells.fast_mlstm (added separately); it must provide
-        # FastMultiplicativeLSTM(input_size, cfg: CellConfig) with this same interface.
-        try:
-            fast = importlib.import_module("mlstm.cells.fast_mlstm")
-        except ModuleNotFoundError as e:
-            if e.name != "mlstm.cells.fast_mlstm":
-                raise
-            raise UserError("cell.impl=fast is not available yet; use cell.impl=reference") from None
-        return fast.FastMultiplicativeLSTM(input_size, cfg)
+        from mlstm.cells.fast_mlstm import FAST_MLSTM_FORMS  # subclasses of the reference forms below
+
+        return FAST_MLSTM_FORMS[cfg.form](input_size, cfg)
     return MLSTM_FORMS[cfg.form](input_size, cfg)

@@ -37,7 +37,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 NAMES = ("mlstm", "lstm")
 FORMS = ("paper", "matlab", "seed")
-IMPLS = {"mlstm": ("reference", "fast"), "lstm": ("cudnn", "loop")}
+IMPLS = {"mlstm": ("fast", "reference"), "lstm": ("cudnn", "loop")}  # the first is the default
 INITS = ("orthogonal", "matlab", "torch")
 
 
@@ -48,7 +48,7 @@ class CellConfig:
     hidden_size: int  # H: units of the cell state c
     name: str = "mlstm"  # "mlstm" | "lstm"
     form: str | None = None  # mlstm equations: "paper" | "matlab" | "seed" (PAPER.md §1); None for lstm
-    impl: str | None = None  # mlstm: "reference" | "fast"; lstm: "cudnn" (nn.LSTM) | "loop" (this module's loop)
+    impl: str | None = None  # mlstm: "fast" (default) | "reference"; lstm: "cudnn" (nn.LSTM) | "loop" (this module's loop)
     use_peepholes: bool = False  # diagonal peepholes (seed semantics for the seed form, Gers' otherwise)
     cell_clip: float | None = None  # clip c to ±cell_clip before the output (the clipped c is carried)
     num_proj: int | None = None  # P: project h = W_P h (H -> P); None: no projection, P = H

@@ -1,0 +1,81 @@
+"""Validation bpc of a checkpoint as a function of how many streams the split is cut into (cold starts).
+
+Stateful evaluation cuts a split into B contiguous streams, each starting from a zero state. A model trained with
+truncated BPTT sees a zero state only at the start of each epoch, and some trained models, started cold in the middle
+of a text, fall into a state they never leave. This script measures that: bpc for several B, and per-stream bpc for
+the largest B.
+
+    python scripts/eval_streams.py CHECKPOINT [--streams 1,4,32] [--split valid] [--max-chars N] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from omegaconf import OmegaConf
+
+from mlstm.data import StreamBatcher, load_corpus
+from mlstm.errors import UserError
+from mlstm.evaluate import evaluate_bpc
+from mlstm.trained import load_model
+
+
+def per_stream_bpc(model, tokens, batch_size: int, seq_len: int) -> list[float]:
+    batches = StreamBatcher(tokens, batch_size, seq_len)
+    state = model.init_state(batch_size)
+    nats = torch.zeros(batch_size, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            logits, state = model(batch.x, state)  # (T, B, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="none")
+            nats += loss.view(batch.y.shape).sum(0).double()
+            count += batch.y.shape[0]
+    return (nats / count / math.log(2)).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--streams", default="1,4,32")
+    parser.add_argument("--split", default="valid", choices=("valid", "test"))
+    parser.add_argument("--max-chars", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=100)
+    parser.add_argument("--data-dir", default=None, help="token cache directory (default: the checkpoint's)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, payload = load_model(args.checkpoint)
+        cfg = OmegaConf.create(payload["config"])
+        corpus = load_corpus(cfg.dataset, args.data_dir or cfg.data_dir)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    model.eval()
+    tokens = corpus.split(args.split)[: args.max_chars] if args.max_chars else corpus.split(args.split)
+    streams = [int(s) for s in args.streams.split(",")]
+    lines = [f"checkpoint: `{args.checkpoint}` (step {payload['step']}, {payload['num_parameters']:,} parameters)",
+             f"split: {args.split}, {len(tokens):,} characters, segments of {args.seq_len}", "",
+             "| streams (B) | bpc |", "| --- | --- |"]
+    for B in streams:
+        bpc = evaluate_bpc(model, tokens, batch_size=B, seq_len=args.seq_len, device=torch.device("cpu"))
+        lines.append(f"| {B} | {bpc:.4f} |")
+    worst = per_stream_bpc(model, tokens, max(streams), args.seq_len)
+    lines += ["", f"per-stream bpc with B={max(streams)}: " + " ".join(f"{v:.1f}" for v in worst)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
