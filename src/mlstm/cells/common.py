@@ -253,7 +253,8 @@ class RecurrentLayer(nn.Module):
         c = torch.zeros(batch_size, self.hidden_size, device=device, dtype=self.state_dtype)  # (B, H)
         return h, c
 
-    def forward(self, x: torch.Tensor, state=None):
+    def _begin_segment(self, x: torch.Tensor, state):
+        """What every implementation needs before the time loop: (h, c, weights, input projections, dropout mask)."""
         T, B, _ = x.shape  # (T, B, I), time-major
         if state is None:
             state = self.init_state(B, x.device)
@@ -264,8 +265,12 @@ class RecurrentLayer(nn.Module):
         w = {name: get_tensor(self, name) for name in self.parameter_tensors()}  # g v/|v| computed once per segment
         xp = self._project_inputs(x, w)  # (T, B, K): every input projection of the segment in one product
         mask = self.dropout_mask(B, x.device, sd)  # (B, P) or None
+        return h, c, w, xp, mask
+
+    def forward(self, x: torch.Tensor, state=None):
+        h, c, w, xp, mask = self._begin_segment(x, state)
         ys = []
-        for t in range(T):
+        for t in range(x.shape[0]):  # T steps
             h, c = self._step(xp[t], h, c, w)
             if mask is not None:
                 h = h * mask  # the masked h feeds both the recurrence and the output

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from mlstm.cells.common import get_tensor
 from mlstm.cells.mlstm import MatlabMultiplicativeLSTM, MultiplicativeLSTM, SeedMultiplicativeLSTM
 
 # Fused backward kernels with an out= argument (one launch each): grad ⊙ y(1-y), grad ⊙ (1-y²), grad ⊙ [y > 0].
@@ -391,16 +390,8 @@ class _FastForward:
         )
 
     def forward(self, x: torch.Tensor, state=None):
-        T, B, _ = x.shape  # (T, B, I), time-major
-        if state is None:
-            state = self.init_state(B, x.device)
-        sd = self.state_dtype
-        h, c = state[0].to(sd), state[1].to(sd)  # (B, P), (B, H)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(next(self.parameters()).dtype)
-        w = {name: get_tensor(self, name) for name in self.parameter_tensors()}  # g v/|v| computed once per segment
-        xp = self._project_inputs(x, w)  # (T, B, K), the reference's own hoisted projection (autograd)
-        mask = self.dropout_mask(B, x.device, sd)  # (B, P) or None; drawn exactly as the reference draws it
+        # the reference's own prologue: same state casts, weights, hoisted projection (autograd) and dropout mask
+        h, c, w, xp, mask = self._begin_segment(x, state)
         W_r = w["A_h"] if self.cfg.form == "seed" else w["W_mh"]
         tensors = (xp, W_r, w["W_m"], h, c, mask, w.get("w_I"), w.get("w_F"), w.get("w_O"), w.get("W_P"), w.get("b_h"))
         save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
