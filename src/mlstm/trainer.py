@@ -328,9 +328,9 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.get("grad_clip")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf)
-        loss_value = distributed.all_reduce_mean(loss.detach(), self.ctx).item()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf).item()
+        loss_value = distributed.all_reduce_mean(loss.detach(), self.ctx).item()  # the step's only other sync
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite or self.precision == "fp16":  # fp16: the scaler itself skips overflowing steps
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -341,10 +341,10 @@ class Trainer:
             # scaler skipped the step and lowered the scale); the forward pass and carried state are fine
             finite = True
         if not finite:
-            self._on_nonfinite(loss_value, grad_norm.item())
+            self._on_nonfinite(loss_value, grad_norm)
         else:
             self.nonfinite_in_row = 0
-        return loss_value, grad_norm.item()
+        return loss_value, grad_norm
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """Divergence guard: the step was skipped; the carried state may be poisoned, so restart it at zero.
