@@ -180,8 +180,11 @@ def test_a_resumed_run_continues_the_same_wandb_run(corpus, data_dir, tmp_path):
     train(tiny_config(corpus, data_dir, *wandb, "trainer.max_steps=4"), run_dir=tmp_path)  # resumes at step 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/bpc" in r] == [1, 2, 3, 4]
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() == run_id
-    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all(name.endswith(f"-{run_id}") for name in runs), runs  # one W&B run, resumed
+    # W&B names a run directory offline-run-<second>-<id>, with "-1" added when both starts fall in the same
+    # second; the run file inside names the id either way.
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and all([f.name for f in d.glob("run-*.wandb")] == [f"run-{run_id}.wandb"] for d in runs), \
+        [(d.name, [f.name for f in d.iterdir()]) for d in runs]  # one W&B run, resumed
 
 
 def test_a_fresh_run_never_overwrites_earlier_metrics(tmp_path):
