@@ -1,5 +1,6 @@
 """cell.impl=fast (`mlstm.cells.fast_mlstm`) against autograd: gradcheck in float64, and the reference layer
-(impl=reference, the autograd loop) on the same weights for every form and option, in float32 and under bf16 autocast."""
+(impl=reference, the autograd loop) on the same weights for every form and option, in float32 and under bf16 autocast.
+Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.cpu_kernel`) and in PyTorch ops."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from mlstm.cells import build_layer
+from mlstm.cells import build_layer, cpu_kernel
 from mlstm.cells.fast_mlstm import (
     FAST_MLSTM_FORMS,
     FastMatlabMultiplicativeLSTM,
@@ -30,6 +31,15 @@ VARIANTS = {
     "identity": dict(activation="identity", num_proj=5, proj_clip=0.5),
     "all": dict(use_peepholes=True, cell_clip=0.3, num_proj=5, proj_clip=0.15, forget_bias=0.5, dropout=0.3),
 }
+
+
+@pytest.fixture(autouse=True, params=["c_kernel", "torch_ops"])
+def pointwise_path(request, monkeypatch):
+    """MLSTM_CPU_KERNEL=1 (the C kernel, required) or 0 (PyTorch ops) for the whole test."""
+    if request.param == "c_kernel" and cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler on this machine: the fused CPU kernel cannot be built")
+    monkeypatch.setenv("MLSTM_CPU_KERNEL", "1" if request.param == "c_kernel" else "0")
+    return request.param
 
 
 def pair(form, variant, hidden=16, inputs=8, dtype=torch.float32, seed=0, **extra):
@@ -133,12 +143,13 @@ def test_gradcheck_float64(form, variant):
 # ---- fast against the reference layer, float32 ----------------------------------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("form", FORMS)
-def test_fast_matches_reference_float32(form, variant):
+def test_fast_matches_reference_float32(form, variant, pointwise_path):
     ref, fast = pair(form, variant)
     ref.train(), fast.train()
     x, h0, c0 = inputs_for(ref, T=20, B=4, dtype=torch.float32)
     expected, got = run(ref, x, h0, c0), run(fast, x, h0, c0)
     assert all(v.dtype == torch.float32 for v in got.values())
+    assert fast.segment_spec("cpu").cpu_kernel == (pointwise_path == "c_kernel")
     assert_close(expected, got, rtol=1e-5)
 
 

@@ -296,6 +296,14 @@ class RecurrentLayer(nn.Module):
         """W v in the state dtype (under autocast the product runs in bf16, the result comes back to float32)."""
         return F.linear(v, weight).to(v.dtype)
 
+    def _hoisted(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """W x + b for a whole segment (T, B, K), in the state dtype. Without autocast the bias rides in the product
+        (one addmm: a separate add would be another pass over the largest activation of the step); under autocast
+        the product runs in the low dtype and the bias is added after the cast to float32."""
+        if torch.is_autocast_enabled(x.device.type) and self.state_dtype != torch.float64:
+            return F.linear(x, weight).to(self.state_dtype) + bias
+        return F.linear(x, weight, bias)
+
     def _gated_cell(self, zi, zf, cand, c_prev, w):
         """c_t = σ(z_f + forget_bias [+ w_F⊙c_{t-1}]) ⊙ c_{t-1} + σ(z_i [+ w_I⊙c_{t-1}]) ⊙ cand, then cell_clip."""
         if self.cfg.use_peepholes:  # Gers' peepholes: the input and forget gates see c_{t-1}

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from mlstm.cells import cpu_kernel
 from mlstm.cells.mlstm import MatlabMultiplicativeLSTM, MultiplicativeLSTM, SeedMultiplicativeLSTM
 
 # Fused backward kernels with an out= argument (one launch each): grad ⊙ y(1-y), grad ⊙ (1-y²), grad ⊙ [y > 0].
@@ -59,6 +60,7 @@ class SegmentSpec:
     cell_clip: float | None  # c clipped to ±cell_clip (None: no clip)
     proj_clip: float | None  # projected h clipped to ±proj_clip (None: no clip)
     compute_dtype: torch.dtype  # dtype of the matrix products (the autocast dtype, else the weights' dtype)
+    cpu_kernel: bool = False  # the pointwise math in the fused C loops of `cpu_kernel` (CPU, float32/float64 state)
 
 
 class _Activation:
@@ -177,53 +179,32 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     # per-step views, made once (indexing costs about as much as a small kernel)
     gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
     xf, xz, r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (xp[..., :KF], xp[..., KF:], R, M, G, C, CR, Y, HR, PR))
-    gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
-    if seed:
-        g_sig = _steps(G.view(S, B, 2, 2 * H)[..., :H], T)  # i and f: one σ call; j and o stay linear
-    else:
-        g_sig = _steps(G[..., H : 3 * H] if peep else G[..., H:], T)  # σ(i), σ(f) [, σ(o)]
-    ac, so = _steps(AC, T), _steps(SO, T)
+    kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
+                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h))
+    if kern is None:  # views of the gate slots for the PyTorch pointwise path
+        gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
+        if seed:
+            g_sig = _steps(G.view(S, B, 2, 2 * H)[..., :H], T)  # i and f: one σ call; j and o stay linear
+        else:
+            g_sig = _steps(G[..., H : 3 * H] if peep else G[..., H:], T)  # σ(i), σ(f) [, σ(o)]
+        slots = (gi, gf, gc, go, g_sig, _steps(AC, T), _steps(SO, T))
 
     for t in range(T):
         h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
-        if seed:
-            pm.addmm(xf[t], h_prev, W_rT, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
-            torch.mul(r[t][:, :H], r[t][:, H:], out=m[t])  # m = a ⊙ b                    (B, H)
+        if kern is not None:  # the C loops add the hoisted parts xp_F (seed) and xp_z to the products
+            pm.mm(h_prev, W_rT, r[t])  # W_mh h_{t-1} | A_h h_{t-1}
+            kern.fwd_product(t)  # m_t
+            pm.mm(m[t], W_mT, g[t])  # W_m m_t
+            kern.fwd_cell(t)  # the pointwise math of _cell_step
         else:
-            pm.mm(h_prev, W_rT, r[t])  # W_mh h_{t-1}                                  (B, H)
-            torch.mul(xf[t], r[t], out=m[t])  # m = (W_mx x) ⊙ (W_mh h_{t-1})
-        pm.addmm(xz[t], m[t], W_mT, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
-        if peep:  # the input and forget gates see c_{t-1}
-            gi[t].addcmul_(c_prev, w_I)
-            gf[t].addcmul_(c_prev, w_F)
-        if fb:
-            gf[t].add_(fb)
-        if paper:
-            act.inplace(gc[t])  # act(ĥ); the matlab and seed candidates are linear
-        g_sig[t].sigmoid_()
-        torch.mul(gf[t], c_prev, out=cr[t])  # c = f ⊙ c_{t-1} + i ⊙ candidate
-        cr[t].addcmul_(gi[t], gc[t])
-        if clip is not None:
-            torch.clamp(cr[t], -clip, clip, out=c[t])
-        if seed:
-            if peep:  # o' = o + w_O c;  h = σ(o') act(c o')
-                go[t].addcmul_(c[t], w_O)
-                torch.mul(c[t], go[t], out=ac[t])
-                act.inplace(ac[t])
-                torch.sigmoid(go[t], out=so[t])
-                torch.mul(so[t], ac[t], out=hr[t])
-            else:  # h = act(c o)
-                torch.mul(c[t], go[t], out=hr[t])
-                act.inplace(hr[t])
-        else:
-            if peep:  # o = σ(z_o + w_O c), c after the clip
-                go[t].addcmul_(c[t], w_O).sigmoid_()
-            if paper:  # h = o act(c)
-                act.into(c[t], ac[t])
-                torch.mul(go[t], ac[t], out=hr[t])
-            else:  # h = act(o c + b_h)
-                torch.addcmul(b_h, go[t], c[t], out=hr[t])
-                act.inplace(hr[t])
+            if seed:
+                pm.addmm(xf[t], h_prev, W_rT, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
+                torch.mul(r[t][:, :H], r[t][:, H:], out=m[t])  # m = a ⊙ b                    (B, H)
+            else:
+                pm.mm(h_prev, W_rT, r[t])  # W_mh h_{t-1}                                  (B, H)
+                torch.mul(xf[t], r[t], out=m[t])  # m = (W_mx x) ⊙ (W_mh h_{t-1})
+            pm.addmm(xz[t], m[t], W_mT, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
+            _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h)
         if W_P is not None:  # h = clip(W_P h)
             pm.mm(hr[t], W_PT, pr[t])
             if pclip is not None:
@@ -233,12 +214,61 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
 
     h_T, c_T = y[T - 1].clone(), c[T - 1].clone()
     if save:
-        keep_c = CR.abs() <= clip if clip is not None else None  # torch.clamp's gradient mask
+        keep_c = CR.abs() <= clip if clip is not None and kern is None else None  # torch.clamp's gradient mask
         keep_p = PR.abs() <= pclip if pclip is not None else None
         ctx.spec = spec
-        ctx.buffers = (R, M, G, C, AC, SO, None if HR is Y else HR, keep_c, keep_p)
+        ctx.buffers = (R, M, G, C, CR if kern is not None else None, AC, SO, None if HR is Y else HR, keep_c, keep_p)
         ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y)
     return Y, h_T, c_T
+
+
+def _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h):
+    """The pointwise math of step t with PyTorch ops, in place on the per-step views (what the C kernel fuses)."""
+    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    clip, fb = spec.cell_clip, spec.forget_bias
+    gi, gf, gc, go, g_sig, ac, so = slots
+    if peep:  # the input and forget gates see c_{t-1}
+        gi[t].addcmul_(c_prev, w_I)
+        gf[t].addcmul_(c_prev, w_F)
+    if fb:
+        gf[t].add_(fb)
+    if paper:
+        act.inplace(gc[t])  # act(ĥ); the matlab and seed candidates are linear
+    g_sig[t].sigmoid_()
+    torch.mul(gf[t], c_prev, out=cr[t])  # c = f ⊙ c_{t-1} + i ⊙ candidate
+    cr[t].addcmul_(gi[t], gc[t])
+    if clip is not None:
+        torch.clamp(cr[t], -clip, clip, out=c[t])
+    if seed:
+        if peep:  # o' = o + w_O c;  h = σ(o') act(c o')
+            go[t].addcmul_(c[t], w_O)
+            torch.mul(c[t], go[t], out=ac[t])
+            act.inplace(ac[t])
+            torch.sigmoid(go[t], out=so[t])
+            torch.mul(so[t], ac[t], out=hr[t])
+        else:  # h = act(c o)
+            torch.mul(c[t], go[t], out=hr[t])
+            act.inplace(hr[t])
+    else:
+        if peep:  # o = σ(z_o + w_O c), c after the clip
+            go[t].addcmul_(c[t], w_O).sigmoid_()
+        if paper:  # h = o act(c)
+            act.into(c[t], ac[t])
+            torch.mul(go[t], ac[t], out=hr[t])
+        else:  # h = act(o c + b_h)
+            torch.addcmul(b_h, go[t], c[t], out=hr[t])
+            act.inplace(hr[t])
+
+
+def _kernel_call(spec, xp, buffers: dict, tensors: dict) -> cpu_kernel.SegmentCall | None:
+    """The C kernel's view of this segment's buffers, or None for the PyTorch path (not asked for by the spec, or a
+    tensor the C loops cannot address: another dtype, or not contiguous)."""
+    if not spec.cpu_kernel:
+        return None
+    used = [v for v in (xp, *buffers.values(), *tensors.values()) if v is not None]
+    if any(v.dtype != xp.dtype or not v.is_contiguous() for v in used):
+        return None
+    return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
 
 
 def _steps(buffer: torch.Tensor | None, T: int) -> list:
@@ -252,7 +282,7 @@ def _steps(buffer: torch.Tensor | None, T: int) -> list:
 def _backward(ctx, dY, dh_T, dc_T):
     spec = ctx.spec
     xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors
-    R, M, G, C, AC, SO, HR, keep_c, keep_p = ctx.buffers
+    R, M, G, C, CR, AC, SO, HR, keep_c, keep_p = ctx.buffers
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
@@ -272,16 +302,15 @@ def _backward(ctx, dY, dh_T, dc_T):
     dc = dc_T.clone()  # grad of c_t; becomes that of c_{t-1} during the step            (B, H)
     tmp, dm = xp.new_empty(B, H), xp.new_empty(B, H)
     dh0 = None
+    kern = None
+    if CR is not None:  # the forward ran the C kernel: so does the backward
+        kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
+                            dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP, dR=None if seed else dR, dU=dU,
+                                 dhr=tmp if W_P is not None else dh, dc=dc, dm=dm))
+        assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
     for t in range(T - 1, -1, -1):
-        c_prev = c0 if t == 0 else C[t - 1]
-        g, c, d = G[t], C[t], dZ[t]
-        if seed:
-            gi, gc, gf, go = g.split(H, 1)
-            di, dcand, df, do = d.split(H, 1)
-        else:
-            gc, gi, gf, go = g.split(H, 1)
-            dcand, di, df, do = d.split(H, 1)
+        d = dZ[t]
         if mask is not None:
             dh.mul_(mask)
         if W_P is not None:  # through h = clip(W_P h_raw)
@@ -293,53 +322,16 @@ def _backward(ctx, dY, dh_T, dc_T):
             pm.mm(dPP[t], W_Pc, dhr)
         else:
             dhr = dh
-        # the output: dc += ∂h/∂c dhr, do = grad of the o pre-activation (after σ' where there is a σ)
-        if seed and peep:  # h = σ(o') a, a = act(c o'), o' = o + w_O c
-            torch.mul(dhr, AC[t], out=do)
-            _sigmoid_backward(do, SO[t], grad_input=do)
-            torch.mul(dhr, SO[t], out=tmp)
-            act.backward(tmp, AC[t], tmp)  # grad of c o'
-            do.addcmul_(tmp, c)
-            dc.addcmul_(tmp, go)
-            dc.addcmul_(do, w_O)
-        elif seed:  # h = act(c o)
-            act.backward(dhr, HR[t], tmp)
-            torch.mul(tmp, c, out=do)
-            dc.addcmul_(tmp, go)
+        if kern is not None:
+            kern.bwd_cell(t)  # the pointwise backward below, in one C loop
         else:
-            if paper:  # h = o act(c)
-                torch.mul(dhr, AC[t], out=do)
-                torch.mul(dhr, go, out=tmp)
-                act.backward(tmp, AC[t], tmp)
-                dc.add_(tmp)
-            else:  # h = act(o c + b_h)
-                act.backward(dhr, HR[t], dU[t])
-                torch.mul(dU[t], c, out=do)
-                dc.addcmul_(dU[t], go)
-            if peep:  # o = σ(z_o + w_O c)
-                _sigmoid_backward(do, go, grad_input=do)
-                dc.addcmul_(do, w_O)
-        if keep_c is not None:
-            dc.mul_(keep_c[t])
-        # the cell update c = f c_{t-1} + i candidate
-        torch.mul(dc, gc, out=di)
-        torch.mul(dc, c_prev, out=df)
-        torch.mul(dc, gi, out=dcand)
-        dc.mul_(gf)  # now the grad of c_{t-1}
-        if seed:
-            gv, dv = g.view(B, 2, 2 * H)[:, :, :H], d.view(B, 2, 2 * H)[:, :, :H]  # i and f
-            _sigmoid_backward(dv, gv, grad_input=dv)
-        else:
-            if paper:
-                act.backward(dcand, gc, dcand)
-            sl = slice(H, 3 * H) if peep else slice(H, 4 * H)  # (o is done above when peepholes)
-            _sigmoid_backward(d[:, sl], g[:, sl], grad_input=d[:, sl])
-        if peep:
-            dc.addcmul_(di, w_I)
-            dc.addcmul_(df, w_F)
+            _cell_step_backward(spec, act, t, G[t], C[t], c0 if t == 0 else C[t - 1], d, dhr, dc, tmp, AC, SO, HR,
+                                dU, keep_c, w_I, w_F, w_O)
         # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
         pm.mm(d, W_mc, dm)  # grad of m_t                                          (B, H)
-        if seed:  # m = a ⊙ b, [a; b] = xp_F + r
+        if kern is not None:
+            kern.bwd_product(t)
+        elif seed:  # m = a ⊙ b, [a; b] = xp_F + r
             torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
             torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
         else:  # m = xp_F ⊙ r
@@ -373,6 +365,63 @@ def _backward(ctx, dY, dh_T, dc_T):
     return dXP, dW_r, dW_m, dh0, dc, None, dw_I, dw_F, dw_O, dW_P, db_h
 
 
+def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR, dU, keep_c, w_I, w_F, w_O):
+    """The pointwise backward of step t with PyTorch ops: dz_t into d, and dc from that of c_t to that of c_{t-1}.
+    tmp: a (B, H) scratch buffer (may be dhr itself, which is not read after tmp is first written)."""
+    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    B, H = c.shape
+    if seed:
+        gi, gc, gf, go = g.split(H, 1)
+        di, dcand, df, do = d.split(H, 1)
+    else:
+        gc, gi, gf, go = g.split(H, 1)
+        dcand, di, df, do = d.split(H, 1)
+    # the output: dc += ∂h/∂c dhr, do = grad of the o pre-activation (after σ' where there is a σ)
+    if seed and peep:  # h = σ(o') a, a = act(c o'), o' = o + w_O c
+        torch.mul(dhr, AC[t], out=do)
+        _sigmoid_backward(do, SO[t], grad_input=do)
+        torch.mul(dhr, SO[t], out=tmp)
+        act.backward(tmp, AC[t], tmp)  # grad of c o'
+        do.addcmul_(tmp, c)
+        dc.addcmul_(tmp, go)
+        dc.addcmul_(do, w_O)
+    elif seed:  # h = act(c o)
+        act.backward(dhr, HR[t], tmp)
+        torch.mul(tmp, c, out=do)
+        dc.addcmul_(tmp, go)
+    else:
+        if paper:  # h = o act(c)
+            torch.mul(dhr, AC[t], out=do)
+            torch.mul(dhr, go, out=tmp)
+            act.backward(tmp, AC[t], tmp)
+            dc.add_(tmp)
+        else:  # h = act(o c + b_h)
+            act.backward(dhr, HR[t], dU[t])
+            torch.mul(dU[t], c, out=do)
+            dc.addcmul_(dU[t], go)
+        if peep:  # o = σ(z_o + w_O c)
+            _sigmoid_backward(do, go, grad_input=do)
+            dc.addcmul_(do, w_O)
+    if keep_c is not None:
+        dc.mul_(keep_c[t])
+    # the cell update c = f c_{t-1} + i candidate
+    torch.mul(dc, gc, out=di)
+    torch.mul(dc, c_prev, out=df)
+    torch.mul(dc, gi, out=dcand)
+    dc.mul_(gf)  # now the grad of c_{t-1}
+    if seed:
+        gv, dv = g.view(B, 2, 2 * H)[:, :, :H], d.view(B, 2, 2 * H)[:, :, :H]  # i and f
+        _sigmoid_backward(dv, gv, grad_input=dv)
+    else:
+        if paper:
+            act.backward(dcand, gc, dcand)
+        sl = slice(H, 3 * H) if peep else slice(H, 4 * H)  # (o is done above when peepholes)
+        _sigmoid_backward(d[:, sl], g[:, sl], grad_input=d[:, sl])
+    if peep:
+        dc.addcmul_(di, w_I)
+        dc.addcmul_(df, w_F)
+
+
 class _FastForward:
     """`forward` of the fast layers; everything else (parameters, init, paper weights, dropout) is the reference's."""
 
@@ -387,6 +436,7 @@ class _FastForward:
             cell_clip=cfg.cell_clip,
             proj_clip=cfg.proj_clip,
             compute_dtype=torch.get_autocast_dtype(device_type) if low else dtype,
+            cpu_kernel=cpu_kernel.applies(torch.device(device_type), dtype) and cpu_kernel.load() is not None,
         )
 
     def forward(self, x: torch.Tensor, state=None):

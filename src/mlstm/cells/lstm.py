@@ -52,7 +52,7 @@ class LSTMLoop(RecurrentLayer):
         return [("b", slice(H, 2 * H), self.cfg.forget_bias_init)]
 
     def _project_inputs(self, x, w):
-        return F.linear(x, w["W_x"]).to(self.state_dtype) + w["b"]  # (T, B, 4H): W_x x + b
+        return self._hoisted(x, w["W_x"], w["b"])  # (T, B, 4H): W_x x + b
 
     def _step(self, xp, h, c, w):
         zi, zf, zg, zo = (xp + self._lin(h, w["W_h"])).chunk(4, dim=1)  # z_t = W_x x_t + W_h h_{t-1} + b

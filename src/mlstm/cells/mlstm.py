@@ -80,7 +80,7 @@ class MultiplicativeLSTM(RecurrentLayer):
 
     def _project_inputs(self, x, w):
         W = torch.cat([w["W_mx"], w["W_x"]])  # (5H, I)
-        return F.linear(x, W).to(self.state_dtype) + self._input_bias(w)  # (T, B, 5H): [W_mx x; W_x x + b]
+        return self._hoisted(x, W, self._input_bias(w))  # (T, B, 5H): [W_mx x; W_x x + b]
 
     def _preactivations(self, xp, h, w):
         H = self.hidden_size
@@ -143,7 +143,7 @@ class SeedMultiplicativeLSTM(RecurrentLayer):
     def _project_inputs(self, x, w):
         W = torch.cat([w["A_x"], w["W_x"]])  # (6H, I)
         bias = torch.cat([w["a"], w["w"]])  # (6H,)
-        return F.linear(x, W).to(self.state_dtype) + bias  # (T, B, 6H): [A_x x + a; W_x x + w]
+        return self._hoisted(x, W, bias)  # (T, B, 6H): [A_x x + a; W_x x + w]
 
     def _step(self, xp, h, c, w):
         H, cfg = self.hidden_size, self.cfg

@@ -1,0 +1,210 @@
+"""The fused pointwise steps of the fast mLSTM on CPU (csrc/mlstm_cpu.c): built with the system C compiler on first
+use, cached, and called through ctypes.
+
+Why: at the batch sizes of character-level training (B = 32) the pointwise math of one step is about twenty PyTorch
+kernels of a few microseconds each, as much time as the step's two matrix products at H = 256. The C loops do that
+math in two calls per step, forward and backward (see the C file for what each computes).
+
+    MLSTM_CPU_KERNEL=auto   (default) use the kernel on CPU for float32/float64 state; if it cannot be built, say so
+                            once on stderr and keep the PyTorch pointwise path (same results to rounding)
+    MLSTM_CPU_KERNEL=1      require it: a build failure is an error
+    MLSTM_CPU_KERNEL=0      never use it (the PyTorch path, e.g. to compare)
+    MLSTM_KERNEL_CACHE=DIR  where the shared library is cached (default ~/.cache/mlstm/kernels, or $XDG_CACHE_HOME)
+
+The library is compiled with -march=native, so its cache key includes the compiler, the flags, the source and the
+CPU (model and flags from /proc/cpuinfo): a shared home directory across different machines gets one build per CPU.
+The build writes to a temporary file and renames it, so concurrent processes (DDP ranks) cannot load a partial one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mlstm.errors import UserError
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+SOURCES = ("mlstm_cpu.c", "mlstm_cpu_body.h")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
+MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
+FORMS = {"paper": 0, "matlab": 1, "seed": 2}
+ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
+
+
+class Buffer(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("slots", ctypes.c_int64)]
+
+
+class Segment(ctypes.Structure):
+    """Mirror of `mlstm_segment` in mlstm_cpu.c (the loader checks that the sizes agree)."""
+
+    _fields_ = (
+        [(n, ctypes.c_int64) for n in ("B", "H", "KF", "K")]
+        + [(n, ctypes.c_int32) for n in ("form", "act", "peep", "has_clip")]
+        + [(n, ctypes.c_double) for n in ("forget_bias", "clip")]
+        + [(n, Buffer) for n in ("R", "M", "G", "C", "CR", "AC", "SO", "HR")]
+        + [(n, ctypes.c_void_p) for n in ("xp", "c0", "w_I", "w_F", "w_O", "b_h", "dXP", "dR", "dU", "dhr", "dc", "dm")]
+    )
+
+
+def mode() -> str:
+    value = os.environ.get("MLSTM_CPU_KERNEL", "auto").strip().lower()
+    if value not in MODES:
+        raise UserError(f"MLSTM_CPU_KERNEL must be auto, 1 or 0, got {value!r}")
+    return MODES[value]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MLSTM_KERNEL_CACHE"):
+        return Path(os.environ["MLSTM_KERNEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlstm" / "kernels"
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and ARM spellings
+    return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile the library into the cache (unless already there) and return its path; RuntimeError on failure."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"cannot run the C compiler {compiler}: {e}") from None
+    key = hashlib.sha256()
+    for part in (version, " ".join(FLAGS), platform.machine(), _cpu_identity(),
+                 *((SOURCE_DIR / name).read_text() for name in SOURCES)):
+        key.update(part.encode() + b"\0")
+    target = cache_dir() / f"mlstm_cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE_DIR / "mlstm_cpu.c")],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{compiler} failed on {SOURCE_DIR / 'mlstm_cpu.c'}: {last}")
+        os.replace(tmp, target)  # atomic: another process sees no library or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class Kernels:
+    """The loaded library: its functions per dtype, argument types set once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.mlstm_segment_size.restype = ctypes.c_int64
+        if self.lib.mlstm_segment_size() != ctypes.sizeof(Segment):
+            raise RuntimeError(f"{path}: struct layout differs from the loader's ({ctypes.sizeof(Segment)} bytes)")
+        self.functions = {}
+        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+            fns = {}
+            for stage in ("fwd_product", "fwd_cell", "bwd_cell", "bwd_product"):
+                fn = getattr(self.lib, f"mlstm_{stage}_{suffix}")
+                fn.argtypes, fn.restype = (ctypes.POINTER(Segment), ctypes.c_int64), None
+                fns[stage] = fn
+            self.functions[dtype] = fns
+
+
+_loaded: Kernels | None = None
+_failure: str | None = None
+
+
+def load() -> Kernels | None:
+    """The kernels, or None when MLSTM_CPU_KERNEL=0 or (auto) they cannot be built (reported once on stderr)."""
+    global _loaded, _failure
+    wanted = mode()
+    if wanted == "off":
+        return None
+    if _loaded is None and _failure is None:
+        try:
+            _loaded = Kernels(build())
+        except (RuntimeError, OSError) as e:
+            _failure = str(e)
+            if wanted == "auto":
+                print(f"mlstm: fused CPU kernel unavailable ({_failure}); using the PyTorch pointwise path",
+                      file=sys.stderr)
+    if _loaded is None and wanted == "on":
+        raise UserError(f"MLSTM_CPU_KERNEL=1 but the fused CPU kernel cannot be built: {_failure}")
+    return _loaded
+
+
+def applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernel covers CPU tensors whose state (and pointwise math) is float32 or float64."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def status() -> str:
+    """One word for run metadata: on (loaded), off (disabled), unavailable (build failed), unused (not yet needed)."""
+    if mode() == "off":
+        return "off"
+    return "on" if _loaded is not None else "unavailable" if _failure is not None else "unused"
+
+
+def _ptr(v: torch.Tensor | None) -> int | None:
+    return None if v is None else v.data_ptr()
+
+
+def _buf(v: torch.Tensor | None) -> Buffer:
+    return Buffer(None, 1) if v is None else Buffer(v.data_ptr(), v.shape[0])
+
+
+class SegmentCall:
+    """One segment's struct (pointers to the layer's buffers, filled once) and the per-step calls on it."""
+
+    def __init__(self, kernels: Kernels, dtype: torch.dtype, spec, xp, buffers: dict, tensors: dict):
+        T, B, K = xp.shape
+        H = buffers["M"].shape[-1]
+        self.seg = Segment(
+            B=B, H=H, KF=K - 4 * H, K=K,
+            form=FORMS[spec.form], act=ACTIVATIONS[spec.activation], peep=int(spec.peepholes),
+            has_clip=int(spec.cell_clip is not None), forget_bias=spec.forget_bias, clip=spec.cell_clip or 0.0,
+            xp=xp.data_ptr(),
+            **{name: _buf(buffers.get(name)) for name in ("R", "M", "G", "C", "CR", "AC", "SO", "HR")},
+            **{name: _ptr(v) for name, v in tensors.items()},
+        )
+        self.ref = ctypes.byref(self.seg)
+        self.keep = (xp, buffers, tensors)  # the memory the pointers refer to stays alive with this object
+        fns = kernels.functions[dtype]
+        self._fwd_product, self._fwd_cell = fns["fwd_product"], fns["fwd_cell"]
+        self._bwd_cell, self._bwd_product = fns["bwd_cell"], fns["bwd_product"]
+
+    def fwd_product(self, t: int) -> None:
+        self._fwd_product(self.ref, t)
+
+    def fwd_cell(self, t: int) -> None:
+        self._fwd_cell(self.ref, t)
+
+    def bwd_cell(self, t: int) -> None:
+        self._bwd_cell(self.ref, t)
+
+    def bwd_product(self, t: int) -> None:
+        self._bwd_product(self.ref, t)
