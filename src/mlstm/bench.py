@@ -57,6 +57,7 @@ from typing import Callable, Iterable
 import torch
 from omegaconf import OmegaConf
 
+from mlstm.cells import cpu_kernel
 from mlstm.cells.common import FORMS, IMPLS
 from mlstm.errors import UserError
 
@@ -263,6 +264,7 @@ def environment(settings: Settings) -> dict:
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "threads": torch.get_num_threads(),
+        "cpu_kernel": cpu_kernel.describe(settings.device),  # fused C pointwise steps of the fast mLSTM (CPU)
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
@@ -519,7 +521,8 @@ def markdown(rows: list[dict], with_header: bool = True) -> str:
         lines += [
             f"Measured on {r['device_name']} ({r['device']}), torch {r['torch_version']}, cuDNN {r['cudnn_version']}, "
             f"oneDNN {r['onednn_version']}, {r['threads']} threads, TF32 matmul/cuDNN {r['tf32_matmul']}/"
-            f"{r['tf32_cudnn']}, {r['dtype']}, optimizer {r['optim']}, init {r['init']}; median of {r['iters']} "
+            f"{r['tf32_cudnn']}, {r['dtype']}, fused CPU kernel {r.get('cpu_kernel', 'unknown')}, optimizer "
+            f"{r['optim']}, init {r['init']}; median of {r['iters']} "
             f"steps after {r['warmup']} warm-up; "
             f"commit {(r['git_commit'] or 'unknown')[:12]}, {r['timestamp']}.",
             "",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mlstm.cells import cpu_kernel
 from mlstm.errors import UserError
 
 
@@ -124,6 +125,7 @@ def runtime_info(ctx: Context) -> dict:
         "tf32_matmul": bool(matmul.allow_tf32),
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cpu_kernel": cpu_kernel.describe(ctx.device),  # the fast mLSTM's fused pointwise steps (CPU)
     }
     return info
 

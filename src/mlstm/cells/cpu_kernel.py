@@ -169,6 +169,15 @@ def status() -> str:
     return "on" if _loaded is not None else "unavailable" if _failure is not None else "unused"
 
 
+def describe(device: torch.device) -> str:
+    """For run metadata: whether the fast mLSTM's pointwise math runs in the C kernel on this device (building it
+    now, so that a build failure is reported before training starts)."""
+    if device.type != "cpu":
+        return "not applicable"
+    load()
+    return status()
+
+
 def _ptr(v: torch.Tensor | None) -> int | None:
     return None if v is None else v.data_ptr()
 

@@ -1,0 +1,114 @@
+"""The fused C pointwise steps of the fast mLSTM (`mlstm.cells.cpu_kernel`): its build and cache, its switch and its
+one-line errors, its float64 precision against the autograd reference, and saturated and NaN inputs.
+(test_fast_mlstm.py runs every form and option through both pointwise paths.)"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlstm.cells import cpu_kernel
+from test_fast_mlstm import FORMS, VARIANTS, assert_close, inputs_for, pair, run
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler: the C kernel cannot be built")
+
+
+def bench(env: dict, *extra: str) -> subprocess.CompletedProcess:
+    """A real, tiny run of the benchmark script (its forward and backward go through the fast layer)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cells", "mlstm-paper:fast", "--hidden", "8",
+           "--batch", "2", "--seq-len", "3", "--embedding", "4", "--iters", "20", "--warmup", "0", "--no-baselines",
+           "--device", "cpu", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=300)
+
+
+def test_build_compiles_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path))
+    path = cpu_kernel.build()
+    assert path.parent == tmp_path and path.suffix == ".so" and path.stat().st_size > 0
+    stamp = path.stat().st_mtime_ns
+    assert cpu_kernel.build() == path and path.stat().st_mtime_ns == stamp  # cached: not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+    kernels = cpu_kernel.Kernels(path)  # loads, and its struct layout agrees with the ctypes mirror
+    assert set(kernels.functions) == {torch.float32, torch.float64}
+
+
+def test_a_compiler_error_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="mlstm_cpu.c"):
+        cpu_kernel.build(compiler=sys.executable)  # "compiles" with python: a real failing compiler run
+    assert list(tmp_path.iterdir()) == []  # the failed build leaves nothing a later load could pick up
+
+
+def test_switch_values():
+    for value, mode in (("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("false", "off")):
+        os.environ["MLSTM_CPU_KERNEL"] = value
+        try:
+            assert cpu_kernel.mode() == mode
+        finally:
+            del os.environ["MLSTM_CPU_KERNEL"]
+
+
+def test_without_a_compiler_auto_falls_back_and_required_fails_in_one_line(tmp_path):
+    env = {"CC": str(tmp_path / "no-such-cc"), "MLSTM_KERNEL_CACHE": str(tmp_path / "cache")}
+    auto = bench({**env, "MLSTM_CPU_KERNEL": "auto"})
+    assert auto.returncode == 0, auto.stderr
+    notes = [ln for ln in auto.stderr.splitlines() if "fused CPU kernel unavailable" in ln]
+    assert len(notes) == 1 and "PyTorch pointwise path" in notes[0]  # said once, and the run goes on
+    assert "| mlstm-paper | fast |" in auto.stdout
+
+    required = bench({**env, "MLSTM_CPU_KERNEL": "1"})
+    assert required.returncode != 0
+    assert required.stderr.strip().count("\n") == 0 and "MLSTM_CPU_KERNEL=1" in required.stderr, required.stderr
+    assert "Traceback" not in required.stderr
+
+    bad = bench({"MLSTM_CPU_KERNEL": "maybe"})
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "MLSTM_CPU_KERNEL" in bad.stderr
+
+
+# ---- precision: the C exp, sigmoid and tanh in float64 against torch's, through whole layers -----------------------
+@pytest.mark.parametrize("variant", ["plain", "peepholes", "all", "relu", "identity"])
+@pytest.mark.parametrize("form", FORMS)
+def test_float64_kernel_matches_the_reference_to_1e12(form, variant, monkeypatch):
+    monkeypatch.setenv("MLSTM_CPU_KERNEL", "1")
+    ref, fast = pair(form, variant, dtype=torch.float64)
+    ref.train(), fast.train()
+    assert fast.segment_spec("cpu").cpu_kernel
+    x, h0, c0 = inputs_for(ref, T=15, B=3, dtype=torch.float64)
+    x = 3.0 * x  # pre-activations over both branches of tanh (|v| below and above 1/16) and far into saturation
+    assert_close(run(ref, x, h0, c0), run(fast, x, h0, c0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_saturated_gates_match_the_torch_path(form, monkeypatch):
+    """Pre-activations of ±hundreds (exp's clamped range, σ at 0 and 1, tanh at ±1) give the torch path's numbers."""
+    _, fast = pair(form, "peepholes")
+    x, h0, c0 = inputs_for(fast, T=6, B=4, dtype=torch.float32)
+    x = 300.0 * x
+    results = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv("MLSTM_CPU_KERNEL", value)
+        results[value] = run(fast, x, h0, c0)
+    assert all(torch.isfinite(v).all() for v in results["1"].values())
+    values = ("y", "h", "c")
+    assert_close(*({k: r[k] for k in values} for r in (results["0"], results["1"])), rtol=1e-5)
+    # a saturated σ' = y (1 - y) is resolved only to float32's spacing below 1 (6e-8) in either path, so each
+    # saturated unit's gradient carries a rounding of its own order: the gradients agree more loosely
+    assert_close(*({k: v for k, v in r.items() if k not in values} for r in (results["0"], results["1"])), rtol=1e-3)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_nan_input_reaches_the_output(form, monkeypatch):
+    """The trainer's divergence guard looks for non-finite losses: the C exp must not turn a NaN into a number."""
+    monkeypatch.setenv("MLSTM_CPU_KERNEL", "1")
+    _, fast = pair(form, "all")
+    x, h0, c0 = inputs_for(fast, T=4, B=2, dtype=torch.float32)
+    x[1, 0] = float("nan")
+    with torch.no_grad():
+        y, (h, c) = fast(x, (h0, c0))
+    assert torch.isfinite(y[0]).all()  # before the NaN
+    assert torch.isnan(y[1:, 0]).any() and torch.isnan(c[0]).all()  # the poisoned stream, from then on
+    assert torch.isfinite(y[:, 1]).all()  # the other stream is untouched
