@@ -36,6 +36,16 @@ def test_build_compiles_once_into_the_cache(tmp_path, monkeypatch):
     assert set(kernels.functions) == {torch.float32, torch.float64}
 
 
+def test_an_unwritable_cache_builds_into_a_temporary_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = cpu_kernel.build()
+    assert path.parent == tmp_path / "tmp" / f"mlstm-kernels-{os.getuid()}" and path.exists()
+
+
 def test_a_compiler_error_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="mlstm_cpu.c"):

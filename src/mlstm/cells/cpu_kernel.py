@@ -9,7 +9,8 @@ math in two calls per step, forward and backward (see the C file for what each c
                             once on stderr and keep the PyTorch pointwise path (same results to rounding)
     MLSTM_CPU_KERNEL=1      require it: a build failure is an error
     MLSTM_CPU_KERNEL=0      never use it (the PyTorch path, e.g. to compare)
-    MLSTM_KERNEL_CACHE=DIR  where the shared library is cached (default ~/.cache/mlstm/kernels, or $XDG_CACHE_HOME)
+    MLSTM_KERNEL_CACHE=DIR  where the shared library is cached (default ~/.cache/mlstm/kernels, or $XDG_CACHE_HOME;
+                            a temporary directory when that is not writable)
 
 The library is compiled with -march=native, so its cache key includes the compiler, the flags, the source and the
 CPU (model and flags from /proc/cpuinfo): a shared home directory across different machines gets one build per CPU.
@@ -96,10 +97,19 @@ def build(compiler: str | None = None) -> Path:
     for part in (version, " ".join(FLAGS), platform.machine(), _cpu_identity(),
                  *((SOURCE_DIR / name).read_text() for name in SOURCES)):
         key.update(part.encode() + b"\0")
-    target = cache_dir() / f"mlstm_cpu-{key.hexdigest()[:16]}.so"
+    name = f"mlstm_cpu-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError(target.parent)
+    except OSError:  # a read-only home: build into a per-user temporary directory instead
+        target = Path(tempfile.gettempdir()) / f"mlstm-kernels-{os.getuid()}" / name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
