@@ -20,7 +20,9 @@ KEPT = ("metrics.jsonl", "config.yaml")
 def run_name(config_path: Path) -> str:
     cfg = OmegaConf.load(config_path)
     cell = cfg.cell.name + (f"-{cfg.cell.form}" if cfg.cell.get("form") else "")
-    return f"{cell}-h{cfg.cell.hidden_size}-seed{cfg.seed}"
+    scale = float(cfg.cell.get("init_scale") or 1.0)
+    init = f"-init{scale:g}" if scale != 1.0 else ""
+    return f"{cell}-h{cfg.cell.hidden_size}{init}-seed{cfg.seed}"
 
 
 def main() -> None:

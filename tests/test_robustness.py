@@ -303,6 +303,11 @@ def test_unknown_names_are_one_line(corpus, data_dir, tmp_path, override, fragme
     assert_one_line_error(result, *fragments)
 
 
+def test_conflicting_hydra_flags_are_one_line(tmp_path):
+    result = train_cli(["--multirun", "--cfg", "job", f"hydra.sweep.dir={tmp_path}"])
+    assert_one_line_error(result, "Only one of --run, --multirun, --cfg")
+
+
 @pytest.mark.parametrize("override, fragments", [
     ("cell.hidden_size=0", ["cell.hidden_size must be an integer > 0", "got 0"]),
     ("optim.lr=-0.001", ["optim.lr=-0.001 must be a positive number"]),

@@ -80,6 +80,10 @@ def run_with_one_line_errors(task, argv: list[str]):
         return task()
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(describe_config_error(error, argv)) from None
+    except ValueError as error:  # Hydra's check of its own flags, e.g. --multirun with --cfg
+        if _raised_in_project(error):
+            raise
+        raise UserError(str(error).splitlines()[0]) from None
     except OSError as error:
         if error.filename is None or _raised_in_project(error):
             raise
