@@ -134,3 +134,14 @@ def build_optimizer(optim_cfg, params) -> tuple[torch.optim.Optimizer, torch.opt
     else:
         factor = lambda step: 1.0  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler, ratio: float) -> None:
+    """Multiply every learning rate by `ratio` from now on: the current one of each parameter group and the
+    schedule's base (its `base_lrs` and the groups' `initial_lr`), so the schedule continues at the lower level."""
+    scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -10,17 +10,15 @@ it; the B streams are split across ranks so the global batch equals the single-p
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mlstm import checkpoint, distributed
+from mlstm import checkpoint, distributed, resume
 from mlstm.cells import CellConfig
 from mlstm.data import StreamBatcher, load_corpus
 from mlstm.data.corpus import SPLITS
@@ -29,14 +27,11 @@ from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc, eval
 from mlstm.model import ModelConfig, build_model, detach_state, num_parameters
 from mlstm.optim import build_optimizer
 from mlstm.optim import check as check_optim
+from mlstm.optim import scale_learning_rate
+from mlstm.resume import finite_weights, rank_seed, rng_state, seed_everything, set_rng_state
 from mlstm.tracking import JsonlSink, Sinks, WandbSink
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# keys of the config that must agree between a checkpoint and the run that resumes it: the architecture, the data
-# layout (the carried hidden state and the batcher position only mean something for the same streams) and the
-# optimizer (its state has that optimizer's shape)
-ARCHITECTURE_KEYS = ("cell", "model")
-RESUME_KEYS = (*ARCHITECTURE_KEYS, "dataset.name", "trainer.batch_size", "trainer.seq_len", "optim.name")
 DIVERGENCE_POLICIES = ("stop", "reload")
 
 
@@ -269,31 +264,8 @@ class Trainer:
             print(f"resumed from step {self.step} in {self.run_dir}", file=sys.stderr)
         return True
 
-    def _check_compatible(self, payload: dict) -> None:
-        """A checkpoint resumes only under the config and data it was made with (RESUME_KEYS, the corpus)."""
-        saved = OmegaConf.create(payload["config"])
-        hint = "rerun with the checkpoint's values, or start a new run with another hydra.run.dir"
-        for key in RESUME_KEYS:
-            before, now = OmegaConf.select(saved, key), OmegaConf.select(self.cfg, key)
-            before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                           for v in (before, now))
-            if before != now:
-                detail = _first_difference(key, before, now)
-                raise UserError(f"cannot resume the checkpoint in {self.run_dir}: {detail}; {hint}")
-        symbols = bytes(payload["symbols"].tolist()) if "symbols" in payload else None
-        corpus = payload.get("corpus", {})
-        if payload["vocab_size"] != self.corpus.vocab_size or (symbols is not None and symbols != self.corpus.symbols):
-            raise UserError(f"cannot resume the checkpoint in {self.run_dir}: it was trained on a vocabulary of "
-                            f"{payload['vocab_size']} symbols, this dataset has {self.corpus.vocab_size} (another "
-                            f"corpus); {hint}")
-        sizes = [len(self.corpus.split(s)) for s in SPLITS]
-        if corpus and list(corpus.get("split_sizes", sizes)) != sizes:
-            raise UserError(f"cannot resume the checkpoint in {self.run_dir}: it was trained on {corpus.get('name')} "
-                            f"with splits of {corpus['split_sizes']} characters, this dataset ({self.corpus.name}) "
-                            f"has {sizes}; {hint}")
-
     def _restore(self, payload: dict) -> None:
-        self._check_compatible(payload)
+        resume.check_compatible(payload, self.cfg, self.corpus, self.run_dir)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -382,13 +354,7 @@ class Trainer:
         scale = self.lr_scale * float(self.tcfg.get("divergence_lr_factor", 0.5))
         reloads = self.divergence_reloads + 1
         self._restore(payload)
-        ratio = scale / self.lr_scale  # the checkpoint may already run at a lowered rate
-        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= ratio
-            if "initial_lr" in group:
-                group["initial_lr"] *= ratio
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        scale_learning_rate(self.optimizer, self.scheduler, scale / self.lr_scale)  # (the checkpoint's may be lowered)
         self.lr_scale, self.divergence_reloads = scale, reloads
         self.nonfinite_total, self.nonfinite_in_row = total, 0  # the skipped steps stay counted
         self.sinks.rewind(self.step)
@@ -538,43 +504,6 @@ class Trainer:
         self.sinks.summary({k: v for k, v in result.items() if k != "run_dir"})
         self.sinks.close()
         return result
-
-
-def finite_weights(payload: dict) -> bool:
-    """Whether a checkpoint's model weights are all finite: what a divergence reload may go back to."""
-    return all(bool(torch.isfinite(t).all()) for t in payload["model"].values() if t.is_floating_point())
-
-
-def _first_difference(key: str, before, now) -> str:
-    """`cell.hidden_size is 64 in the checkpoint, 32 now` for the first key where two config values differ."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        for sub in sorted(set(before) | set(now)):
-            if before.get(sub, "<absent>") != now.get(sub, "<absent>"):
-                return _first_difference(f"{key}.{sub}", before.get(sub, "<absent>"), now.get(sub, "<absent>"))
-    return f"{key} is {before!r} in the checkpoint, {now!r} now"
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """A seed per (run seed, rank[, resume step]) for the per-rank RNG streams (dropout masks) under DDP."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(cfg, run_dir: str | Path | None = None) -> dict:
