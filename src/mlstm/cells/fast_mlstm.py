@@ -28,9 +28,14 @@ The fast layers subclass the reference classes (same parameters, state_dict keys
 sampling), so a checkpoint moves freely between impl=fast and impl=reference; only `forward` differs. Every option of
 the reference is supported (all three activations); nothing falls back.
 
+Where the pointwise math runs: on CPU with float32/float64 state, in the fused C loops of `cpu_kernel` (two calls per
+step each way: `_kernel_call`; they also add the hoisted xp parts to the products); otherwise, and with
+MLSTM_CPU_KERNEL=0, as PyTorch ops on per-step views (`_cell_step`, `_cell_step_backward`). Both paths fill the same
+buffers with the same quantities; the tests run every form and option through both. On CUDA that is one kernel launch
+per pointwise op (no graph capture or Triton kernel here).
+
 Mixed precision: under autocast the two products per step (and the backward ones) run in the autocast dtype, the
 weights cast once per segment; c, the gates, the pointwise math and the carried h, c stay float32, as in the reference.
-On CUDA the same code runs with one kernel launch per pointwise op (no graph capture or Triton kernel here).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
  *               mlstm_fwd_cell      gates, c_t, h_t from z_t and c_{t-1}   (every form and option of the layer)
  *     backward  mlstm_bwd_cell      dz_t and dc_{t-1} from dh_t, dc_t       (its exact derivative)
  *               mlstm_bwd_product   d xp_F and dr_t from dm_t
- * The buffers, their layout and what each holds after the forward are those of the PyTorch path in fast_mlstm.py,
- * so either backward runs on either forward's buffers. No torch headers: it compiles in about a second.
+ * The buffers, their layout and what each holds after the forward are those of the PyTorch path in fast_mlstm.py
+ * (the C backward also reads c before its clip, CR, where PyTorch keeps a mask). No torch headers: it compiles in
+ * seconds with any C99 compiler.
  *
  * Both precisions come from one body, mlstm_cpu_body.h, included twice with `real` = float and double. exp is a
  * vectorisable Cody-Waite range reduction with a Taylor polynomial (a few ulp; NaN propagates, so the trainer's
