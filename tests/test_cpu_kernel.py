@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlstm.cells import cpu_kernel
-from test_fast_mlstm import FORMS, VARIANTS, assert_close, inputs_for, pair, run
+from test_fast_mlstm import FORMS, assert_close, inputs_for, pair, run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler: the C kernel cannot be built")

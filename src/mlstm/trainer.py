@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mlstm import checkpoint, distributed, resume
+from mlstm import checkpoint, distributed
 from mlstm.cells import CellConfig
 from mlstm.data import StreamBatcher, load_corpus
 from mlstm.data.corpus import SPLITS
@@ -28,7 +28,7 @@ from mlstm.model import ModelConfig, build_model, detach_state, num_parameters
 from mlstm.optim import build_optimizer
 from mlstm.optim import check as check_optim
 from mlstm.optim import scale_learning_rate
-from mlstm.resume import finite_weights, rank_seed, rng_state, seed_everything, set_rng_state
+from mlstm.resume import check_compatible, finite_weights, rank_seed, rng_state, seed_everything, set_rng_state
 from mlstm.tracking import JsonlSink, Sinks, WandbSink
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -265,7 +265,7 @@ class Trainer:
         return True
 
     def _restore(self, payload: dict) -> None:
-        resume.check_compatible(payload, self.cfg, self.corpus, self.run_dir)
+        check_compatible(payload, self.cfg, self.corpus, self.run_dir)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])

@@ -25,7 +25,6 @@ with bias_hh's f block 0.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlstm.cells.common import CellConfig, RecurrentLayer, check_paper_weights, get_tensor, set_tensor
