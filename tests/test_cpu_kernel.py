@@ -53,13 +53,12 @@ def test_a_compiler_error_names_the_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the failed build leaves nothing a later load could pick up
 
 
-def test_switch_values():
+def test_switch_values(monkeypatch):
     for value, mode in (("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("false", "off")):
-        os.environ["MLSTM_CPU_KERNEL"] = value
-        try:
-            assert cpu_kernel.mode() == mode
-        finally:
-            del os.environ["MLSTM_CPU_KERNEL"]
+        monkeypatch.setenv("MLSTM_CPU_KERNEL", value)
+        assert cpu_kernel.mode() == mode
+    monkeypatch.setenv("MLSTM_CPU_KERNEL", "0")
+    assert cpu_kernel.load() is None and cpu_kernel.status() == "off"
 
 
 def test_without_a_compiler_auto_falls_back_and_required_fails_in_one_line(tmp_path):
