@@ -20,6 +20,7 @@ KEPT = ("metrics.jsonl", "config.yaml")
 def run_name(config_path: Path) -> str:
     cfg = OmegaConf.load(config_path)
     cell = cfg.cell.name + (f"-{cfg.cell.form}" if cfg.cell.get("form") else "")
+    cell += "-gated" if cfg.cell.get("seed_output") == "gated" else ""
     scale = float(cfg.cell.get("init_scale") or 1.0)
     init = f"-init{scale:g}" if scale != 1.0 else ""
     return f"{cell}-h{cfg.cell.hidden_size}{init}-seed{cfg.seed}"

@@ -66,8 +66,9 @@ def mlstm_matlab(W, x, h, c, forget_bias=0.0, cell_clip=None, proj_clip=None, ac
     return np.stack(ys), np.stack(cs), (h, c)
 
 
-def mlstm_seed(W, x, h, c, forget_bias=1.0, cell_clip=None, proj_clip=None, activation="tanh"):
-    """[a; b] = A [x; h] + a; m = a b; [i; j; f; o] = W [x; m] + w; c = c σ(f + fb) + σ(i) j; h = act(c o)."""
+def mlstm_seed(W, x, h, c, forget_bias=1.0, cell_clip=None, proj_clip=None, activation="tanh", output="posted"):
+    """[a; b] = A [x; h] + a; m = a b; [i; j; f; o] = W [x; m] + w; c = c σ(f + fb) + σ(i) j; h = act(c o).
+    output="gated" (cell.seed_output, not the posted cell): h = σ(o [+ w_O c]) act(c)."""
     act, peep = ACT[activation], "w_F" in W
     ys, cs = [], []
     for x_t in x:
@@ -79,7 +80,9 @@ def mlstm_seed(W, x, h, c, forget_bias=1.0, cell_clip=None, proj_clip=None, acti
         else:
             c = c * sigmoid(f + forget_bias) + sigmoid(i) * j
         c = clip(c, cell_clip)
-        if peep:
+        if output == "gated":
+            h = sigmoid(o + W["w_O"] * c if peep else o) * act(c)
+        elif peep:
             h = sigmoid(o + W["w_O"] * c) * act(c * (o + W["w_O"] * c))
         else:
             h = act(c * o)
@@ -106,4 +109,5 @@ def lstm(W, x, h, c, forget_bias=0.0, cell_clip=None, proj_clip=None, activation
     return np.stack(ys), np.stack(cs), (h, c)
 
 
-REFERENCES = {"paper": mlstm_paper, "matlab": mlstm_matlab, "seed": mlstm_seed, "loop": lstm, "cudnn": lstm}
+REFERENCES = {"paper": mlstm_paper, "matlab": mlstm_matlab, "seed": mlstm_seed, "loop": lstm, "cudnn": lstm,
+              "seed_gated": lambda *args, **kwargs: mlstm_seed(*args, output="gated", **kwargs)}

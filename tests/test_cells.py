@@ -21,10 +21,11 @@ KINDS = {
     "paper": dict(name="mlstm", form="paper"),
     "matlab": dict(name="mlstm", form="matlab"),
     "seed": dict(name="mlstm", form="seed"),
+    "seed_gated": dict(name="mlstm", form="seed", seed_output="gated"),
     "loop": dict(name="lstm", impl="loop"),
     "cudnn": dict(name="lstm", impl="cudnn"),
 }
-LOOP_KINDS = ["paper", "matlab", "seed", "loop"]
+LOOP_KINDS = ["paper", "matlab", "seed", "seed_gated", "loop"]
 VARIANTS = {
     "plain": {},
     "peep_clip": dict(use_peepholes=True, cell_clip=0.4, forget_bias=0.7),
@@ -183,10 +184,11 @@ def test_orthogonal_init_and_forget_bias_rows(kind):
         if w.dim() == 2:  # each matrix as a whole; the seed's A and W over their concatenated columns
             assert_semi_orthogonal(w, 2.0)
     H = 8
-    forget = {"paper": ("b", 2), "matlab": ("b", 1), "seed": ("w", 2), "loop": ("b", 1), "cudnn": ("b", 1)}[kind]
+    forget = {"paper": ("b", 2), "matlab": ("b", 1), "seed": ("w", 2), "seed_gated": ("w", 2), "loop": ("b", 1),
+              "cudnn": ("b", 1)}[kind]
     bias = weights[forget[0]]
     expected = torch.zeros_like(bias)
-    expected[forget[1] * H : (forget[1] + 1) * H] = 0.0 if kind == "seed" else 3.0
+    expected[forget[1] * H : (forget[1] + 1) * H] = 0.0 if kind.startswith("seed") else 3.0
     assert torch.equal(bias, expected)
     if kind == "cudnn":
         assert torch.equal(layer.lstm.bias_ih_l0, expected) and not layer.lstm.bias_hh_l0.any()
@@ -300,6 +302,8 @@ BAD = [
     (dict(name="lstm", weight_norm=True), "cell.impl=loop"),
     (dict(name="lstm", activation="relu"), "cell.impl=loop"),
     (dict(name="lstm", forget_bias=1.0), "cell.impl=loop"),
+    (dict(form="paper", seed_output="gated"), "cell.seed_output applies to cell.form=seed"),
+    (dict(form="seed", seed_output="sigmoid"), "cell.seed_output must be one of posted, gated"),
 ]
 
 

@@ -205,6 +205,8 @@ def test_variant_and_dataset_labels():
     assert variant_label({"cell": {**seed, "init_scale": 1.0}}) == "mlstm-seed"  # the default scale is no variant
     assert variant_label({"cell": {**seed, "init_scale": 1.5}}) == "mlstm-seed-init1.5"
     assert variant_label({"cell": {**seed, "init_scale": 2}}) == "mlstm-seed-init2"
+    assert variant_label({"cell": {**seed, "seed_output": "gated"}}) == "mlstm-seed-gated"
+    assert variant_label({"cell": {**seed, "seed_output": "posted"}}) == "mlstm-seed"
     assert variant_label({"cell": {"name": "lstm", "hidden_size": 128}}, "cell.name,cell.hidden_size") == "lstm-128"
     assert dataset_label({"dataset": {"name": "file", "path": "/data/enwik8_head3M.xml"}}) == "enwik8_head3M"
     assert dataset_label({"dataset": {"name": "text8"}}) == "text8"

@@ -17,7 +17,7 @@ from mlstm.cells.fast_mlstm import (
 )
 from mlstm.cells.mlstm import MLSTM_FORMS
 
-FORMS = ("paper", "matlab", "seed")
+FORMS = ("paper", "matlab", "seed", "seed-gated")  # seed-gated: form=seed with seed_output=gated
 VARIANTS = {
     "plain": {},
     "peepholes": dict(use_peepholes=True),
@@ -44,7 +44,10 @@ def pointwise_path(request, monkeypatch):
 
 def pair(form, variant, hidden=16, inputs=8, dtype=torch.float32, seed=0, **extra):
     """(reference, fast) layers of the same form and options holding the same weights (moved by state_dict)."""
+    form, _, output = form.partition("-")
     cfg = dict(name="mlstm", form=form, hidden_size=hidden, **dict(VARIANTS[variant], **extra))
+    if output:
+        cfg["seed_output"] = output
     torch.manual_seed(seed)
     ref = build_layer(dict(cfg, impl="reference"), inputs).to(dtype)
     with torch.no_grad():  # biases and peepholes away from their zero init, so that every path carries signal
@@ -91,6 +94,7 @@ def assert_close(a, b, rtol):
 @pytest.mark.parametrize("form", FORMS)
 def test_fast_layer_is_the_reference_class_with_its_parameters(form):
     ref, fast = pair(form, "all")
+    form = form.partition("-")[0]
     assert isinstance(fast, FAST_MLSTM_FORMS[form]) and isinstance(fast, MLSTM_FORMS[form])
     assert isinstance(FastMultiplicativeLSTM(8, fast.cfg), FAST_MLSTM_FORMS[form])  # the symbol build_layer uses
     assert list(fast.state_dict()) == list(ref.state_dict())

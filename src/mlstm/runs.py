@@ -101,7 +101,7 @@ def lookup(config: Mapping, dotted: str, default: Any = None) -> Any:
 # ---------------------------------------------------------------------------------------------------------- labels
 def variant_label(config: Mapping, label_key: str | None = None) -> str:
     """The variant a run belongs to: "lstm", "lstm-loop", "mlstm-paper", "mlstm-seed", "mlstm-matlab", with
-    "-init<s>" when cell.init_scale is not 1 (e.g. "mlstm-seed-init2").
+    "-gated" for cell.seed_output=gated and "-init<s>" when cell.init_scale is not 1 (e.g. "mlstm-seed-init2").
 
     The implementation joins the label only when it changes what is measured: the LSTM's loop implementation is a
     different speed (and code path) from cuDNN, while the mLSTM's fast and reference implementations compute the
@@ -117,6 +117,8 @@ def variant_label(config: Mapping, label_key: str | None = None) -> str:
     impl = lookup(config, "cell.impl")
     if impl not in DEFAULT_IMPLS.get(name, (None,)):
         parts.append(str(impl))
+    if lookup(config, "cell.seed_output") == "gated":  # not the posted seed cell: its output gated as in the paper
+        parts.append("gated")
     scale = lookup(config, "cell.init_scale")
     if scale is not None and float(scale) != 1.0:  # another initial scale is another starting point
         parts.append(f"init{float(scale):g}")

@@ -39,6 +39,7 @@ NAMES = ("mlstm", "lstm")
 FORMS = ("paper", "matlab", "seed")
 IMPLS = {"mlstm": ("fast", "reference"), "lstm": ("cudnn", "loop")}  # the first is the default
 INITS = ("orthogonal", "matlab", "torch")
+SEED_OUTPUTS = ("posted", "gated")  # seed form: h = act(c ⊙ o) as posted, or the LSTM's h = σ(o) ⊙ act(c)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class CellConfig:
     activation: str = "tanh"  # replaces tanh on the cell/output: "tanh" | "relu" | "identity"
     weight_norm: bool = False  # weight normalisation (one gain per output row) of the four main matrices
     dropout: float = 0.0  # variational dropout on h: one Bernoulli mask per forward call (= per TBPTT segment)
+    seed_output: str | None = None  # seed form only: "posted" (default, h = act(c ⊙ o)) | "gated" (σ(o) ⊙ act(c))
 
     @property
     def output_size(self) -> int:
@@ -109,7 +111,11 @@ class CellConfig:
             activation=_choice(raw.get("activation", "tanh"), "activation", tuple(ACTIVATIONS)),
             weight_norm=_flag(raw.get("weight_norm", False), "weight_norm"),
             dropout=_number(raw.get("dropout", 0.0), "dropout", low=0.0, high=1.0, low_inclusive=True),
+            seed_output=_choice(raw.get("seed_output", "posted"), "seed_output", SEED_OUTPUTS) if seed else None,
         )
+        if not seed and raw.get("seed_output") is not None:
+            raise UserError(f"cell.seed_output applies to cell.form=seed only; leave it null, got "
+                            f"{raw['seed_output']!r}")
         if cfg.proj_clip is not None and cfg.num_proj is None:
             raise UserError("cell.proj_clip needs cell.num_proj (the clip applies to the projected output)")
         return cfg

@@ -37,7 +37,7 @@ SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("mlstm_cpu.c", "mlstm_cpu_body.h")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
-FORMS = {"paper": 0, "matlab": 1, "seed": 2}
+FORMS = {"paper": 0, "matlab": 1, "seed": 2, "seed-gated": 3}  # the C code's form numbers
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 
 
@@ -204,7 +204,8 @@ class SegmentCall:
         H = buffers["M"].shape[-1]
         self.seg = Segment(
             B=B, H=H, KF=K - 4 * H, K=K,
-            form=FORMS[spec.form], act=ACTIVATIONS[spec.activation], peep=int(spec.peepholes),
+            form=FORMS["seed-gated" if spec.seed_output == "gated" else spec.form], act=ACTIVATIONS[spec.activation],
+            peep=int(spec.peepholes),
             has_clip=int(spec.cell_clip is not None), forget_bias=spec.forget_bias, clip=spec.cell_clip or 0.0,
             xp=xp.data_ptr(),
             **{name: _buf(buffers.get(name)) for name in ("R", "M", "G", "C", "CR", "AC", "SO", "HR")},

@@ -66,6 +66,12 @@ class SegmentSpec:
     proj_clip: float | None  # projected h clipped to ±proj_clip (None: no clip)
     compute_dtype: torch.dtype  # dtype of the matrix products (the autocast dtype, else the weights' dtype)
     cpu_kernel: bool = False  # the pointwise math in the fused C loops of `cpu_kernel` (CPU, float32/float64 state)
+    seed_output: str | None = None  # seed form: "posted" (h = act(c o)) | "gated" (h = σ(o) act(c)); else None
+
+    @property
+    def gated_output(self) -> bool:
+        """h = o ⊙ act(c) with o = σ(z_o [+ w_O c]): the paper form, and the seed form with seed_output=gated."""
+        return self.form == "paper" or self.seed_output == "gated"
 
 
 class _Activation:
@@ -174,11 +180,12 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     R, M, G = buf(KF), buf(H), buf(4 * H)  # r_t (seed: [a_t; b_t]), m_t, gates after their nonlinearity
     C = buf(H, T if save else 2)  # c_t after the clip (two slots when not saving: c_{t-1} and c_t)
     CR = buf(H) if clip is not None else C  # c_t before the clip
-    AC = buf(H) if paper or (seed and peep) else None  # paper: act(c_t); seed + peepholes: act(c_t o'_t)
-    SO = buf(H) if seed and peep else None  # seed + peepholes: σ(o'_t)
+    gated = spec.gated_output  # h = o act(c)
+    AC = buf(H) if gated or (seed and peep) else None  # act(c_t); posted seed + peepholes: act(c_t o'_t)
+    SO = buf(H) if seed and peep and not gated else None  # posted seed + peepholes: σ(o'_t)
     Y = xp.new_empty(T, B, P)  # the output, also h_{t-1} of the next step
     # h before projection and mask: needed by dW_P, and by act' in matlab/seed when the mask hides it in y
-    HR = buf(H) if W_P is not None or (mask is not None and not paper) else Y
+    HR = buf(H) if W_P is not None or (mask is not None and not gated) else Y
     PR = buf(P) if pclip is not None else Y  # W_P h before the clip
 
     # per-step views, made once (indexing costs about as much as a small kernel)
@@ -229,7 +236,7 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
 
 def _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h):
     """The pointwise math of step t with PyTorch ops, in place on the per-step views (what the C kernel fuses)."""
-    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    seed, paper, peep, gated = spec.form == "seed", spec.form == "paper", spec.peepholes, spec.gated_output
     clip, fb = spec.cell_clip, spec.forget_bias
     gi, gf, gc, go, g_sig, ac, so = slots
     if peep:  # the input and forget gates see c_{t-1}
@@ -244,7 +251,7 @@ def _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h):
     cr[t].addcmul_(gi[t], gc[t])
     if clip is not None:
         torch.clamp(cr[t], -clip, clip, out=c[t])
-    if seed:
+    if seed and not gated:
         if peep:  # o' = o + w_O c;  h = σ(o') act(c o')
             go[t].addcmul_(c[t], w_O)
             torch.mul(c[t], go[t], out=ac[t])
@@ -257,7 +264,9 @@ def _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h):
     else:
         if peep:  # o = σ(z_o + w_O c), c after the clip
             go[t].addcmul_(c[t], w_O).sigmoid_()
-        if paper:  # h = o act(c)
+        elif seed:  # seed_output=gated: the paper's σ(i), σ(f) [, σ(o)] slice is not the seed's layout
+            go[t].sigmoid_()
+        if gated:  # h = o act(c)
             act.into(c[t], ac[t])
             torch.mul(go[t], ac[t], out=hr[t])
         else:  # h = act(o c + b_h)
@@ -373,7 +382,7 @@ def _backward(ctx, dY, dh_T, dc_T):
 def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR, dU, keep_c, w_I, w_F, w_O):
     """The pointwise backward of step t with PyTorch ops: dz_t into d, and dc from that of c_t to that of c_{t-1}.
     tmp: a (B, H) scratch buffer (may be dhr itself, which is not read after tmp is first written)."""
-    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    seed, paper, peep, gated = spec.form == "seed", spec.form == "paper", spec.peepholes, spec.gated_output
     B, H = c.shape
     if seed:
         gi, gc, gf, go = g.split(H, 1)
@@ -382,7 +391,7 @@ def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR,
         gc, gi, gf, go = g.split(H, 1)
         dcand, di, df, do = d.split(H, 1)
     # the output: dc += ∂h/∂c dhr, do = grad of the o pre-activation (after σ' where there is a σ)
-    if seed and peep:  # h = σ(o') a, a = act(c o'), o' = o + w_O c
+    if seed and peep and not gated:  # h = σ(o') a, a = act(c o'), o' = o + w_O c
         torch.mul(dhr, AC[t], out=do)
         _sigmoid_backward(do, SO[t], grad_input=do)
         torch.mul(dhr, SO[t], out=tmp)
@@ -390,12 +399,12 @@ def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR,
         do.addcmul_(tmp, c)
         dc.addcmul_(tmp, go)
         dc.addcmul_(do, w_O)
-    elif seed:  # h = act(c o)
+    elif seed and not gated:  # h = act(c o)
         act.backward(dhr, HR[t], tmp)
         torch.mul(tmp, c, out=do)
         dc.addcmul_(tmp, go)
     else:
-        if paper:  # h = o act(c)
+        if gated:  # h = o act(c)
             torch.mul(dhr, AC[t], out=do)
             torch.mul(dhr, go, out=tmp)
             act.backward(tmp, AC[t], tmp)
@@ -404,8 +413,9 @@ def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR,
             act.backward(dhr, HR[t], dU[t])
             torch.mul(dU[t], c, out=do)
             dc.addcmul_(dU[t], go)
-        if peep:  # o = σ(z_o + w_O c)
+        if peep or seed:  # o = σ(z_o [+ w_O c]) (paper without peepholes: with i and f below)
             _sigmoid_backward(do, go, grad_input=do)
+        if peep:
             dc.addcmul_(do, w_O)
     if keep_c is not None:
         dc.mul_(keep_c[t])
@@ -440,6 +450,7 @@ class _FastForward:
             forget_bias=float(cfg.forget_bias or 0.0),
             cell_clip=cfg.cell_clip,
             proj_clip=cfg.proj_clip,
+            seed_output=cfg.seed_output,
             compute_dtype=torch.get_autocast_dtype(device_type) if low else dtype,
             cpu_kernel=cpu_kernel.applies(torch.device(device_type), dtype) and cpu_kernel.load() is not None,
         )

@@ -156,7 +156,9 @@ class SeedMultiplicativeLSTM(RecurrentLayer):
         else:  # c_t = c_{t-1} ⊙ σ(f + forget_bias) + σ(i) ⊙ j
             c = c * torch.sigmoid(f + cfg.forget_bias) + torch.sigmoid(i) * j
         c = self._clip_cell(c)  # TF clips before the output; the clipped c is carried
-        if cfg.use_peepholes:  # h_t = σ(o + w_O⊙c_t) ⊙ act(c_t ⊙ (o + w_O⊙c_t))
+        if cfg.seed_output == "gated":  # not the posted cell: the LSTM's output gate, h_t = σ(o [+ w_O⊙c_t]) ⊙ act(c_t)
+            h = self._output_gate(o, c, w) * self.act(c)
+        elif cfg.use_peepholes:  # h_t = σ(o + w_O⊙c_t) ⊙ act(c_t ⊙ (o + w_O⊙c_t))
             o = o + w["w_O"] * c
             h = torch.sigmoid(o) * self.act(c * o)
         else:  # h_t = act(c_t ⊙ o): no sigmoid on o, as posted

@@ -25,7 +25,7 @@ typedef struct {
 
 typedef struct {
     int64_t B, H, KF, K;        /* streams, cell units, factor width (H, seed 2H), row width of xp (KF + 4H) */
-    int32_t form, act, peep;    /* form 0 paper, 1 matlab, 2 seed; act 0 tanh, 1 relu, 2 identity; peepholes */
+    int32_t form, act, peep;    /* form 0 paper, 1 matlab, 2 seed, 3 gated seed; act 0 tanh, 1 relu, 2 identity */
     int32_t has_clip;           /* clip c to ±clip */
     double forget_bias, clip;
     mlstm_buf R, M, G, C, CR, AC, SO, HR; /* widths KF, H, 4H, H, H, H, H, H (CR may be C; AC, SO may be unused) */

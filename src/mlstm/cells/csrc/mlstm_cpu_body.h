@@ -1,7 +1,8 @@
 /* One precision of the fused steps; included by mlstm_cpu.c with `real` = float, then double (see there).
  * Each stage is a worker with the form, activation and peepholes as compile-time constants (always inlined into a
- * dispatcher), so that every inner loop is branch-free and vectorises. Slots of z: paper/matlab [ĥ; i; f; o],
- * seed [i; j; f; o]; the arithmetic order follows the PyTorch path in fast_mlstm.py. */
+ * dispatcher), so that every inner loop is branch-free and vectorises. form: 0 paper, 1 matlab, 2 seed as posted,
+ * 3 seed with the gated output (cell.seed_output=gated: h = σ(o) act(c), as the paper). Slots of z: paper/matlab
+ * [ĥ; i; f; o], seed [i; j; f; o]; the arithmetic order follows the PyTorch path in fast_mlstm.py. */
 
 static inline real *SUFFIX(at)(mlstm_buf b, int64_t t, int64_t step) { return (real *)b.p + (t % b.slots) * step; }
 
@@ -62,7 +63,7 @@ void SUFFIX(mlstm_fwd_product)(const mlstm_segment *s, int64_t t) {
     for (int64_t b = 0; b < B; b++) {
         const real *xb = xf + b * K;
         real *rb = r + b * KF, *mb = m + b * H;
-        if (s->form == 2) {
+        if (s->form >= 2) {
 #pragma omp simd
             for (int64_t k = 0; k < H; k++) {
                 real a = xb[k] + rb[k], bb = xb[H + k] + rb[H + k];
@@ -80,7 +81,7 @@ void SUFFIX(mlstm_fwd_product)(const mlstm_segment *s, int64_t t) {
 static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_segment *s, int64_t t, const int form,
                                                                     const int act, const int peep) {
     const int64_t B = s->B, H = s->H;
-    const int64_t ii = form == 2 ? 0 : H, ci = form == 2 ? H : 0, fi = 2 * H, oi = 3 * H;
+    const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
     const real fb = (real)s->forget_bias, clip = s->has_clip ? (real)s->clip : R(1.0) / R(0.0);
     const real *cp = t == 0 ? (const real *)s->c0 : SUFFIX(at)(s->C, t - 1, B * H);
     const real *wI = (const real *)s->w_I, *wF = (const real *)s->w_F, *wO = (const real *)s->w_O;
@@ -117,7 +118,7 @@ static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_s
             } else {
                 real o = SUFFIX(sigmoid_)(peep ? zo + cv * wO[k] : zo); /* o sees the clipped c */
                 g[oi + k] = o;
-                if (form == 0) { /* h = o act(c) */
+                if (form == 0 || form == 3) { /* h = o act(c) */
                     real a = SUFFIX(act_)(cv, act);
                     ac[k] = a, hr[k] = o * a;
                 } else { /* h = act(o c + b_h) */
@@ -132,7 +133,7 @@ static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_s
 static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_segment *s, int64_t t, const int form,
                                                                     const int act, const int peep) {
     const int64_t B = s->B, H = s->H, K = s->K;
-    const int64_t ii = form == 2 ? 0 : H, ci = form == 2 ? H : 0, fi = 2 * H, oi = 3 * H;
+    const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
     const real clip = s->has_clip ? (real)s->clip : R(1.0) / R(0.0);
     const real *cp = t == 0 ? (const real *)s->c0 : SUFFIX(at)(s->C, t - 1, B * H);
     const real *wI = (const real *)s->w_I, *wF = (const real *)s->w_F, *wO = (const real *)s->w_O;
@@ -162,7 +163,7 @@ static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_s
                 d_o = tmp * cv;
                 dcv = dcv + tmp * go;
             } else {
-                if (form == 0) { /* h = o act(c) */
+                if (form == 0 || form == 3) { /* h = o act(c) */
                     d_o = d * ac[k];
                     dcv = dcv + SUFFIX(act_back_)(d * go, ac[k], act);
                 } else { /* h = act(o c + b_h) */
@@ -198,7 +199,7 @@ void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t) {
     for (int64_t b = 0; b < B; b++) {
         const real *rb = r + b * KF, *xb = xf + b * K, *dmb = dm + b * H;
         real *dfb = dF + b * K;
-        if (s->form == 2) {
+        if (s->form >= 2) {
 #pragma omp simd
             for (int64_t k = 0; k < H; k++) {
                 dfb[k] = dmb[k] * rb[H + k];
@@ -215,7 +216,7 @@ void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t) {
     }
 }
 
-/* dispatch to the worker compiled for this form, activation and peephole setting (18 constant instances) */
+/* dispatch to the worker compiled for this form, activation and peephole setting (24 constant instances) */
 #define MLSTM_CASE(worker, f, a)                                                                                      \
     case (f) * 6 + (a) * 2: worker(s, t, f, a, 0); break;                                                             \
     case (f) * 6 + (a) * 2 + 1: worker(s, t, f, a, 1); break;
@@ -224,6 +225,7 @@ void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t) {
         MLSTM_CASE(worker, 0, 0) MLSTM_CASE(worker, 0, 1) MLSTM_CASE(worker, 0, 2)                                    \
         MLSTM_CASE(worker, 1, 0) MLSTM_CASE(worker, 1, 1) MLSTM_CASE(worker, 1, 2)                                    \
         MLSTM_CASE(worker, 2, 0) MLSTM_CASE(worker, 2, 1) MLSTM_CASE(worker, 2, 2)                                    \
+        MLSTM_CASE(worker, 3, 0) MLSTM_CASE(worker, 3, 1) MLSTM_CASE(worker, 3, 2)                                    \
     }
 
 void SUFFIX(mlstm_fwd_cell)(const mlstm_segment *s, int64_t t) { MLSTM_DISPATCH(SUFFIX(fwd_cell)) }
