@@ -25,6 +25,7 @@ The layer does not detach its state (the trainer does). State and pointwise math
     activation      "tanh" | "relu" | "identity"  tanh
     weight_norm     bool                          false
     dropout         variational dropout on h, [0, 1)                 0.0
+    seed_output     form=seed only: "posted" (h = act(c ⊙ o)) | "gated" (h = σ(o) ⊙ act(c))   posted
 Unknown keys or invalid values raise mlstm.errors.UserError with one line naming the key and the allowed values.
 """
 

@@ -14,6 +14,7 @@ seed   — the third-party TensorFlow 0.12 cell in ../shared/seed               
     c_t = c_{t-1} ⊙ σ(f + forget_bias) + σ(i) ⊙ j;   h_t = act(c_t ⊙ o)          (no sigmoid on o)
     peepholes: c_t = c_{t-1} ⊙ σ(f + forget_bias + w_F⊙c_{t-1}) + σ(i + w_I⊙c_{t-1}) ⊙ j
                h_t = σ(o + w_O⊙c_t) ⊙ act(c_t ⊙ (o + w_O⊙c_t))                     (c_t after cell_clip)
+    cell.seed_output=gated (an ablation, not the posted cell): h_t = σ(o [+ w_O⊙c_t]) ⊙ act(c_t), the paper's output
 In every form: `forget_bias` (a constant; default 1.0 for seed, 0.0 otherwise) is added to the forget pre-activation
 each step; paper/matlab peepholes are Gers' (i, f see c_{t-1}; o sees c_t after the clip); cell_clip, then
 h = W_P h and ±proj_clip when num_proj (see `common`). act = cell.activation (tanh by default).
