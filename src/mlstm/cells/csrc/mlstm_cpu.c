@@ -15,6 +15,7 @@
  * vectorisable Cody-Waite range reduction with a Taylor polynomial (a few ulp; NaN propagates, so the trainer's
  * divergence guard still sees it); sigmoid and tanh are built from it. */
 
+#include <math.h> /* INFINITY only: no libm function is called */
 #include <stdint.h>
 #include <string.h>
 

@@ -82,7 +82,7 @@ static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_s
                                                                     const int act, const int peep) {
     const int64_t B = s->B, H = s->H;
     const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
-    const real fb = (real)s->forget_bias, clip = s->has_clip ? (real)s->clip : R(1.0) / R(0.0);
+    const real fb = (real)s->forget_bias, clip = s->has_clip ? (real)s->clip : (real)INFINITY;
     const real *cp = t == 0 ? (const real *)s->c0 : SUFFIX(at)(s->C, t - 1, B * H);
     const real *wI = (const real *)s->w_I, *wF = (const real *)s->w_F, *wO = (const real *)s->w_O;
     const real *bh = (const real *)s->b_h, *XZ = (const real *)s->xp + t * B * s->K + s->KF;
@@ -134,7 +134,7 @@ static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_s
                                                                     const int act, const int peep) {
     const int64_t B = s->B, H = s->H, K = s->K;
     const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
-    const real clip = s->has_clip ? (real)s->clip : R(1.0) / R(0.0);
+    const real clip = s->has_clip ? (real)s->clip : (real)INFINITY;
     const real *cp = t == 0 ? (const real *)s->c0 : SUFFIX(at)(s->C, t - 1, B * H);
     const real *wI = (const real *)s->w_I, *wF = (const real *)s->w_F, *wO = (const real *)s->w_O;
     const real *G = SUFFIX(at)(s->G, t, B * 4 * H), *CR = SUFFIX(at)(s->CR, t, B * H), *C = SUFFIX(at)(s->C, t, B * H);
