@@ -166,8 +166,7 @@ class MLSTMSegment(torch.autograd.Function):
 def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h):
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
-    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
-    clip, pclip, fb = spec.cell_clip, spec.proj_clip, spec.forget_bias
+    seed, peep, clip, pclip = spec.form == "seed", spec.peepholes, spec.cell_clip, spec.proj_clip
     act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
     W_rT, W_mT = pm.weight_t(W_r), pm.weight_t(W_m)  # (P, K_F), (H, 4H)
     W_PT = pm.weight_t(W_P) if W_P is not None else None  # (H, P)
@@ -299,7 +298,7 @@ def _backward(ctx, dY, dh_T, dc_T):
     R, M, G, C, CR, AC, SO, HR, keep_c, keep_p = ctx.buffers
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
-    seed, paper, peep = spec.form == "seed", spec.form == "paper", spec.peepholes
+    seed, peep = spec.form == "seed", spec.peepholes
     act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
     W_rc, W_mc = pm.weight(W_r), pm.weight(W_m)  # (K_F, P), (4H, H)
     W_Pc = pm.weight(W_P) if W_P is not None else None  # (P, H)
