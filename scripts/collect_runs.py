@@ -14,16 +14,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mlstm.runs import variant_label
+
 KEPT = ("metrics.jsonl", "config.yaml")
 
 
 def run_name(config_path: Path) -> str:
-    cfg = OmegaConf.load(config_path)
-    cell = cfg.cell.name + (f"-{cfg.cell.form}" if cfg.cell.get("form") else "")
-    cell += "-gated" if cfg.cell.get("seed_output") == "gated" else ""
-    scale = float(cfg.cell.get("init_scale") or 1.0)
-    init = f"-init{scale:g}" if scale != 1.0 else ""
-    return f"{cell}-h{cfg.cell.hidden_size}{init}-seed{cfg.seed}"
+    """`<variant label>-h<hidden>-seed<k>`: the label the plots use (mlstm.runs.variant_label), so that two variants
+    of a sweep never share a directory (e.g. lstm-h500-seed0 and lstm-loop-h500-seed0)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    return f"{variant_label(cfg)}-h{cfg['cell']['hidden_size']}-seed{cfg['seed']}"
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from mlstm import convergence as cv
 from mlstm.runs import dataset_label, find_run_dirs, load_runs, variant_label
@@ -276,3 +277,20 @@ def test_missing_path_or_no_runs_exits_with_one_line(tmp_path, make_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_collected_run_directories_are_named_by_variant(tmp_path):
+    """scripts/collect_runs.py: one directory per variant and seed, named as the plots label it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collect_runs", REPO_ROOT / "scripts" / "collect_runs.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    cells = [dict(name="lstm", impl="cudnn"), dict(name="lstm", impl="loop"),
+             dict(name="mlstm", form="seed", seed_output="gated", init_scale=2.0)]
+    names = []
+    for i, cell in enumerate(cells):
+        path = tmp_path / f"{i}.yaml"
+        OmegaConf.save(OmegaConf.create({"cell": {**cell, "hidden_size": 8}, "seed": 1}), path)
+        names.append(collect.run_name(path))
+    assert names == ["lstm-h8-seed1", "lstm-loop-h8-seed1", "mlstm-seed-gated-init2-h8-seed1"]
