@@ -189,10 +189,11 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
 
     # per-step views, made once (indexing costs about as much as a small kernel)
     gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
-    xf, xz, r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (xp[..., :KF], xp[..., KF:], R, M, G, C, CR, Y, HR, PR))
+    r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (R, M, G, C, CR, Y, HR, PR))
     kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
                         dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h))
-    if kern is None:  # views of the gate slots for the PyTorch pointwise path
+    if kern is None:  # views of the hoisted parts and the gate slots for the PyTorch pointwise path
+        xf, xz = _steps(xp[..., :KF], T), _steps(xp[..., KF:], T)
         gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
         if seed:
             g_sig = _steps(G.view(S, B, 2, 2 * H)[..., :H], T)  # i and f: one σ call; j and o stay linear
