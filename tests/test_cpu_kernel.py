@@ -1,7 +1,9 @@
-"""The fused C pointwise steps of the fast mLSTM (`mlstm.cells.cpu_kernel`): its build and cache, its switch and its
-one-line errors, its float64 precision against the autograd reference, and saturated and NaN inputs.
-(test_fast_mlstm.py runs every form and option through both pointwise paths.)"""
+"""The fused C pointwise steps of the fast mLSTM (`mlstm.cells.cpu_kernel`): its build and cache (OpenMP, or the
+single-threaded fallback), its switch and its one-line errors, its float64 precision against the autograd reference,
+and saturated and NaN inputs; and the packed products (`mlstm.cells.packed_gemm`).
+(test_fast_mlstm.py runs every form and option through both pointwise paths and both kinds of product.)"""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlstm.cells import cpu_kernel
+from mlstm.cells import cpu_kernel, packed_gemm
+from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, assert_close, inputs_for, pair, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +37,37 @@ def test_build_compiles_once_into_the_cache(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
     kernels = cpu_kernel.Kernels(path)  # loads, and its struct layout agrees with the ctypes mirror
     assert set(kernels.functions) == {torch.float32, torch.float64}
+
+
+def compiler_accepts(flag: str, tmp_path: Path) -> bool:
+    source = tmp_path / "probe.c"
+    source.write_text("int main(void) { return 0; }\n")
+    cmd = [cpu_kernel._compiler(), flag, "-o", str(tmp_path / "probe"), str(source)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def test_the_build_is_threaded_when_the_compiler_has_openmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernel.Kernels(cpu_kernel.build()).threaded == compiler_accepts("-fopenmp", tmp_path)
+
+
+def test_a_compiler_without_openmp_gets_the_single_threaded_build_once(tmp_path, monkeypatch):
+    """A real compiler behind a wrapper that rejects -fopenmp (as clang without libomp does)."""
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n"
+                       f"case \" $* \" in *\" -fopenmp \"*) echo 'unsupported option -fopenmp' >&2; exit 1;; esac\n"
+                       f"exec {cpu_kernel._compiler()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path / "cache"))
+    path = cpu_kernel.build(compiler=str(wrapper))
+    kernels = cpu_kernel.Kernels(path)
+    assert not kernels.threaded and set(kernels.functions) == {torch.float32, torch.float64}
+    compiles = [ln for ln in log.read_text().splitlines() if "-o" in ln.split()]
+    assert len(compiles) == 2 and "-fopenmp" in compiles[0].split() and "-fopenmp-simd" in compiles[1].split()
+    assert cpu_kernel.build(compiler=str(wrapper)) == path  # from the cache: no further compile attempts
+    assert len([ln for ln in log.read_text().splitlines() if "-o" in ln.split()]) == 2
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
 
 
 def test_an_unwritable_cache_builds_into_a_temporary_directory(tmp_path, monkeypatch):
@@ -121,3 +155,60 @@ def test_a_nan_input_reaches_the_output(form, monkeypatch):
     assert torch.isfinite(y[0]).all()  # before the NaN
     assert torch.isnan(y[1:, 0]).any() and torch.isnan(c[0]).all()  # the poisoned stream, from then on
     assert torch.isfinite(y[:, 1]).all()  # the other stream is untouched
+
+
+# ---- MKL's packed products --------------------------------------------------------------------------------------------
+needs_packed = pytest.mark.skipif(not packed_gemm.available(), reason="this PyTorch build has no MKL packed GEMM")
+
+
+@needs_packed
+def test_packed_product_equals_mm_for_strided_rows_and_other_batches():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 40, generator=g)  # L (N, K): the product is a @ L^T
+    rows = torch.randn(32, 100, generator=g)[:, 10:50]  # strided rows, as a column slice of a (B, K) buffer
+    packed = packed_gemm.PackedWeight(W.t().contiguous().t(), batch=32)  # a transposed view is accepted
+    out = packed.product(rows)
+    assert out.shape == (32, 96) and out.is_contiguous()  # the C kernel reads it by pointer
+    torch.testing.assert_close(out, rows @ W.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.product(rows[:7]), rows[:7] @ W.t(), rtol=1e-5, atol=1e-5)  # not the packed B
+
+
+def test_the_availability_probe_leaves_the_global_rng_alone(monkeypatch):
+    """It runs lazily, at a run's first segment or metadata: a draw there would shift every later dropout mask
+    (and break exact resume, which restores the RNG before that first segment)."""
+    monkeypatch.setattr(packed_gemm, "_available", None)
+    state = torch.random.get_rng_state()
+    packed_gemm.available()
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_packed_switch_and_where_it_applies(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "0")
+    assert not packed_gemm.applies(cpu, torch.float32) and packed_gemm.describe(cpu) == "off"
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "auto")
+    assert packed_gemm.applies(cpu, torch.float32) == packed_gemm.available()
+    assert not packed_gemm.applies(cpu, torch.float64)  # MKL packs float32 only: float64 keeps torch.mm
+    assert not packed_gemm.applies(torch.device("cuda"), torch.float32)
+    assert packed_gemm.describe(torch.device("cuda")) == "not applicable"
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "maybe")
+    with pytest.raises(UserError, match="MLSTM_PACKED_GEMM"):
+        packed_gemm.mode()
+
+
+def test_packed_required_without_the_ops_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(packed_gemm, "_available", False)  # as on a build without MKL (e.g. aarch64)
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "1")
+    with pytest.raises(UserError, match="MLSTM_PACKED_GEMM=1"):
+        packed_gemm.applies(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "auto")
+    assert not packed_gemm.applies(torch.device("cpu"), torch.float32)  # auto: torch.mm, silently
+
+
+def test_bench_rows_record_both_switches(tmp_path):
+    out = tmp_path / "rows.json"
+    run = bench({"MLSTM_PACKED_GEMM": "0", "MLSTM_CPU_KERNEL": "0"}, "--iters", "1", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    row = json.loads(out.read_text())[0]
+    assert row["packed_gemm"] == "off" and row["cpu_kernel"] == "off"
+    assert "packed GEMM off" in run.stdout and "fused CPU kernel off" in run.stdout

@@ -1,6 +1,8 @@
 """cell.impl=fast (`mlstm.cells.fast_mlstm`) against autograd: gradcheck in float64, and the reference layer
 (impl=reference, the autograd loop) on the same weights for every form and option, in float32 and under bf16 autocast.
-Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.cpu_kernel`) and in PyTorch ops."""
+Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.cpu_kernel`) and float32 products on
+MKL's packed weights (`mlstm.cells.packed_gemm`, where this build has them), and with PyTorch ops and torch.mm; the
+other two pairings are tested at a size where the C loops split the batch over threads."""
 
 import copy
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from mlstm.cells import build_layer, cpu_kernel
+from mlstm.cells import build_layer, cpu_kernel, packed_gemm
 from mlstm.cells.fast_mlstm import (
     FAST_MLSTM_FORMS,
     FastMatlabMultiplicativeLSTM,
@@ -35,10 +37,12 @@ VARIANTS = {
 
 @pytest.fixture(autouse=True, params=["c_kernel", "torch_ops"])
 def pointwise_path(request, monkeypatch):
-    """MLSTM_CPU_KERNEL=1 (the C kernel, required) or 0 (PyTorch ops) for the whole test."""
+    """For the whole test: MLSTM_CPU_KERNEL=1 (the C kernel, required) with MLSTM_PACKED_GEMM=auto, or
+    MLSTM_CPU_KERNEL=0 (PyTorch ops) with MLSTM_PACKED_GEMM=0 (torch.mm)."""
     if request.param == "c_kernel" and cpu_kernel._compiler() is None:
         pytest.skip("no C compiler on this machine: the fused CPU kernel cannot be built")
     monkeypatch.setenv("MLSTM_CPU_KERNEL", "1" if request.param == "c_kernel" else "0")
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "auto" if request.param == "c_kernel" else "0")
     return request.param
 
 
@@ -154,7 +158,32 @@ def test_fast_matches_reference_float32(form, variant, pointwise_path):
     expected, got = run(ref, x, h0, c0), run(fast, x, h0, c0)
     assert all(v.dtype == torch.float32 for v in got.values())
     assert fast.segment_spec("cpu").cpu_kernel == (pointwise_path == "c_kernel")
+    assert packed_gemm.applies(x.device, x.dtype) == (pointwise_path == "c_kernel" and packed_gemm.available())
     assert_close(expected, got, rtol=1e-5)
+
+
+PARALLEL_MIN = 8192  # MLSTM_PARALLEL_MIN in csrc/mlstm_cpu.c: from B x H cells on, the C loops split the rows
+
+
+@pytest.mark.parametrize("products", ["packed", "mm"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+@pytest.mark.parametrize("form", FORMS)
+def test_fast_matches_reference_with_threads_and_either_product(form, variant, products, pointwise_path, monkeypatch):
+    """Every pairing of pointwise path and products, at B x H above the C loops' threading threshold with an odd
+    batch (33 rows over 2 threads: 16 and 17), so that each thread's share of the rows is checked."""
+    if products == "packed" and not packed_gemm.available():
+        pytest.skip("this PyTorch build has no MKL packed GEMM")
+    monkeypatch.setenv("MLSTM_PACKED_GEMM", "1" if products == "packed" else "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, fast = pair(form, variant, hidden=256)
+        ref.train(), fast.train()
+        x, h0, c0 = inputs_for(ref, T=4, B=33, dtype=torch.float32)
+        assert 33 * 256 >= PARALLEL_MIN
+        assert_close(run(ref, x, h0, c0), run(fast, x, h0, c0), rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("form", FORMS)

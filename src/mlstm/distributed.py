@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mlstm.cells import cpu_kernel
+from mlstm.cells import cpu_kernel, packed_gemm
 from mlstm.errors import UserError
 
 
@@ -126,6 +126,7 @@ def runtime_info(ctx: Context) -> dict:
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cpu_kernel": cpu_kernel.describe(ctx.device),  # the fast mLSTM's fused pointwise steps (CPU)
+        "packed_gemm": packed_gemm.describe(ctx.device),  # its per-step products on MKL's packed weights (CPU)
     }
     return info
 

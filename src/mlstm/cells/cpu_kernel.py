@@ -36,7 +36,11 @@ from mlstm.errors import UserError
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("mlstm_cpu.c", "mlstm_cpu_body.h")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
+# Threading: with -fopenmp each step's rows are split over the threads of PyTorch's own OpenMP runtime (the library
+# links libgomp.so.1, which the process already has loaded through torch, so torch.set_num_threads governs both).
+# A compiler without OpenMP support gets the single-threaded build (-fopenmp-simd: only the vectorisation hints).
+THREADING = (("-fopenmp",), ("-fopenmp-simd",))
 MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
 FORMS = {"paper": 0, "matlab": 1, "seed": 2, "seed-gated": 3}  # the C code's form numbers
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
@@ -54,7 +58,7 @@ class Segment(ctypes.Structure):
         + [(n, ctypes.c_int32) for n in ("form", "act", "peep", "has_clip")]
         + [(n, ctypes.c_double) for n in ("forget_bias", "clip")]
         + [(n, Buffer) for n in ("R", "M", "G", "C", "CR", "AC", "SO", "HR")]
-        + [(n, ctypes.c_void_p) for n in ("xp", "c0", "w_I", "w_F", "w_O", "b_h", "dXP", "dR", "dU", "dhr", "dc", "dm")]
+        + [(n, ctypes.c_void_p) for n in ("xp", "c0", "w_I", "w_F", "w_O", "b_h", "dXP", "dR", "dU", "dhr", "dc")]
     )
 
 
@@ -86,7 +90,9 @@ def _compiler() -> str | None:
 
 
 def build(compiler: str | None = None) -> Path:
-    """Compile the library into the cache (unless already there) and return its path; RuntimeError on failure."""
+    """Compile the library into the cache (unless already there) and return its path; RuntimeError on failure.
+    The OpenMP build is preferred; the single-threaded one is built (and afterwards found in the cache) only when
+    the OpenMP build fails."""
     compiler = compiler or _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -94,27 +100,42 @@ def build(compiler: str | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"cannot run the C compiler {compiler}: {e}") from None
+    targets = [_target(version, FLAGS + threading) for threading in THREADING]
+    for target in targets:
+        if target.exists():
+            return target
+    errors = []
+    for target, threading in zip(targets, THREADING):
+        try:
+            return _compile(compiler, FLAGS + threading, target)
+        except RuntimeError as e:
+            errors.append(str(e))
+    raise RuntimeError(errors[-1])
+
+
+def _target(version: str, flags: tuple[str, ...]) -> Path:
+    """Where the library built with these flags is cached: the name is a hash of everything it depends on."""
     key = hashlib.sha256()
-    for part in (version, " ".join(FLAGS), platform.machine(), _cpu_identity(),
+    for part in (version, " ".join(flags), platform.machine(), _cpu_identity(),
                  *((SOURCE_DIR / name).read_text() for name in SOURCES)):
         key.update(part.encode() + b"\0")
     name = f"mlstm_cpu-{key.hexdigest()[:16]}.so"
     target = cache_dir() / name
-    if target.exists():
-        return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(target.parent, os.W_OK):
             raise PermissionError(target.parent)
     except OSError:  # a read-only home: build into a per-user temporary directory instead
         target = Path(tempfile.gettempdir()) / f"mlstm-kernels-{os.getuid()}" / name
-        if target.exists():
-            return target
         target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE_DIR / "mlstm_cpu.c")],
+        result = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE_DIR / "mlstm_cpu.c")],
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -135,12 +156,16 @@ class Kernels:
         self.lib.mlstm_segment_size.restype = ctypes.c_int64
         if self.lib.mlstm_segment_size() != ctypes.sizeof(Segment):
             raise RuntimeError(f"{path}: struct layout differs from the loader's ({ctypes.sizeof(Segment)} bytes)")
+        self.lib.mlstm_threaded.restype = ctypes.c_int32
+        self.threaded = bool(self.lib.mlstm_threaded())
         self.functions = {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
             fns = {}
             for stage in ("fwd_product", "fwd_cell", "bwd_cell", "bwd_product"):
                 fn = getattr(self.lib, f"mlstm_{stage}_{suffix}")
-                fn.argtypes, fn.restype = (ctypes.POINTER(Segment), ctypes.c_int64), None
+                # (segment, t[, the preceding matrix product's first element]): bwd_cell follows no product
+                extra = () if stage == "bwd_cell" else (ctypes.c_void_p,)
+                fn.argtypes, fn.restype = (ctypes.POINTER(Segment), ctypes.c_int64, *extra), None
                 fns[stage] = fn
             self.functions[dtype] = fns
 
@@ -174,10 +199,13 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def status() -> str:
-    """One word for run metadata: on (loaded), off (disabled), unavailable (build failed), unused (not yet needed)."""
+    """For run metadata: on (loaded; "on, 1 thread" without OpenMP), off (disabled), unavailable (build failed),
+    unused (not yet needed)."""
     if mode() == "off":
         return "off"
-    return "on" if _loaded is not None else "unavailable" if _failure is not None else "unused"
+    if _loaded is not None:
+        return "on" if _loaded.threaded else "on, 1 thread"
+    return "unavailable" if _failure is not None else "unused"
 
 
 def describe(device: torch.device) -> str:
@@ -218,14 +246,16 @@ class SegmentCall:
         self._fwd_product, self._fwd_cell = fns["fwd_product"], fns["fwd_cell"]
         self._bwd_cell, self._bwd_product = fns["bwd_cell"], fns["bwd_product"]
 
-    def fwd_product(self, t: int) -> None:
-        self._fwd_product(self.ref, t)
+    # The stages that follow a matrix product read it from `product`: a (B, n) tensor with contiguous rows, of the
+    # segment's dtype (the output slot the product was written into, or the new tensor a packed product returns).
+    def fwd_product(self, t: int, product: torch.Tensor) -> None:
+        self._fwd_product(self.ref, t, product.data_ptr())
 
-    def fwd_cell(self, t: int) -> None:
-        self._fwd_cell(self.ref, t)
+    def fwd_cell(self, t: int, product: torch.Tensor) -> None:
+        self._fwd_cell(self.ref, t, product.data_ptr())
 
     def bwd_cell(self, t: int) -> None:
         self._bwd_cell(self.ref, t)
 
-    def bwd_product(self, t: int) -> None:
-        self._bwd_product(self.ref, t)
+    def bwd_product(self, t: int, product: torch.Tensor) -> None:
+        self._bwd_product(self.ref, t, product.data_ptr())

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from mlstm.cells import cpu_kernel
+from mlstm.cells import cpu_kernel, packed_gemm
 from mlstm.cells.mlstm import MatlabMultiplicativeLSTM, MultiplicativeLSTM, SeedMultiplicativeLSTM
 
 # Fused backward kernels with an out= argument (one launch each): grad ⊙ y(1-y), grad ⊙ (1-y²), grad ⊙ [y > 0].
@@ -105,36 +105,49 @@ class _Activation:
 
 
 class _Products:
-    """Matrix products in the compute dtype; operands and results in the state dtype (float32 under autocast).
+    """The per-step products a @ L^T of one segment, in the compute dtype; operands and results in the state dtype
+    (float32 under autocast). `operand(L)` prepares a right operand once per segment: the weight cast (and
+    transposed into a plain row-major right operand, markedly faster for BLAS at B = 32), or on CPU in float32 MKL's
+    packed copy (`packed_gemm`). With a lower compute dtype each product rounds its result to that dtype before it is
+    added to float32, exactly as the reference's `F.linear(...).to(float32)` under autocast."""
 
-    The weights are cast once per segment (`weight`); with a lower compute dtype each product rounds its result to
-    that dtype before it is added to float32, exactly as the reference's `F.linear(...).to(float32)` under autocast."""
-
-    def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype):
+    def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device, batch: int):
         self.dtype = compute_dtype
         self.low = compute_dtype != state_dtype
+        self.packed = not self.low and packed_gemm.applies(device, compute_dtype)
+        self.batch = batch
 
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return w.detach().to(self.dtype).contiguous()
+    def operand(self, L: torch.Tensor):
+        """The right operand of a @ L^T for L (N, K) (a view such as W.t() is fine)."""
+        L = L.detach().to(self.dtype)
+        return packed_gemm.PackedWeight(L, self.batch) if self.packed else L.t().contiguous()
 
-    def weight_t(self, w: torch.Tensor) -> torch.Tensor:
-        """The transpose, contiguous: a plain row-major right operand is markedly faster for BLAS at B = 32."""
-        return w.detach().to(self.dtype).t().contiguous()
+    def product(self, a: torch.Tensor, op, out: torch.Tensor) -> torch.Tensor:
+        """a @ L^T: written into `out` and returned, or (packed) returned as a new tensor: callers that can read
+        the product where it is (the C kernel) save a copy."""
+        if self.packed:
+            return op.product(a)
+        self.mm(a, op, out)
+        return out
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-        if self.low:
-            out.copy_(torch.mm(a.to(self.dtype), b))
+    def mm(self, a: torch.Tensor, op, out: torch.Tensor) -> None:
+        if self.packed:
+            out.copy_(op.product(a))
+        elif self.low:
+            out.copy_(torch.mm(a.to(self.dtype), op))
         else:
-            torch.mm(a, b, out=out)
+            torch.mm(a, op, out=out)
 
-    def addmm(self, add: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-        if self.low:
-            torch.add(add, torch.mm(a.to(self.dtype), b), out=out)
+    def addmm(self, add: torch.Tensor, a: torch.Tensor, op, out: torch.Tensor) -> None:
+        if self.packed:
+            torch.add(add, op.product(a), out=out)
+        elif self.low:
+            torch.add(add, torch.mm(a.to(self.dtype), op), out=out)
         else:
-            torch.addmm(add, a, b, out=out)
+            torch.addmm(add, a, op, out=out)
 
     def grad(self, a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """a @ b as a new tensor in the dtype of `like` (a weight gradient after the loop)."""
+        """a @ b as a new tensor in the dtype of `like` (a weight gradient after the loop: one large product)."""
         return torch.mm(a.to(self.dtype), b.to(self.dtype)).to(like.dtype)
 
 
@@ -167,9 +180,9 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep, clip, pclip = spec.form == "seed", spec.peepholes, spec.cell_clip, spec.proj_clip
-    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
-    W_rT, W_mT = pm.weight_t(W_r), pm.weight_t(W_m)  # (P, K_F), (H, 4H)
-    W_PT = pm.weight_t(W_P) if W_P is not None else None  # (H, P)
+    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype, xp.device, B)
+    W_rT, W_mT = pm.operand(W_r), pm.operand(W_m)  # products h @ W_r^T (B, K_F), m @ W_m^T (B, 4H)
+    W_PT = pm.operand(W_P) if W_P is not None else None  # h @ W_P^T (B, P)
 
     S = T if save else 1  # steps kept in the per-step buffers (one scratch step when nothing is saved)
 
@@ -204,10 +217,8 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     for t in range(T):
         h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
         if kern is not None:  # the C loops add the hoisted parts xp_F (seed) and xp_z to the products
-            pm.mm(h_prev, W_rT, r[t])  # W_mh h_{t-1} | A_h h_{t-1}
-            kern.fwd_product(t)  # m_t
-            pm.mm(m[t], W_mT, g[t])  # W_m m_t
-            kern.fwd_cell(t)  # the pointwise math of _cell_step
+            kern.fwd_product(t, pm.product(h_prev, W_rT, r[t]))  # m_t from W_mh h_{t-1} | A_h h_{t-1}
+            kern.fwd_cell(t, pm.product(m[t], W_mT, g[t]))  # the pointwise math of _cell_step, from W_m m_t
         else:
             if seed:
                 pm.addmm(xf[t], h_prev, W_rT, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
@@ -300,9 +311,9 @@ def _backward(ctx, dY, dh_T, dc_T):
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep = spec.form == "seed", spec.peepholes
-    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype)
-    W_rc, W_mc = pm.weight(W_r), pm.weight(W_m)  # (K_F, P), (4H, H)
-    W_Pc = pm.weight(W_P) if W_P is not None else None  # (P, H)
+    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype, xp.device, B)
+    W_rc, W_mc = pm.operand(W_r.t()), pm.operand(W_m.t())  # products dr @ W_r (B, P), dz @ W_m (B, H)
+    W_Pc = pm.operand(W_P.t()) if W_P is not None else None  # dp @ W_P (B, H)
     XF = xp[..., :KF]
     HR = HR if HR is not None else Y  # (without W_P and mask, y is the h that act' needs)
     dY = dY.contiguous()
@@ -320,7 +331,7 @@ def _backward(ctx, dY, dh_T, dc_T):
     if CR is not None:  # the forward ran the C kernel: so does the backward
         kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
                             dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP, dR=None if seed else dR, dU=dU,
-                                 dhr=tmp if W_P is not None else dh, dc=dc, dm=dm))
+                                 dhr=tmp if W_P is not None else dh, dc=dc))
         assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
     for t in range(T - 1, -1, -1):
@@ -342,15 +353,16 @@ def _backward(ctx, dY, dh_T, dc_T):
             _cell_step_backward(spec, act, t, G[t], C[t], c0 if t == 0 else C[t - 1], d, dhr, dc, tmp, AC, SO, HR,
                                 dU, keep_c, w_I, w_F, w_O)
         # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
-        pm.mm(d, W_mc, dm)  # grad of m_t                                          (B, H)
         if kern is not None:
-            kern.bwd_product(t)
-        elif seed:  # m = a ⊙ b, [a; b] = xp_F + r
-            torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
-            torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
-        else:  # m = xp_F ⊙ r
-            torch.mul(dm, R[t], out=dF[t])
-            torch.mul(dm, XF[t], out=dR[t])
+            kern.bwd_product(t, pm.product(d, W_mc, dm))  # d xp_F, dr_t from the grad of m_t (B, H)
+        else:
+            pm.mm(d, W_mc, dm)  # grad of m_t                                      (B, H)
+            if seed:  # m = a ⊙ b, [a; b] = xp_F + r
+                torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
+                torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
+            else:  # m = xp_F ⊙ r
+                torch.mul(dm, R[t], out=dF[t])
+                torch.mul(dm, XF[t], out=dR[t])
         if t > 0:
             pm.addmm(dY[t - 1], dR[t], W_rc, dh)  # grad of h_{t-1}: its output grad + the recurrence
         else:

@@ -3,10 +3,12 @@
  *
  * PyTorch runs the pointwise math of one step as about twenty small kernels; at B = 32 each costs microseconds of
  * dispatch and a pass over memory. Here each stage of a step is one C loop the compiler vectorises:
- *     forward   mlstm_fwd_product   m_t = xp_F ⊙ r_t  (seed: m_t = a_t ⊙ b_t, [a_t; b_t] = r_t)
+ *     forward   mlstm_fwd_product   m_t = xp_F ⊙ r_t  (seed: m_t = a_t ⊙ b_t, [a_t; b_t] = xp_F + r_t)
  *               mlstm_fwd_cell      gates, c_t, h_t from z_t and c_{t-1}   (every form and option of the layer)
  *     backward  mlstm_bwd_cell      dz_t and dc_{t-1} from dh_t, dc_t       (its exact derivative)
  *               mlstm_bwd_product   d xp_F and dr_t from dm_t
+ * The three that follow a matrix product take a pointer to it (contiguous rows): the caller's output slot, or the new
+ * tensor of a packed product (fast_mlstm._Products), so that no copy is needed.
  * The buffers, their layout and what each holds after the forward are those of the PyTorch path in fast_mlstm.py
  * (the C backward also reads c before its clip, CR, where PyTorch keeps a mask). No torch headers: it compiles in
  * seconds with any C99 compiler.
@@ -36,8 +38,25 @@ typedef struct {
     void *dXP;                  /* (T, B, K): [d xp_F | dz], written step by step */
     void *dR;                   /* (T, B, KF) grad of r (paper, matlab); the seed writes d xp_F only */
     void *dU;                   /* (T, B, H) grad of o c + b_h (matlab), or NULL */
-    void *dhr, *dc, *dm;        /* (B, H) each: grad of h before projection and mask; of c_t (in), c_{t-1} (out); of m */
+    void *dhr, *dc;             /* (B, H) each: grad of h before projection and mask; of c_t (in), c_{t-1} (out) */
 } mlstm_segment;
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Below this many cells (B x H) a step runs on one thread: forking costs more than it saves. */
+#define MLSTM_PARALLEL_MIN 8192
+
+/* rows [b0, b1) of B for the calling thread of a parallel region (all of them without OpenMP) */
+static inline void mlstm_rows(int64_t B, int64_t *b0, int64_t *b1) {
+#ifdef _OPENMP
+    int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+#else
+    int64_t n = 1, i = 0;
+#endif
+    *b0 = B * i / n, *b1 = B * (i + 1) / n;
+}
 
 #define real float
 #define SUFFIX(name) name##_f32
@@ -81,3 +100,12 @@ typedef struct {
 
 /* The struct layout, checked by the loader against its ctypes mirror. */
 int64_t mlstm_segment_size(void) { return (int64_t)sizeof(mlstm_segment); }
+
+/* 1 when built with OpenMP (rows split over threads), for the run metadata */
+int32_t mlstm_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -54,32 +54,37 @@ static inline real SUFFIX(act_back_)(real grad, real y, const int act) {
 
 static inline real SUFFIX(sigmoid_back_)(real grad, real y) { return grad * (R(1.0) - y) * y; }
 
-/* m_t = xp_F ⊙ r_t with r_t = W_mh h_{t-1} (paper, matlab), or m_t = a_t ⊙ b_t with [a_t; b_t] = r_t, where the
- * seed's r_t arrives as A_h h_{t-1} and xp_F (A_x x_t + a) is added here, in place (r_t is kept for backward) */
-void SUFFIX(mlstm_fwd_product)(const mlstm_segment *s, int64_t t) {
+/* m_t = xp_F ⊙ r_t with r_t = W_mh h_{t-1} (paper, matlab), or m_t = a_t ⊙ b_t with [a_t; b_t] = xp_F + r_t (seed,
+ * xp_F = A_x x_t + a). The product arrives in `prod` (B, KF), which may be the slot R[t] itself or a separate tensor;
+ * r_t (seed: [a_t; b_t]) is kept in R[t] for backward. */
+void SUFFIX(mlstm_fwd_product)(const mlstm_segment *s, int64_t t, const real *prod) {
     const int64_t B = s->B, H = s->H, KF = s->KF, K = s->K;
     const real *xf = (const real *)s->xp + t * B * K;
     real *r = SUFFIX(at)(s->R, t, B * KF), *m = SUFFIX(at)(s->M, t, B * H);
+#pragma omp parallel for if (B * H >= MLSTM_PARALLEL_MIN)
     for (int64_t b = 0; b < B; b++) {
-        const real *xb = xf + b * K;
+        const real *xb = xf + b * K, *pb = prod + b * KF;
         real *rb = r + b * KF, *mb = m + b * H;
         if (s->form >= 2) {
 #pragma omp simd
             for (int64_t k = 0; k < H; k++) {
-                real a = xb[k] + rb[k], bb = xb[H + k] + rb[H + k];
+                real a = xb[k] + pb[k], bb = xb[H + k] + pb[H + k];
                 rb[k] = a, rb[H + k] = bb, mb[k] = a * bb;
             }
         } else {
 #pragma omp simd
-            for (int64_t k = 0; k < H; k++) mb[k] = xb[k] * rb[k];
+            for (int64_t k = 0; k < H; k++) {
+                real rv = pb[k];
+                rb[k] = rv, mb[k] = xb[k] * rv;
+            }
         }
     }
 }
 
-/* gates, c_t and h_t (before projection and mask) from z_t = xp_z + W_m m_t (the product arrives in G, xp_z is added
- * here; G is replaced by the gates) and c_{t-1} */
-static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_segment *s, int64_t t, const int form,
-                                                                    const int act, const int peep) {
+/* gates, c_t and h_t (before projection and mask) from z_t = xp_z + W_m m_t and c_{t-1}. The product W_m m_t arrives
+ * in `prod` (B, 4H), which may be the slot G[t] itself; xp_z is added here, and the gates are written to G[t]. */
+static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_segment *s, int64_t t, const real *prod,
+                                                                    int64_t b0, int64_t b1, const int form, const int act, const int peep) {
     const int64_t B = s->B, H = s->H;
     const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
     const real fb = (real)s->forget_bias, clip = s->has_clip ? (real)s->clip : (real)INFINITY;
@@ -89,14 +94,14 @@ static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_s
     real *G = SUFFIX(at)(s->G, t, B * 4 * H), *CR = SUFFIX(at)(s->CR, t, B * H), *C = SUFFIX(at)(s->C, t, B * H);
     real *HR = SUFFIX(at)(s->HR, t, B * H);
     real *AC = s->AC.p ? SUFFIX(at)(s->AC, t, B * H) : 0, *SO = s->SO.p ? SUFFIX(at)(s->SO, t, B * H) : 0;
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         real *g = G + b * 4 * H, *cr = CR + b * H, *c = C + b * H, *hr = HR + b * H;
         real *ac = AC ? AC + b * H : 0, *so = SO ? SO + b * H : 0;
-        const real *cpb = cp + b * H, *xz = XZ + b * s->K;
+        const real *cpb = cp + b * H, *xz = XZ + b * s->K, *p = prod + b * 4 * H;
 #pragma omp simd
         for (int64_t k = 0; k < H; k++) {
-            real zi = xz[ii + k] + g[ii + k], zf = xz[fi + k] + g[fi + k], zc = xz[ci + k] + g[ci + k];
-            real zo = xz[oi + k] + g[oi + k], c_prev = cpb[k];
+            real zi = xz[ii + k] + p[ii + k], zf = xz[fi + k] + p[fi + k], zc = xz[ci + k] + p[ci + k];
+            real zo = xz[oi + k] + p[oi + k], c_prev = cpb[k];
             if (peep) { /* the input and forget gates see c_{t-1} */
                 zi = zi + c_prev * wI[k];
                 zf = zf + c_prev * wF[k];
@@ -130,7 +135,7 @@ static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_s
 }
 
 /* dz_t (into d xp) and the grad of c_{t-1} (dc, in place) from the grad of h_t before projection and mask (dhr) */
-static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_segment *s, int64_t t, const int form,
+static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_segment *s, int64_t t, int64_t b0, int64_t b1, const int form,
                                                                     const int act, const int peep) {
     const int64_t B = s->B, H = s->H, K = s->K;
     const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
@@ -143,7 +148,7 @@ static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_s
     const real *DHR = (const real *)s->dhr;
     real *DC = (real *)s->dc, *DZ = (real *)s->dXP + t * B * K + s->KF;
     real *DU = s->dU ? (real *)s->dU + t * B * H : 0;
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const real *g = G + b * 4 * H, *cr = CR + b * H, *c = C + b * H, *hr = HR + b * H, *cpb = cp + b * H;
         const real *ac = AC ? AC + b * H : 0, *so = SO ? SO + b * H : 0, *dhr = DHR + b * H;
         real *dc = DC + b * H, *dz = DZ + b * K, *du = DU ? DU + b * H : 0;
@@ -191,11 +196,13 @@ static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_s
     }
 }
 
-/* d xp_F and dr_t from dm_t: paper/matlab d xp_F = dm ⊙ r, dr = dm ⊙ xp_F; seed d[a; b] = [dm ⊙ b; dm ⊙ a] */
-void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t) {
+/* d xp_F and dr_t from dm_t = W_m^T dz_t (B, H): paper/matlab d xp_F = dm ⊙ r, dr = dm ⊙ xp_F; seed d[a; b] =
+ * [dm ⊙ b; dm ⊙ a] */
+void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t, const real *dm) {
     const int64_t B = s->B, H = s->H, KF = s->KF, K = s->K;
-    const real *xf = (const real *)s->xp + t * B * K, *r = SUFFIX(at)(s->R, t, B * KF), *dm = (const real *)s->dm;
+    const real *xf = (const real *)s->xp + t * B * K, *r = SUFFIX(at)(s->R, t, B * KF);
     real *dF = (real *)s->dXP + t * B * K, *dR = s->dR ? (real *)s->dR + t * B * KF : 0;
+#pragma omp parallel for if (B * H >= MLSTM_PARALLEL_MIN)
     for (int64_t b = 0; b < B; b++) {
         const real *rb = r + b * KF, *xb = xf + b * K, *dmb = dm + b * H;
         real *dfb = dF + b * K;
@@ -216,19 +223,38 @@ void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t) {
     }
 }
 
-/* dispatch to the worker compiled for this form, activation and peephole setting (24 constant instances) */
-#define MLSTM_CASE(worker, f, a)                                                                                      \
-    case (f) * 6 + (a) * 2: worker(s, t, f, a, 0); break;                                                             \
-    case (f) * 6 + (a) * 2 + 1: worker(s, t, f, a, 1); break;
-#define MLSTM_DISPATCH(worker)                                                                                        \
+/* dispatch to the worker compiled for this form, activation and peephole setting (24 constant instances); `call` is
+ * a macro of (form, act, peep) that calls the worker */
+#define MLSTM_CASE(call, f, a)                                                                                        \
+    case (f) * 6 + (a) * 2: call(f, a, 0); break;                                                                     \
+    case (f) * 6 + (a) * 2 + 1: call(f, a, 1); break;
+#define MLSTM_DISPATCH(call)                                                                                          \
     switch (s->form * 6 + s->act * 2 + (s->peep != 0)) {                                                              \
-        MLSTM_CASE(worker, 0, 0) MLSTM_CASE(worker, 0, 1) MLSTM_CASE(worker, 0, 2)                                    \
-        MLSTM_CASE(worker, 1, 0) MLSTM_CASE(worker, 1, 1) MLSTM_CASE(worker, 1, 2)                                    \
-        MLSTM_CASE(worker, 2, 0) MLSTM_CASE(worker, 2, 1) MLSTM_CASE(worker, 2, 2)                                    \
-        MLSTM_CASE(worker, 3, 0) MLSTM_CASE(worker, 3, 1) MLSTM_CASE(worker, 3, 2)                                    \
+        MLSTM_CASE(call, 0, 0) MLSTM_CASE(call, 0, 1) MLSTM_CASE(call, 0, 2)                                          \
+        MLSTM_CASE(call, 1, 0) MLSTM_CASE(call, 1, 1) MLSTM_CASE(call, 1, 2)                                          \
+        MLSTM_CASE(call, 2, 0) MLSTM_CASE(call, 2, 1) MLSTM_CASE(call, 2, 2)                                          \
+        MLSTM_CASE(call, 3, 0) MLSTM_CASE(call, 3, 1) MLSTM_CASE(call, 3, 2)                                          \
     }
+#define MLSTM_FWD_CELL(f, a, p) SUFFIX(fwd_cell)(s, t, prod, b0, b1, f, a, p)
+#define MLSTM_BWD_CELL(f, a, p) SUFFIX(bwd_cell)(s, t, b0, b1, f, a, p)
 
-void SUFFIX(mlstm_fwd_cell)(const mlstm_segment *s, int64_t t) { MLSTM_DISPATCH(SUFFIX(fwd_cell)) }
-void SUFFIX(mlstm_bwd_cell)(const mlstm_segment *s, int64_t t) { MLSTM_DISPATCH(SUFFIX(bwd_cell)) }
+void SUFFIX(mlstm_fwd_cell)(const mlstm_segment *s, int64_t t, const real *prod) {
+#pragma omp parallel if (s->B * s->H >= MLSTM_PARALLEL_MIN)
+    {
+        int64_t b0, b1;
+        mlstm_rows(s->B, &b0, &b1);
+        MLSTM_DISPATCH(MLSTM_FWD_CELL)
+    }
+}
+void SUFFIX(mlstm_bwd_cell)(const mlstm_segment *s, int64_t t) {
+#pragma omp parallel if (s->B * s->H >= MLSTM_PARALLEL_MIN)
+    {
+        int64_t b0, b1;
+        mlstm_rows(s->B, &b0, &b1);
+        MLSTM_DISPATCH(MLSTM_BWD_CELL)
+    }
+}
+#undef MLSTM_FWD_CELL
+#undef MLSTM_BWD_CELL
 #undef MLSTM_CASE
 #undef MLSTM_DISPATCH

@@ -1,0 +1,84 @@
+"""MKL's packed GEMM for the per-step products of the fast mLSTM on CPU (float32).
+
+Why: at B = 32 a step's products, (32, 512) x (512, 2048) and the like, are small enough that a plain GEMM spends a
+large share of its time repacking the same weight matrix into its blocked layout on every call. MKL can pack a
+weight once (cblas_sgemm_pack) and multiply many times against the packed copy (cblas_sgemm_compute). PyTorch
+exposes exactly that pair as `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear` in its x86 builds; the fast
+layer packs each recurrent weight once per segment (forward and backward) and then runs T products against it.
+Measured on the 2-core CI machine (2 threads, B = 32): (512, 2048) 0.32 -> 0.22 ms, (2048, 512) 0.31 -> 0.24 ms,
+(512, 512) 0.077 -> 0.058 ms per product; the results are bitwise independent of the thread count and of
+repetition (results/bench/README.md has the whole-step effect).
+
+    MLSTM_PACKED_GEMM=auto  (default) use it for float32 CPU products when this PyTorch build has the MKL ops
+    MLSTM_PACKED_GEMM=1     require it: a build without them is an error
+    MLSTM_PACKED_GEMM=0     never use it (torch.mm, e.g. to compare)
+
+The products differ from torch.mm's only by float32 summation order (about 1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mlstm.errors import UserError
+
+MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
+
+_available: bool | None = None
+
+
+def mode() -> str:
+    value = os.environ.get("MLSTM_PACKED_GEMM", "auto").strip().lower()
+    if value not in MODES:
+        raise UserError(f"MLSTM_PACKED_GEMM must be auto, 1 or 0, got {value!r}")
+    return MODES[value]
+
+
+def available() -> bool:
+    """Whether this PyTorch build has the ops and they agree with torch.mm on a small product (probed once)."""
+    global _available
+    if _available is None:
+        try:
+            values = torch.linspace(-1.0, 1.0, 56)  # fixed numbers: the probe must not draw from the global RNG
+            a, w = values[:32].reshape(4, 8), values[32:].reshape(3, 8)
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 4)
+            _available = bool(torch.allclose(torch.ops.mkl._mkl_linear(a, packed, w, None, 4), a @ w.t(), atol=1e-5))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _available = False
+    return _available
+
+
+def applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Packed products for this segment: CPU float32 products, not switched off, and the ops present."""
+    wanted = mode()
+    if wanted == "off" or device.type != "cpu" or dtype != torch.float32:
+        return False
+    if not available():
+        if wanted == "on":
+            raise UserError("MLSTM_PACKED_GEMM=1 but this PyTorch build has no MKL packed GEMM (torch.ops.mkl)")
+        return False
+    return True
+
+
+def describe(device: torch.device) -> str:
+    """For run metadata: on | off (switched off) | unavailable (no MKL ops) | not applicable (not CPU)."""
+    if device.type != "cpu":
+        return "not applicable"
+    if mode() == "off":
+        return "off"
+    return "on" if available() else "unavailable"
+
+
+class PackedWeight:
+    """A weight L (N, K) packed for products a @ L^T with a of `batch` rows."""
+
+    def __init__(self, weight: torch.Tensor, batch: int):
+        self.weight = weight.contiguous()
+        self.batch = batch
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, batch)
+
+    def product(self, a: torch.Tensor) -> torch.Tensor:
+        """a @ L^T as a new contiguous (batch, N) tensor (a may have strided rows)."""
+        return torch.ops.mkl._mkl_linear(a, self.packed, self.weight, None, self.batch)
