@@ -29,10 +29,14 @@ sampling), so a checkpoint moves freely between impl=fast and impl=reference; on
 the reference is supported (all three activations); nothing falls back.
 
 Where the pointwise math runs: on CPU with float32/float64 state, in the fused C loops of `cpu_kernel` (two calls per
-step each way: `_kernel_call`; they also add the hoisted xp parts to the products); otherwise, and with
-MLSTM_CPU_KERNEL=0, as PyTorch ops on per-step views (`_cell_step`, `_cell_step_backward`). Both paths fill the same
-buffers with the same quantities; the tests run every form and option through both. On CUDA that is one kernel launch
-per pointwise op (no graph capture or Triton kernel here).
+step each way: `_kernel_call`; they also add the hoisted xp parts to the products, and split the batch rows over
+PyTorch's OpenMP threads); otherwise, and with MLSTM_CPU_KERNEL=0, as PyTorch ops on per-step views (`_cell_step`,
+`_cell_step_backward`). Both paths fill the same buffers with the same quantities; the tests run every form and option
+through both. On CUDA that is one kernel launch per pointwise op (no graph capture or Triton kernel here).
+
+The per-step products (`_Products`): on CPU in float32 each recurrent weight is packed once per segment for MKL's
+packed GEMM (`packed_gemm`: the T products of a segment share one packed copy instead of repacking the weight on every
+call), and the C loops read each product from the tensor it returns; elsewhere torch.mm into the step's buffer slot.
 
 Mixed precision: under autocast the two products per step (and the backward ones) run in the autocast dtype, the
 weights cast once per segment; c, the gates, the pointwise math and the carried h, c stay float32, as in the reference.
