@@ -157,7 +157,7 @@ def test_a_nan_input_reaches_the_output(form, monkeypatch):
     assert torch.isfinite(y[:, 1]).all()  # the other stream is untouched
 
 
-# ---- MKL's packed products --------------------------------------------------------------------------------------------
+# ---- MKL's packed products -------------------------------------------------------------------------------------------
 needs_packed = pytest.mark.skipif(not packed_gemm.available(), reason="this PyTorch build has no MKL packed GEMM")
 
 

@@ -81,10 +81,12 @@ void SUFFIX(mlstm_fwd_product)(const mlstm_segment *s, int64_t t, const real *pr
     }
 }
 
-/* gates, c_t and h_t (before projection and mask) from z_t = xp_z + W_m m_t and c_{t-1}. The product W_m m_t arrives
- * in `prod` (B, 4H), which may be the slot G[t] itself; xp_z is added here, and the gates are written to G[t]. */
+/* gates, c_t and h_t (before projection and mask) from z_t = xp_z + W_m m_t and c_{t-1}, for rows [b0, b1). The
+ * product W_m m_t arrives in `prod` (B, 4H), which may be the slot G[t] itself; xp_z is added here, and the gates are
+ * written to G[t]. */
 static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_segment *s, int64_t t, const real *prod,
-                                                                    int64_t b0, int64_t b1, const int form, const int act, const int peep) {
+                                                                    int64_t b0, int64_t b1, const int form,
+                                                                    const int act, const int peep) {
     const int64_t B = s->B, H = s->H;
     const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
     const real fb = (real)s->forget_bias, clip = s->has_clip ? (real)s->clip : (real)INFINITY;
@@ -135,8 +137,9 @@ static inline __attribute__((always_inline)) void SUFFIX(fwd_cell)(const mlstm_s
 }
 
 /* dz_t (into d xp) and the grad of c_{t-1} (dc, in place) from the grad of h_t before projection and mask (dhr) */
-static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_segment *s, int64_t t, int64_t b0, int64_t b1, const int form,
-                                                                    const int act, const int peep) {
+static inline __attribute__((always_inline)) void SUFFIX(bwd_cell)(const mlstm_segment *s, int64_t t, int64_t b0,
+                                                                    int64_t b1, const int form, const int act,
+                                                                    const int peep) {
     const int64_t B = s->B, H = s->H, K = s->K;
     const int64_t ii = form >= 2 ? 0 : H, ci = form >= 2 ? H : 0, fi = 2 * H, oi = 3 * H;
     const real clip = s->has_clip ? (real)s->clip : (real)INFINITY;
@@ -224,7 +227,10 @@ void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t, const real *dm
 }
 
 /* dispatch to the worker compiled for this form, activation and peephole setting (24 constant instances); `call` is
- * a macro of (form, act, peep) that calls the worker */
+ * a macro of (form, act, peep) that calls the worker. The cell stages open their parallel region here, around the
+ * dispatch, and give each thread its rows: a `parallel for` inside a worker is outlined before the worker is inlined,
+ * so form, act and peep would reach the loop as variables, and its branches would stop it vectorising (measured 3x
+ * slower). */
 #define MLSTM_CASE(call, f, a)                                                                                        \
     case (f) * 6 + (a) * 2: call(f, a, 0); break;                                                                     \
     case (f) * 6 + (a) * 2 + 1: call(f, a, 1); break;
