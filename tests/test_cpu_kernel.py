@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mlstm.cells import cpu_kernel, packed_gemm
+from mlstm.cells.fast_mlstm import _Products
 from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, assert_close, inputs_for, pair, run
 
@@ -191,6 +192,9 @@ def test_packed_switch_and_where_it_applies(monkeypatch):
     assert not packed_gemm.applies(cpu, torch.float64)  # MKL packs float32 only: float64 keeps torch.mm
     assert not packed_gemm.applies(torch.device("cuda"), torch.float32)
     assert packed_gemm.describe(torch.device("cuda")) == "not applicable"
+    products = _Products(torch.float32, torch.float32, cpu, batch=32)  # which weights the fast layer packs
+    assert isinstance(products.operand(torch.zeros(1024, 256)), packed_gemm.PackedWeight) == packed_gemm.available()
+    assert not isinstance(products.operand(torch.zeros(256, 256)), packed_gemm.PackedWeight)  # 2^16: torch.mm wins
     monkeypatch.setenv("MLSTM_PACKED_GEMM", "maybe")
     with pytest.raises(UserError, match="MLSTM_PACKED_GEMM"):
         packed_gemm.mode()

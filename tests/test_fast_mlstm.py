@@ -1,8 +1,10 @@
 """cell.impl=fast (`mlstm.cells.fast_mlstm`) against autograd: gradcheck in float64, and the reference layer
 (impl=reference, the autograd loop) on the same weights for every form and option, in float32 and under bf16 autocast.
 Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.cpu_kernel`) and float32 products on
-MKL's packed weights (`mlstm.cells.packed_gemm`, where this build has them), and with PyTorch ops and torch.mm; the
-other two pairings are tested at a size where the C loops split the batch over threads."""
+MKL's packed weights where they gain (`mlstm.cells.packed_gemm`: weights above 2^16 elements, where this build has
+them), and with PyTorch ops and torch.mm. At the small sizes of most tests every product is torch.mm's; every pairing
+of pointwise path and product is tested at H=256, where W_m is packed, W_mh is not, and the C loops split the batch
+over threads."""
 
 import copy
 

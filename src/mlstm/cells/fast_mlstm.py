@@ -34,9 +34,10 @@ PyTorch's OpenMP threads); otherwise, and with MLSTM_CPU_KERNEL=0, as PyTorch op
 `_cell_step_backward`). Both paths fill the same buffers with the same quantities; the tests run every form and option
 through both. On CUDA that is one kernel launch per pointwise op (no graph capture or Triton kernel here).
 
-The per-step products (`_Products`): on CPU in float32 each recurrent weight is packed once per segment for MKL's
-packed GEMM (`packed_gemm`: the T products of a segment share one packed copy instead of repacking the weight on every
-call), and the C loops read each product from the tensor it returns; elsewhere torch.mm into the step's buffer slot.
+The per-step products (`_Products`): on CPU in float32 each recurrent weight of more than 2^16 elements is packed once
+per segment for MKL's packed GEMM (`packed_gemm`: the T products of a segment share one packed copy instead of
+repacking the weight on every call), and the C loops read each product from the tensor it returns; smaller weights,
+and other devices and dtypes, use torch.mm into the step's buffer slot.
 
 Mixed precision: under autocast the two products per step (and the backward ones) run in the autocast dtype, the
 weights cast once per segment; c, the gates, the pointwise math and the carried h, c stay float32, as in the reference.
@@ -111,9 +112,10 @@ class _Activation:
 class _Products:
     """The per-step products a @ L^T of one segment, in the compute dtype; operands and results in the state dtype
     (float32 under autocast). `operand(L)` prepares a right operand once per segment: the weight cast (and
-    transposed into a plain row-major right operand, markedly faster for BLAS at B = 32), or on CPU in float32 MKL's
-    packed copy (`packed_gemm`). With a lower compute dtype each product rounds its result to that dtype before it is
-    added to float32, exactly as the reference's `F.linear(...).to(float32)` under autocast."""
+    transposed into a plain row-major right operand, markedly faster for BLAS at B = 32), or on CPU in float32, for
+    weights large enough to gain, MKL's packed copy (`packed_gemm.PackedWeight`). With a lower compute dtype each
+    product rounds its result to that dtype before it is added to float32, exactly as the reference's
+    `F.linear(...).to(float32)` under autocast."""
 
     def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device, batch: int):
         self.dtype = compute_dtype
@@ -124,18 +126,20 @@ class _Products:
     def operand(self, L: torch.Tensor):
         """The right operand of a @ L^T for L (N, K) (a view such as W.t() is fine)."""
         L = L.detach().to(self.dtype)
-        return packed_gemm.PackedWeight(L, self.batch) if self.packed else L.t().contiguous()
+        if self.packed and packed_gemm.worth_packing(L):
+            return packed_gemm.PackedWeight(L, self.batch)
+        return L.t().contiguous()
 
     def product(self, a: torch.Tensor, op, out: torch.Tensor) -> torch.Tensor:
         """a @ L^T: written into `out` and returned, or (packed) returned as a new tensor: callers that can read
         the product where it is (the C kernel) save a copy."""
-        if self.packed:
+        if isinstance(op, packed_gemm.PackedWeight):
             return op.product(a)
         self.mm(a, op, out)
         return out
 
     def mm(self, a: torch.Tensor, op, out: torch.Tensor) -> None:
-        if self.packed:
+        if isinstance(op, packed_gemm.PackedWeight):
             out.copy_(op.product(a))
         elif self.low:
             out.copy_(torch.mm(a.to(self.dtype), op))
@@ -143,7 +147,7 @@ class _Products:
             torch.mm(a, op, out=out)
 
     def addmm(self, add: torch.Tensor, a: torch.Tensor, op, out: torch.Tensor) -> None:
-        if self.packed:
+        if isinstance(op, packed_gemm.PackedWeight):
             torch.add(add, op.product(a), out=out)
         elif self.low:
             torch.add(add, torch.mm(a.to(self.dtype), op), out=out)

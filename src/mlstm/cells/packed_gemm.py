@@ -5,9 +5,10 @@ large share of its time repacking the same weight matrix into its blocked layout
 weight once (cblas_sgemm_pack) and multiply many times against the packed copy (cblas_sgemm_compute). PyTorch
 exposes exactly that pair as `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear` in its x86 builds; the fast
 layer packs each recurrent weight once per segment (forward and backward) and then runs T products against it.
-Measured on the 2-core CI machine (2 threads, B = 32): (512, 2048) 0.32 -> 0.22 ms, (2048, 512) 0.31 -> 0.24 ms,
-(512, 512) 0.077 -> 0.058 ms per product; the results are bitwise independent of the thread count and of
-repetition (results/bench/README.md has the whole-step effect).
+Measured (scripts/bench_products.py, results/bench/products.md; 2 threads, B = 32): a packed product takes 0.70-0.78
+of torch.mm's time from H = 256 (weights above 2^16 elements) up, and is slower for small weights (1.0-1.9x at
+H = 64-128, where the call's fixed cost dominates): hence `worth_packing`. Its results were bitwise repeatable and
+the same with 1 thread as with 2 there. The whole-step effect: results/bench/README.md.
 
     MLSTM_PACKED_GEMM=auto  (default) use it for float32 CPU products when this PyTorch build has the MKL ops
     MLSTM_PACKED_GEMM=1     require it: a build without them is an error
@@ -48,6 +49,14 @@ def available() -> bool:
         except (AttributeError, RuntimeError, NotImplementedError):
             _available = False
     return _available
+
+
+MIN_ELEMENTS = 1 << 16  # pack weights with more elements than this (results/bench/products.md: the crossover)
+
+
+def worth_packing(weight: torch.Tensor) -> bool:
+    """Whether products with this weight gain from packing: only above MIN_ELEMENTS (smaller ones lose to torch.mm)."""
+    return weight.numel() > MIN_ELEMENTS
 
 
 def applies(device: torch.device, dtype: torch.dtype) -> bool:
