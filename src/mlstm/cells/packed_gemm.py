@@ -4,11 +4,11 @@ Why: at B = 32 a step's products, (32, 512) x (512, 2048) and the like, are smal
 large share of its time repacking the same weight matrix into its blocked layout on every call. MKL can pack a
 weight once (cblas_sgemm_pack) and multiply many times against the packed copy (cblas_sgemm_compute). PyTorch
 exposes exactly that pair as `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear` in its x86 builds; the fast
-layer packs each recurrent weight once per segment (forward and backward) and then runs T products against it.
-Measured (scripts/bench_products.py, results/bench/products.md; 2 threads, B = 32): a packed product takes 0.70-0.78
-of torch.mm's time from H = 256 (weights above 2^16 elements) up, and is slower for small weights (1.0-1.9x at
-H = 64-128, where the call's fixed cost dominates): hence `worth_packing`. Its results were bitwise repeatable and
-the same with 1 thread as with 2 there. The whole-step effect: results/bench/README.md.
+layer packs each large recurrent weight once per segment (forward and backward) and runs T products against it.
+Measured (scripts/bench_products.py, results/bench/products.md; 2 threads, B = 32): with a weight of more than 2^16
+elements a packed product takes 0.71-0.89 of torch.mm's time (H = 256-1024); with smaller ones it is slower, 1.0-1.7x
+at H = 64-128, where the fixed cost of the call dominates: hence `worth_packing`. Its results were bitwise repeatable
+and the same with 1 thread as with 2 there. The whole-step effect: results/bench/README.md.
 
     MLSTM_PACKED_GEMM=auto  (default) use it for float32 CPU products when this PyTorch build has the MKL ops
     MLSTM_PACKED_GEMM=1     require it: a build without them is an error
