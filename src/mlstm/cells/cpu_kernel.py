@@ -4,7 +4,7 @@ use, cached, and called through ctypes.
 Why: at the batch sizes of character-level training (B = 32) the pointwise math of one step is about twenty small
 PyTorch kernels, each a dispatch and a pass over memory. The C loops do that math in two calls per step, forward and
 backward (see the C file for what each computes). Measured (results/bench/cpu.md, cpu_no_kernel.md): the whole
-training step of a 256-unit paper-form model takes 64.5 ms with the kernel and 83.4 ms without.
+training step of a 256-unit paper-form model takes 61.2 ms with the kernel and 83.2 ms without.
 
     MLSTM_CPU_KERNEL=auto   (default) use the kernel on CPU for float32/float64 state; if it cannot be built, say so
                             once on stderr and keep the PyTorch pointwise path (same results to rounding)
