@@ -216,3 +216,17 @@ def test_bench_rows_record_both_switches(tmp_path):
     row = json.loads(out.read_text())[0]
     assert row["packed_gemm"] == "off" and row["cpu_kernel"] == "off"
     assert "packed GEMM off" in run.stdout and "fused CPU kernel off" in run.stdout
+
+
+@needs_packed
+def test_bench_products_script_writes_its_table_and_rejects_bad_input(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "bench_products.py")]
+    out = tmp_path / "products.md"
+    done = subprocess.run([*script, "--hidden", "8,300", "--iters", "2", "--warmup", "0", "--markdown", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 8 |") or ln.startswith("| 300 |")]
+    assert len(rows) == 8 and all("| True | True |" in ln for ln in rows)  # repeatable, thread-independent
+    assert "(32, 300) x (300, 1200)" in out.read_text()
+    bad = subprocess.run([*script, "--hidden", "x"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--hidden" in bad.stderr
