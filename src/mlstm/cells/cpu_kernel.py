@@ -62,11 +62,17 @@ class Segment(ctypes.Structure):
     )
 
 
-def mode() -> str:
-    value = os.environ.get("MLSTM_CPU_KERNEL", "auto").strip().lower()
+def env_switch(variable: str) -> str:
+    """auto | on | off from an environment switch (unset or auto; 1, on, true; 0, off, false); UserError otherwise.
+    Also read by `packed_gemm` (MLSTM_PACKED_GEMM)."""
+    value = os.environ.get(variable, "auto").strip().lower()
     if value not in MODES:
-        raise UserError(f"MLSTM_CPU_KERNEL must be auto, 1 or 0, got {value!r}")
+        raise UserError(f"{variable} must be auto, 1 or 0, got {value!r}")
     return MODES[value]
+
+
+def mode() -> str:
+    return env_switch("MLSTM_CPU_KERNEL")
 
 
 def cache_dir() -> Path:

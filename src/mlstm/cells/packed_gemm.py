@@ -19,22 +19,16 @@ The products differ from torch.mm's only by float32 summation order (about 1e-6 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from mlstm.cells.cpu_kernel import env_switch
 from mlstm.errors import UserError
-
-MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
 
 _available: bool | None = None
 
 
 def mode() -> str:
-    value = os.environ.get("MLSTM_PACKED_GEMM", "auto").strip().lower()
-    if value not in MODES:
-        raise UserError(f"MLSTM_PACKED_GEMM must be auto, 1 or 0, got {value!r}")
-    return MODES[value]
+    return env_switch("MLSTM_PACKED_GEMM")
 
 
 def available() -> bool:
