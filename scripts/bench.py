@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from mlstm import bench
-from mlstm.cli import exit_on_user_error
+from mlstm.cli import exit_on_user_error, write_atomic
 from mlstm.errors import UserError
 
 
@@ -57,13 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the rows (a JSON list of objects) here")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
     return p.parse_args(argv)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @exit_on_user_error

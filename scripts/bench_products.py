@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mlstm.cells import packed_gemm
-from mlstm.cli import exit_on_user_error
+from mlstm.cli import exit_on_user_error, publish
 from mlstm.errors import UserError
 
 
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rows = [r for h in hidden for r in rows_for(args.batch, h, args.threads, args.iters, args.warmup)]
     text = markdown(rows, args.batch, args.threads)
-    print(text, end="")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":

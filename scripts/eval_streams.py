@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from omegaconf import OmegaConf
 
+from mlstm.cli import publish
 from mlstm.data import StreamBatcher, load_corpus
 from mlstm.errors import UserError
 from mlstm.evaluate import evaluate_bpc
@@ -71,10 +71,7 @@ def main() -> None:
     worst = per_stream_bpc(model, tokens, max(streams), args.seq_len)
     lines += ["", f"per-stream bpc with B={max(streams)}: " + " ".join(f"{v:.1f}" for v in worst)]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

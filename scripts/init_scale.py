@@ -11,10 +11,10 @@ c over a segment, with the default config (orthogonal init, 64-dim embedding as 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
+from mlstm.cli import publish
 from mlstm.config import load_config
 from mlstm.model import build_model
 
@@ -48,10 +48,7 @@ def main() -> None:
             lines.append(f"| {name} | {hidden} | {h_rms:.2e} | {c_rms:.2e} |")
     text = (f"Freshly initialised layers (default config: orthogonal init, embedding {args.embedding}), 32 streams x "
             f"100 random bytes, {args.seeds} seeds.\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,22 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write text through a temporary file and a rename: a reader (or a run killed mid-write) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish(text: str, out: str | Path | None) -> None:
+    """A script's report: printed, and also written to `out` when given (`--out` / `--markdown`)."""
+    print(text, end="" if text.endswith("\n") else "\n")
+    if out:
+        write_atomic(Path(out), text)
+
+
 def check_group_choices(argv: list[str]) -> None:
     """Reject `cell=nope` / `dataset=nope` before Hydra does, with one line listing the choices."""
     for arg in argv:
