@@ -7,6 +7,7 @@ of pointwise path and product is tested at H=256, where W_m is packed, W_mh is n
 over threads."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -164,7 +165,9 @@ def test_fast_matches_reference_float32(form, variant, pointwise_path):
     assert_close(expected, got, rtol=1e-5)
 
 
-PARALLEL_MIN = 8192  # MLSTM_PARALLEL_MIN in csrc/mlstm_cpu.c: from B x H cells on, the C loops split the rows
+# from this many B x H cells on, the C loops split the rows over threads: read from the C source, so that the test
+# follows the threshold wherever it moves
+PARALLEL_MIN = int(re.search(r"#define MLSTM_PARALLEL_MIN (\d+)", (cpu_kernel.SOURCE_DIR / "mlstm_cpu.c").read_text())[1])
 
 
 @pytest.mark.parametrize("products", ["packed", "mm"])

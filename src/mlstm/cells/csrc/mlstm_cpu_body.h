@@ -229,8 +229,7 @@ void SUFFIX(mlstm_bwd_product)(const mlstm_segment *s, int64_t t, const real *dm
 /* dispatch to the worker compiled for this form, activation and peephole setting (24 constant instances); `call` is
  * a macro of (form, act, peep) that calls the worker. The cell stages open their parallel region here, around the
  * dispatch, and give each thread its rows: a `parallel for` inside a worker is outlined before the worker is inlined,
- * so form, act and peep would reach the loop as variables, and its branches would stop it vectorising (measured 3x
- * slower). */
+ * so form, act and peep would reach the loop as variables, and its branches would stop it vectorising. */
 #define MLSTM_CASE(call, f, a)                                                                                        \
     case (f) * 6 + (a) * 2: call(f, a, 0); break;                                                                     \
     case (f) * 6 + (a) * 2 + 1: call(f, a, 1); break;
