@@ -189,8 +189,8 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep, clip, pclip = spec.form == "seed", spec.peepholes, spec.cell_clip, spec.proj_clip
     act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype, xp.device, B)
-    W_rT, W_mT = pm.operand(W_r), pm.operand(W_m)  # products h @ W_r^T (B, K_F), m @ W_m^T (B, 4H)
-    W_PT = pm.operand(W_P) if W_P is not None else None  # h @ W_P^T (B, P)
+    op_r, op_m = pm.operand(W_r), pm.operand(W_m)  # right operands: h @ W_r^T (B, K_F), m @ W_m^T (B, 4H)
+    op_P = pm.operand(W_P) if W_P is not None else None  # h @ W_P^T (B, P)
 
     S = T if save else 1  # steps kept in the per-step buffers (one scratch step when nothing is saved)
 
@@ -225,19 +225,19 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     for t in range(T):
         h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
         if kern is not None:  # the C loops add the hoisted parts xp_F (seed) and xp_z to the products
-            kern.fwd_product(t, pm.product(h_prev, W_rT, r[t]))  # m_t from W_mh h_{t-1} | A_h h_{t-1}
-            kern.fwd_cell(t, pm.product(m[t], W_mT, g[t]))  # the pointwise math of _cell_step, from W_m m_t
+            kern.fwd_product(t, pm.product(h_prev, op_r, r[t]))  # m_t from W_mh h_{t-1} | A_h h_{t-1}
+            kern.fwd_cell(t, pm.product(m[t], op_m, g[t]))  # the pointwise math of _cell_step, from W_m m_t
         else:
             if seed:
-                pm.addmm(xf[t], h_prev, W_rT, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
+                pm.addmm(xf[t], h_prev, op_r, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
                 torch.mul(r[t][:, :H], r[t][:, H:], out=m[t])  # m = a ⊙ b                    (B, H)
             else:
-                pm.mm(h_prev, W_rT, r[t])  # W_mh h_{t-1}                                  (B, H)
+                pm.mm(h_prev, op_r, r[t])  # W_mh h_{t-1}                                  (B, H)
                 torch.mul(xf[t], r[t], out=m[t])  # m = (W_mx x) ⊙ (W_mh h_{t-1})
-            pm.addmm(xz[t], m[t], W_mT, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
+            pm.addmm(xz[t], m[t], op_m, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
             _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h)
         if W_P is not None:  # h = clip(W_P h)
-            pm.mm(hr[t], W_PT, pr[t])
+            pm.mm(hr[t], op_P, pr[t])
             if pclip is not None:
                 torch.clamp(pr[t], -pclip, pclip, out=y[t])
         if mask is not None:
@@ -320,8 +320,8 @@ def _backward(ctx, dY, dh_T, dc_T):
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep = spec.form == "seed", spec.peepholes
     act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype, xp.device, B)
-    W_rc, W_mc = pm.operand(W_r.t()), pm.operand(W_m.t())  # products dr @ W_r (B, P), dz @ W_m (B, H)
-    W_Pc = pm.operand(W_P.t()) if W_P is not None else None  # dp @ W_P (B, H)
+    op_r, op_m = pm.operand(W_r.t()), pm.operand(W_m.t())  # right operands: dr @ W_r (B, P), dz @ W_m (B, H)
+    op_P = pm.operand(W_P.t()) if W_P is not None else None  # dp @ W_P (B, H)
     XF = xp[..., :KF]
     HR = HR if HR is not None else Y  # (without W_P and mask, y is the h that act' needs)
     dY = dY.contiguous()
@@ -352,7 +352,7 @@ def _backward(ctx, dY, dh_T, dc_T):
             else:
                 dPP[t].copy_(dh)
             dhr = tmp
-            pm.mm(dPP[t], W_Pc, dhr)
+            pm.mm(dPP[t], op_P, dhr)
         else:
             dhr = dh
         if kern is not None:
@@ -362,9 +362,9 @@ def _backward(ctx, dY, dh_T, dc_T):
                                 dU, keep_c, w_I, w_F, w_O)
         # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
         if kern is not None:
-            kern.bwd_product(t, pm.product(d, W_mc, dm))  # d xp_F, dr_t from the grad of m_t (B, H)
+            kern.bwd_product(t, pm.product(d, op_m, dm))  # d xp_F, dr_t from the grad of m_t (B, H)
         else:
-            pm.mm(d, W_mc, dm)  # grad of m_t                                      (B, H)
+            pm.mm(d, op_m, dm)  # grad of m_t                                      (B, H)
             if seed:  # m = a ⊙ b, [a; b] = xp_F + r
                 torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
                 torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
@@ -372,10 +372,10 @@ def _backward(ctx, dY, dh_T, dc_T):
                 torch.mul(dm, R[t], out=dF[t])
                 torch.mul(dm, XF[t], out=dR[t])
         if t > 0:
-            pm.addmm(dY[t - 1], dR[t], W_rc, dh)  # grad of h_{t-1}: its output grad + the recurrence
+            pm.addmm(dY[t - 1], dR[t], op_r, dh)  # grad of h_{t-1}: its output grad + the recurrence
         else:
             dh0 = xp.new_empty(B, P)
-            pm.mm(dR[0], W_rc, dh0)
+            pm.mm(dR[0], op_r, dh0)
 
     need = ctx.needs_input_grad[2:]  # (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
     dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None
