@@ -57,7 +57,7 @@ from typing import Callable, Iterable
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.cells import cpu_kernel, packed_gemm
+from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
 from mlstm.cells.common import FORMS, IMPLS
 from mlstm.errors import UserError
 
@@ -266,6 +266,8 @@ def environment(settings: Settings) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_kernel": cpu_kernel.describe(settings.device),  # fused C pointwise steps of the fast mLSTM (CPU)
         "packed_gemm": packed_gemm.describe(settings.device),  # its per-step products on packed weights (CPU)
+        "triton_kernel": triton_kernel.describe(settings.device),  # fused Triton pointwise steps (CUDA)
+        "cuda_graph": cuda_graph.describe(settings.device),  # its segments captured in CUDA graphs (CUDA)
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
@@ -523,7 +525,8 @@ def markdown(rows: list[dict], with_header: bool = True) -> str:
             f"Measured on {r['device_name']} ({r['device']}), torch {r['torch_version']}, cuDNN {r['cudnn_version']}, "
             f"oneDNN {r['onednn_version']}, {r['threads']} threads, TF32 matmul/cuDNN {r['tf32_matmul']}/"
             f"{r['tf32_cudnn']}, {r['dtype']}, fused CPU kernel {r.get('cpu_kernel', 'unknown')}, "
-            f"packed GEMM {r.get('packed_gemm', 'unknown')}, optimizer "
+            f"packed GEMM {r.get('packed_gemm', 'unknown')}, Triton kernel {r.get('triton_kernel', 'unknown')}, "
+            f"CUDA graphs {r.get('cuda_graph', 'unknown')}, optimizer "
             f"{r['optim']}, init {r['init']}; median of {r['iters']} "
             f"steps after {r['warmup']} warm-up; "
             f"commit {(r['git_commit'] or 'unknown')[:12]}, {r['timestamp']}.",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mlstm.cells import cpu_kernel, packed_gemm
+from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
 from mlstm.errors import UserError
 
 
@@ -127,6 +127,8 @@ def runtime_info(ctx: Context) -> dict:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cpu_kernel": cpu_kernel.describe(ctx.device),  # the fast mLSTM's fused pointwise steps (CPU)
         "packed_gemm": packed_gemm.describe(ctx.device),  # its per-step products on MKL's packed weights (CPU)
+        "triton_kernel": triton_kernel.describe(ctx.device),  # its fused Triton pointwise steps (CUDA)
+        "cuda_graph": cuda_graph.describe(ctx.device),  # its segments captured in CUDA graphs (CUDA)
     }
     return info
 

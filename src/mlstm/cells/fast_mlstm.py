@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from mlstm.cells import cpu_kernel, packed_gemm
+from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
 from mlstm.cells.mlstm import MatlabMultiplicativeLSTM, MultiplicativeLSTM, SeedMultiplicativeLSTM
 
 # Fused backward kernels with an out= argument (one launch each): grad ⊙ y(1-y), grad ⊙ (1-y²), grad ⊙ [y > 0].
@@ -70,8 +70,15 @@ class SegmentSpec:
     cell_clip: float | None  # c clipped to ±cell_clip (None: no clip)
     proj_clip: float | None  # projected h clipped to ±proj_clip (None: no clip)
     compute_dtype: torch.dtype  # dtype of the matrix products (the autocast dtype, else the weights' dtype)
-    cpu_kernel: bool = False  # the pointwise math in the fused C loops of `cpu_kernel` (CPU, float32/float64 state)
+    # where the pointwise math runs: "c" (the C loops of `cpu_kernel`: CPU, float32/float64 state), "triton" (the
+    # kernels of `triton_kernel`: CUDA, float32 state), "triton-interpret" (those kernels through Triton's CPU
+    # interpreter: tests), "torch" (PyTorch ops)
+    pointwise: str = "torch"
     seed_output: str | None = None  # seed form: "posted" (h = act(c o)) | "gated" (h = σ(o) act(c)); else None
+
+    @property
+    def cpu_kernel(self) -> bool:
+        return self.pointwise == "c"
 
     @property
     def gated_output(self) -> bool:
@@ -117,9 +124,11 @@ class _Products:
     product rounds its result to that dtype before it is added to float32, exactly as the reference's
     `F.linear(...).to(float32)` under autocast."""
 
-    def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device, batch: int):
+    def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device, batch: int,
+                 widening_reader: bool = False):
         self.dtype = compute_dtype
         self.low = compute_dtype != state_dtype
+        self.widening = self.low and widening_reader  # the kernel reading `product` widens it itself (Triton)
         self.packed = not self.low and packed_gemm.applies(device, compute_dtype)
         self.batch = batch
 
@@ -135,6 +144,8 @@ class _Products:
         the product where it is (the C kernel) save a copy."""
         if isinstance(op, packed_gemm.PackedWeight):
             return op.product(a)
+        if self.widening:
+            return torch.mm(a.to(self.dtype), op)  # left in the compute dtype: the kernel widens it on load
         self.mm(a, op, out)
         return out
 
@@ -188,7 +199,7 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep, clip, pclip = spec.form == "seed", spec.peepholes, spec.cell_clip, spec.proj_clip
-    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype, xp.device, B)
+    act, pm = _Activation(spec.activation), _products(spec, xp, B)
     op_r, op_m = pm.operand(W_r), pm.operand(W_m)  # right operands: h @ W_r^T (B, K_F), m @ W_m^T (B, 4H)
     op_P = pm.operand(W_P) if W_P is not None else None  # h @ W_P^T (B, P)
 
@@ -293,15 +304,22 @@ def _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h):
             act.inplace(hr[t])
 
 
-def _kernel_call(spec, xp, buffers: dict, tensors: dict) -> cpu_kernel.SegmentCall | None:
-    """The C kernel's view of this segment's buffers, or None for the PyTorch path (not asked for by the spec, or a
-    tensor the C loops cannot address: another dtype, or not contiguous)."""
-    if not spec.cpu_kernel:
+def _products(spec, xp, batch: int) -> _Products:
+    return _Products(spec.compute_dtype, xp.dtype, xp.device, batch, spec.pointwise.startswith("triton"))
+
+
+def _kernel_call(spec, xp, buffers: dict, tensors: dict):
+    """The fused kernels' view of this segment's buffers (`cpu_kernel.SegmentCall` or its Triton twin), or None for
+    the PyTorch path (not asked for by the spec, or a tensor the kernels cannot address: another dtype, or not
+    contiguous)."""
+    if spec.pointwise == "torch":
         return None
     used = [v for v in (xp, *buffers.values(), *tensors.values()) if v is not None]
     if any(v.dtype != xp.dtype or not v.is_contiguous() for v in used):
         return None
-    return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
+    if spec.pointwise == "c":
+        return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
+    return triton_kernel.TritonSegmentCall(spec, xp, buffers, tensors, interpret=spec.pointwise == "triton-interpret")
 
 
 def _steps(buffer: torch.Tensor | None, T: int) -> list:
@@ -319,7 +337,7 @@ def _backward(ctx, dY, dh_T, dc_T):
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep = spec.form == "seed", spec.peepholes
-    act, pm = _Activation(spec.activation), _Products(spec.compute_dtype, xp.dtype, xp.device, B)
+    act, pm = _Activation(spec.activation), _products(spec, xp, B)
     op_r, op_m = pm.operand(W_r.t()), pm.operand(W_m.t())  # right operands: dr @ W_r (B, P), dz @ W_m (B, H)
     op_P = pm.operand(W_P.t()) if W_P is not None else None  # dp @ W_P (B, H)
     XF = xp[..., :KF]
@@ -457,6 +475,17 @@ def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR,
         dc.addcmul_(df, w_F)
 
 
+def _pointwise(device: torch.device, dtype: torch.dtype) -> str:
+    """SegmentSpec.pointwise for this device and state dtype: the fused kernels where they apply, else PyTorch ops
+    (MLSTM_TRITON=interpret takes precedence over the C kernel, so that the Triton kernels can be checked on a CPU)."""
+    triton = triton_kernel.applies(device, dtype)
+    if triton == "triton-interpret":
+        return triton
+    if cpu_kernel.applies(device, dtype) and cpu_kernel.load() is not None:
+        return "c"
+    return triton or "torch"
+
+
 class _FastForward:
     """`forward` of the fast layers; everything else (parameters, init, paper weights, dropout) is the reference's."""
 
@@ -472,7 +501,7 @@ class _FastForward:
             proj_clip=cfg.proj_clip,
             seed_output=cfg.seed_output,
             compute_dtype=torch.get_autocast_dtype(device_type) if low else dtype,
-            cpu_kernel=cpu_kernel.applies(torch.device(device_type), dtype) and cpu_kernel.load() is not None,
+            pointwise=_pointwise(torch.device(device_type), dtype),
         )
 
     def forward(self, x: torch.Tensor, state=None):
@@ -481,8 +510,24 @@ class _FastForward:
         W_r = w["A_h"] if self.cfg.form == "seed" else w["W_mh"]
         tensors = (xp, W_r, w["W_m"], h, c, mask, w.get("w_I"), w.get("w_F"), w.get("w_O"), w.get("W_P"), w.get("b_h"))
         save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
-        y, h, c = MLSTMSegment.apply(self.segment_spec(x.device.type), save, *tensors)
+        spec = self.segment_spec(x.device.type)
+        graphs = self.segment_graphs(x.device)
+        if graphs is not None:  # the same segment, captured once and replayed
+            y, h, c = cuda_graph.GraphedSegment.apply(graphs, spec, save, *tensors)
+        else:
+            y, h, c = MLSTMSegment.apply(spec, save, *tensors)
         return y, (h, c)  # (T, B, P), ((B, P), (B, H))
+
+    def segment_graphs(self, device: torch.device) -> cuda_graph.SegmentGraphs | None:
+        """This layer's captured segments, or None when segments run uncaptured: made on first use on CUDA
+        (`cuda_graph.applies`), or attached beforehand (the tests attach ones with `cuda_graph.Rerun` on a CPU).
+        An attribute outside the state_dict."""
+        graphs = self.__dict__.get("_segment_graphs")
+        if graphs is None:
+            if not cuda_graph.applies(device):
+                return None
+            graphs = self.__dict__["_segment_graphs"] = cuda_graph.SegmentGraphs()
+        return graphs if cuda_graph.mode() != "off" else None
 
 
 class FastMatlabMultiplicativeLSTM(_FastForward, MatlabMultiplicativeLSTM):

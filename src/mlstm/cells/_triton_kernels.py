@@ -1,0 +1,212 @@
+"""The Triton kernels of `triton_kernel` (see there). A module of its own: Triton resolves the helpers a kernel calls
+among the module's globals, and `triton_kernel.kernels` loads this file once for the GPU and once for Triton's CPU
+interpreter, which is chosen when a kernel is decorated. Each stage mirrors its C twin in csrc/mlstm_cpu_body.h.
+
+Form numbers as in the C code: 0 paper, 1 matlab, 2 seed as posted, 3 seed with the gated output; ACT: 0 tanh,
+1 relu, 2 identity. Slots of z: paper/matlab [ĥ; i; f; o], seed [i; j; f; o]. One program: BLOCK units of one batch
+row b; every (B, n) operand has contiguous rows, z and d xp rows are K apart.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # (1 - e^{-2|x|}) / (1 + e^{-2|x|}) with the sign of x; near 0 its series, which keeps relative precision
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    x2 = x * x
+    small = x + x * x2 * (-0.33333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.053968253968253968
+                                                                                    + x2 * 0.021869488536155203)))
+    return tl.where(a < 0.0625, small, big)
+
+
+@triton.jit
+def act(v, ACT: tl.constexpr):
+    if ACT == 0:
+        y = tanh(v)
+    elif ACT == 1:
+        y = tl.where(v < 0, 0.0, v)  # a NaN passes, as torch.relu
+    else:
+        y = v
+    return y
+
+
+@triton.jit
+def act_back(grad, y, ACT: tl.constexpr):  # grad ⊙ act'(v) from y = act(v), as torch's backward kernels
+    if ACT == 0:
+        g = grad * (1.0 - y * y)
+    elif ACT == 1:
+        g = tl.where(y > 0, grad, 0.0)
+    else:
+        g = grad
+    return g
+
+
+@triton.jit
+def sigmoid_back(grad, y):
+    return grad * (1.0 - y) * y
+
+
+@triton.jit
+def fwd_product(xp, prod, r, m, H, K, KF, SEED: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < H
+    dt = xp.dtype.element_ty
+    xb, pb, rb, mb = xp + b * K, prod + b * KF, r + b * KF, m + b * H
+    if SEED:  # [a; b] = xp_F + A_h h_{t-1};  m = a ⊙ b
+        a = tl.load(xb + k, mask=ok) + tl.load(pb + k, mask=ok).to(dt)
+        bb = tl.load(xb + H + k, mask=ok) + tl.load(pb + H + k, mask=ok).to(dt)
+        tl.store(rb + k, a, mask=ok)
+        tl.store(rb + H + k, bb, mask=ok)
+        tl.store(mb + k, a * bb, mask=ok)
+    else:  # r = W_mh h_{t-1};  m = (W_mx x) ⊙ r
+        rv = tl.load(pb + k, mask=ok).to(dt)
+        tl.store(rb + k, rv, mask=ok)
+        tl.store(mb + k, tl.load(xb + k, mask=ok) * rv, mask=ok)
+
+
+@triton.jit
+def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, forget_bias, clip, H, K,
+             FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
+             ii: tl.constexpr, ci: tl.constexpr, BLOCK: tl.constexpr):
+    # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o])
+    b = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < H
+    dt = xz.dtype.element_ty
+    xb, pb, gb = xz + b * K, prod + b * 4 * H, g + b * 4 * H
+    zi = tl.load(xb + ii * H + k, mask=ok) + tl.load(pb + ii * H + k, mask=ok).to(dt)
+    zf = tl.load(xb + 2 * H + k, mask=ok) + tl.load(pb + 2 * H + k, mask=ok).to(dt)
+    zc = tl.load(xb + ci * H + k, mask=ok) + tl.load(pb + ci * H + k, mask=ok).to(dt)
+    zo = tl.load(xb + 3 * H + k, mask=ok) + tl.load(pb + 3 * H + k, mask=ok).to(dt)
+    cp = tl.load(c_prev + b * H + k, mask=ok)
+    if PEEP:  # the input and forget gates see c_{t-1}
+        zi = zi + cp * tl.load(w_I + k, mask=ok)
+        zf = zf + cp * tl.load(w_F + k, mask=ok)
+    zf = zf + forget_bias
+    if FORM == 0:
+        cand = act(zc, ACT)
+    else:  # the matlab and seed candidates are linear
+        cand = zc
+    si = sigmoid(zi)
+    sf = sigmoid(zf)
+    crv = sf * cp + si * cand  # c = f c_{t-1} + i candidate, then the clip (a NaN passes)
+    cv = crv
+    if CLIP:
+        cv = tl.where(crv > clip, clip, tl.where(crv < -clip, -clip, crv))
+    tl.store(gb + ii * H + k, si, mask=ok)
+    tl.store(gb + 2 * H + k, sf, mask=ok)
+    tl.store(gb + ci * H + k, cand, mask=ok)
+    tl.store(cr + b * H + k, crv, mask=ok)  # cr and c are one buffer without a clip: the same value twice
+    tl.store(c + b * H + k, cv, mask=ok)
+    if FORM == 2:
+        if PEEP:  # o' = o + w_O c;  h = σ(o') act(c o')
+            o2 = zo + cv * tl.load(w_O + k, mask=ok)
+            a = act(cv * o2, ACT)
+            so2 = sigmoid(o2)
+            tl.store(gb + 3 * H + k, o2, mask=ok)
+            tl.store(ac + b * H + k, a, mask=ok)
+            tl.store(so + b * H + k, so2, mask=ok)
+            tl.store(hr + b * H + k, so2 * a, mask=ok)
+        else:  # h = act(c o), no σ on o
+            tl.store(gb + 3 * H + k, zo, mask=ok)
+            tl.store(hr + b * H + k, act(cv * zo, ACT), mask=ok)
+    else:
+        if PEEP:  # o sees the clipped c
+            zo = zo + cv * tl.load(w_O + k, mask=ok)
+        o = sigmoid(zo)
+        tl.store(gb + 3 * H + k, o, mask=ok)
+        if FORM == 1:  # h = act(o c + b_h)
+            tl.store(hr + b * H + k, act(tl.load(b_h + k, mask=ok) + o * cv, ACT), mask=ok)
+        else:  # h = o act(c)
+            a = act(cv, ACT)
+            tl.store(ac + b * H + k, a, mask=ok)
+            tl.store(hr + b * H + k, o * a, mask=ok)
+
+
+@triton.jit
+def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, clip, H, K,
+             FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
+             ii: tl.constexpr, ci: tl.constexpr, BLOCK: tl.constexpr):
+    # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o])
+    b = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < H
+    dt = g.dtype.element_ty
+    gb, zb, row = g + b * 4 * H, dz + b * K, b * H + k
+    d = tl.load(dhr + row, mask=ok)
+    dcv = tl.load(dc + row, mask=ok)
+    gi = tl.load(gb + ii * H + k, mask=ok)
+    gf = tl.load(gb + 2 * H + k, mask=ok)
+    gc = tl.load(gb + ci * H + k, mask=ok)
+    go = tl.load(gb + 3 * H + k, mask=ok)
+    cv = tl.load(c + row, mask=ok)
+    if FORM == 2:
+        if PEEP:  # h = σ(o') a, a = act(c o')
+            a = tl.load(ac + row, mask=ok)
+            so2 = tl.load(so + row, mask=ok)
+            d_o = sigmoid_back(d * a, so2)
+            tmp = act_back(d * so2, a, ACT)  # grad of c o'
+            d_o = d_o + tmp * cv
+            dcv = dcv + tmp * go
+            dcv = dcv + d_o * tl.load(w_O + k, mask=ok)
+        else:  # h = act(c o)
+            tmp = act_back(d, tl.load(hr + row, mask=ok), ACT)
+            d_o = tmp * cv
+            dcv = dcv + tmp * go
+    else:
+        if FORM == 1:  # h = act(o c + b_h)
+            u = act_back(d, tl.load(hr + row, mask=ok), ACT)
+            tl.store(du + row, u, mask=ok)
+            d_o = u * cv
+            dcv = dcv + u * go
+        else:  # h = o act(c)
+            a = tl.load(ac + row, mask=ok)
+            d_o = d * a
+            dcv = dcv + act_back(d * go, a, ACT)
+        d_o = sigmoid_back(d_o, go)
+        if PEEP:
+            dcv = dcv + d_o * tl.load(w_O + k, mask=ok)
+    if CLIP:  # torch.clamp's gradient: zero where c was clipped
+        dcv = tl.where(tl.abs(tl.load(cr + row, mask=ok)) <= clip, dcv, 0.0)
+    cp = tl.load(c_prev + row, mask=ok)
+    di = sigmoid_back(dcv * gc, gi)  # c = f c_{t-1} + i candidate
+    df = sigmoid_back(dcv * cp, gf)
+    dcand = dcv * gi
+    dc_prev = dcv * gf
+    if FORM == 0:
+        dcand = act_back(dcand, gc, ACT)
+    if PEEP:
+        dc_prev = dc_prev + di * tl.load(w_I + k, mask=ok)
+        dc_prev = dc_prev + df * tl.load(w_F + k, mask=ok)
+    tl.store(zb + ii * H + k, di, mask=ok)
+    tl.store(zb + 2 * H + k, df, mask=ok)
+    tl.store(zb + ci * H + k, dcand, mask=ok)
+    tl.store(zb + 3 * H + k, d_o, mask=ok)
+    tl.store(dc + row, dc_prev, mask=ok)
+
+
+@triton.jit
+def bwd_product(xp, r, dm, dF, dR, H, K, KF, SEED: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < H
+    dt = xp.dtype.element_ty
+    rb, fb = r + b * KF, dF + b * K
+    dmv = tl.load(dm + b * H + k, mask=ok).to(dt)
+    if SEED:  # m = a ⊙ b:  d[a; b] = [dm ⊙ b; dm ⊙ a]
+        tl.store(fb + k, dmv * tl.load(rb + H + k, mask=ok), mask=ok)
+        tl.store(fb + H + k, dmv * tl.load(rb + k, mask=ok), mask=ok)
+    else:  # m = xp_F ⊙ r:  d xp_F = dm ⊙ r, dr = dm ⊙ xp_F
+        tl.store(fb + k, dmv * tl.load(rb + k, mask=ok), mask=ok)
+        tl.store(dR + b * KF + k, dmv * tl.load(xp + b * K + k, mask=ok), mask=ok)

@@ -1,0 +1,169 @@
+"""The fused pointwise steps of the fast mLSTM on CUDA, as Triton kernels: the GPU twin of `cpu_kernel`.
+
+Why: PyTorch runs the pointwise math of one step as about ten kernels forward and fifteen backward; at T = 200 that
+is thousands of tiny launches per training step, each a pass over memory. These four kernels do each stage of a step
+in one launch, with the same buffers, the same layout and the same arithmetic order as the C loops
+(csrc/mlstm_cpu_body.h, which documents each stage):
+
+    forward   fwd_product   m_t = xp_F ⊙ r_t  (seed: m_t = a_t ⊙ b_t, [a_t; b_t] = xp_F + r_t)
+              fwd_cell      gates, c_t, h_t from z_t = xp_z + W_m m_t and c_{t-1}     (every form and option)
+    backward  bwd_cell      dz_t and dc_{t-1} from dh_t and dc_t                      (its exact derivative)
+              bwd_product   d xp_F and dr_t from dm_t = W_m^T dz_t
+
+`TritonSegmentCall` has the interface of `cpu_kernel.SegmentCall`, so `fast_mlstm` drives either one the same way.
+The products may arrive in a lower dtype (bf16 under autocast): each kernel widens them to the state dtype on load,
+which is exactly the reference's `F.linear(...).to(float32)`. One program handles BLOCK units of one batch row.
+Launching a Triton kernel costs tens of microseconds of Python; `cuda_graph` captures the whole segment so that
+training replays it without that cost.
+
+    MLSTM_TRITON=auto   (default) use the kernels on CUDA for float32 state when Triton imports
+    MLSTM_TRITON=1      require them: no Triton is an error
+    MLSTM_TRITON=0      never use them (the PyTorch pointwise path, e.g. to compare)
+    MLSTM_TRITON=interpret  run them through Triton's CPU interpreter, on any device with float32 state (slow: for
+                        debugging, and for the tests, which check them this way against the reference on a CPU)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from mlstm.cells.cpu_kernel import ACTIVATIONS, FORMS, env_switch
+from mlstm.errors import UserError
+
+
+def mode() -> str:
+    """auto | on | off | interpret"""
+    if os.environ.get("MLSTM_TRITON", "").strip().lower() == "interpret":
+        return "interpret"
+    return env_switch("MLSTM_TRITON")
+
+
+@functools.cache
+def importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def applies(device: torch.device, dtype: torch.dtype) -> str | None:
+    """How the fast layer runs its pointwise math here: "triton" (CUDA, float32 state, Triton present and not
+    switched off), "triton-interpret" (MLSTM_TRITON=interpret, float32 state), or None (not through these kernels)."""
+    wanted = mode()
+    if wanted == "off" or dtype != torch.float32 or (device.type != "cuda" and wanted != "interpret"):
+        return None
+    if not importable():
+        if wanted in ("on", "interpret"):
+            raise UserError(f"MLSTM_TRITON={os.environ['MLSTM_TRITON']} but Triton is not installed (pip install triton)")
+        return None
+    return "triton-interpret" if wanted == "interpret" else "triton"
+
+
+def describe(device: torch.device) -> str:
+    """For run metadata: whether the fast mLSTM's pointwise math runs in these kernels on this device."""
+    wanted = mode()
+    if wanted == "interpret":
+        return "interpret"
+    if device.type != "cuda":
+        return "not applicable"
+    if wanted == "off":
+        return "off"
+    if not importable():
+        return "unavailable (no triton)"
+    import triton
+
+    return f"on (triton {triton.__version__})"
+
+
+@functools.cache
+def kernels(interpret: bool = False):
+    """The module of the four jitted kernels (`_triton_kernels.py`), loaded on first use (so that importing this
+    module needs no Triton), once for the GPU and once for Triton's CPU interpreter: Triton chooses the interpreter
+    when a kernel is decorated, from TRITON_INTERPRET."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        name = "mlstm.cells._triton_kernels" + ("_interpreted" if interpret else "")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_triton_kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _slot(buffer: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    """Step t's (B, width) slot of a (S, B, width) buffer (slot t % S, as the C code's `at`)."""
+    return None if buffer is None else buffer[t % buffer.shape[0]]
+
+
+class TritonSegmentCall:
+    """One segment's buffers and the per-step launches on them (the interface of `cpu_kernel.SegmentCall`).
+    interpret: run through Triton's CPU interpreter (tests)."""
+
+    def __init__(self, spec, xp, buffers: dict, tensors: dict, interpret: bool = False):
+        T, B, K = xp.shape
+        H = buffers["M"].shape[-1]
+        self.T, self.B, self.H, self.K, self.KF = T, B, H, K, K - 4 * H
+        self.form = FORMS["seed-gated" if spec.seed_output == "gated" else spec.form]
+        self.act, self.peep, self.clip = ACTIVATIONS[spec.activation], bool(spec.peepholes), spec.cell_clip
+        self.forget_bias = float(spec.forget_bias)
+        self.ii, self.ci = (0, 1) if self.form >= 2 else (1, 0)  # slots of i and the candidate in z (seed: i, j)
+        self.xp, self.b, self.t = xp, buffers, tensors
+        self.k = kernels(interpret)
+        self.block = self.block_for(H)
+        self.grid = (B, -(-H // self.block))
+        self.warps = max(1, min(4, self.block // 128))
+        # an unused pointer argument (a buffer that this form does not have) is given a harmless tensor instead
+        self.spare = xp
+
+    @staticmethod
+    def block_for(H: int) -> int:
+        """Units per program: a power of two (tl.arange), at most 512."""
+        return min(512, 1 << max(H - 1, 0).bit_length())
+
+    def _p(self, v):
+        return self.spare if v is None else v
+
+    def _c_prev(self, t):
+        return self.t["c0"] if t == 0 else _slot(self.b["C"], t - 1)
+
+    def fwd_product(self, t: int, product: torch.Tensor) -> None:
+        self.k.fwd_product[self.grid](self.xp[t], product, _slot(self.b["R"], t), _slot(self.b["M"], t),
+                                         self.H, self.K, self.KF, SEED=self.form >= 2, BLOCK=self.block,
+                                         num_warps=self.warps)
+
+    def fwd_cell(self, t: int, product: torch.Tensor) -> None:
+        b, p = self.b, self._p
+        self.k.fwd_cell[self.grid](
+            self.xp[t, :, self.KF:], product, self._c_prev(t), _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t),
+            _slot(b["HR"], t), p(_slot(b["AC"], t)), p(_slot(b["SO"], t)),
+            p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]), p(self.t["b_h"]),
+            self.forget_bias, float(self.clip or 0.0), self.H, self.K,
+            FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii, ci=self.ci, BLOCK=self.block,
+            num_warps=self.warps)
+
+    def bwd_cell(self, t: int) -> None:
+        b, p = self.b, self._p
+        self.k.bwd_cell[self.grid](
+            _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t),
+            p(_slot(b["AC"], t)), p(_slot(b["SO"], t)), p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]),
+            self.t["dhr"], self.t["dc"], self.t["dXP"][t, :, self.KF:],
+            p(None if self.t["dU"] is None else self.t["dU"][t]), float(self.clip or 0.0), self.H, self.K,
+            FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii, ci=self.ci, BLOCK=self.block,
+            num_warps=self.warps)
+
+    def bwd_product(self, t: int, product: torch.Tensor) -> None:
+        dR = self.t["dR"]
+        self.k.bwd_product[self.grid](self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t],
+                                         self._p(None if dR is None else dR[t]), self.H, self.K, self.KF,
+                                         SEED=self.form >= 2, BLOCK=self.block, num_warps=self.warps)
