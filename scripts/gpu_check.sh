@@ -3,16 +3,17 @@
 #   1. scripts/gpu_selfcheck.py: the Triton kernels and CUDA graphs against the reference layer  ->  $OUT/selfcheck.log
 #   2. scripts/bench.py --preset gpu  ->  $OUT/bench_gpu.json, $OUT/bench_gpu.md, $OUT/bench.log
 #   3. ablation: mlstm-paper:fast at H=1024 without CUDA graphs, and without graphs and Triton  ->  $OUT/ablation.md
-#   4. a short bf16 training of the fast mLSTM on the enwik8 sample  ->  $OUT/train/{metrics.jsonl,config.yaml,train.log}
+#   4. scripts/gpu_profile.py: the per-step products alone, and a step's kernels  ->  $OUT/profile.log
+#   5. a short bf16 training of the fast mLSTM on the enwik8 sample  ->  $OUT/train/{metrics.jsonl,config.yaml,train.log}
 # plus $OUT/env.txt (nvidia-smi, versions). Only a few small files go to $OUT (checkpoints stay in $WORK).
 #
 #   OUT=gpu_out bash scripts/gpu_check.sh            # run from the repository root
 # Environment: OUT (default ./gpu_out); WORK (scratch, default a fresh temporary folder); PYTHON (default .venv's
 # python, else python3); SAMPLE (a text file to train on when the enwik8 sample is not found); CHECK_TIMEOUT (s, 90),
-# BENCH_TIMEOUT (s, 200), ABLATION_TIMEOUT (s, 60 each), TRAIN_TIMEOUT (s, 110); SKIP (words: selfcheck bench ablation
-# train); BENCH_ARGS / TRAIN_ARGS (extra flags / Hydra overrides, appended, so they win: a CPU dry run
-# is BENCH_ARGS="--device cpu --hidden 32 --batch 4 --seq-len 10 --iters 1 --warmup 0" TRAIN_ARGS="trainer.device=cpu
-# trainer.precision=fp32 cell.hidden_size=32 trainer.max_steps=3 trainer.batch_size=4 trainer.eval_batch_size=4 ...").
+# BENCH_TIMEOUT (s, 200), ABLATION_TIMEOUT (s, 60 each), PROFILE_TIMEOUT (s, 90), TRAIN_TIMEOUT (s, 110);
+# SKIP (words: selfcheck bench ablation profile train); BENCH_ARGS / TRAIN_ARGS / CHECK_ARGS / PROFILE_ARGS (extra
+# flags / Hydra overrides, appended, so they win: a CPU dry run is BENCH_ARGS="--device cpu --hidden 32 --batch 4
+# --seq-len 10 --iters 1 --warmup 0" TRAIN_ARGS="trainer.device=cpu trainer.precision=fp32 cell.hidden_size=32 trainer.max_steps=3 trainer.batch_size=4 trainer.eval_batch_size=4 ...").
 # No internet: hydra-core, omegaconf and antlr4 (pure Python) are taken from ./.gpu_site when present (copied there
 # from .venv's site-packages; see results/bench/README.md), or installed from wheels in ./.whl when present.
 set -u
@@ -26,6 +27,7 @@ CHECK_TIMEOUT=${CHECK_TIMEOUT:-90}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 ABLATION_TIMEOUT=${ABLATION_TIMEOUT:-60}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-90}
 SKIP=" ${SKIP:-} "
 export PYTHONUNBUFFERED=1
 if [ -z "${PYTHON:-}" ]; then
@@ -48,13 +50,13 @@ status=0
 cat "$OUT/env.txt"
 
 if [[ "$SKIP" != *" selfcheck "* ]]; then
-  echo "== 1/4 the Triton kernels and CUDA graphs against the reference (timeout ${CHECK_TIMEOUT}s)"
+  echo "== 1/5 the Triton kernels and CUDA graphs against the reference (timeout ${CHECK_TIMEOUT}s)"
   timeout -k 10 "$CHECK_TIMEOUT" "$PYTHON" scripts/gpu_selfcheck.py ${CHECK_ARGS:-} > "$OUT/selfcheck.log" 2>&1
   rc=$?; cat "$OUT/selfcheck.log"; echo "selfcheck exit status: $rc"; [ $rc -eq 0 ] || status=1
 fi
 
 if [[ "$SKIP" != *" bench "* ]]; then
-  echo "== 2/4 bench --preset gpu (timeout ${BENCH_TIMEOUT}s)"
+  echo "== 2/5 bench --preset gpu (timeout ${BENCH_TIMEOUT}s)"
   # rows are rewritten after each one: a timeout still leaves the rows measured so far
   timeout -k 10 "$BENCH_TIMEOUT" "$PYTHON" scripts/bench.py --preset gpu --json "$OUT/bench_gpu.json" \
     --markdown "$OUT/bench_gpu.md" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
@@ -63,7 +65,7 @@ if [[ "$SKIP" != *" bench "* ]]; then
 fi
 
 if [[ "$SKIP" != *" ablation "* ]]; then
-  echo "== 3/4 ablation: without CUDA graphs; without graphs and Triton (timeout ${ABLATION_TIMEOUT}s each)"
+  echo "== 3/5 ablation: without CUDA graphs; without graphs and Triton (timeout ${ABLATION_TIMEOUT}s each)"
   : > "$OUT/ablation.md"
   for switches in "MLSTM_CUDA_GRAPH=0" "MLSTM_CUDA_GRAPH=0 MLSTM_TRITON=0"; do
     echo "### $switches" >> "$OUT/ablation.md"
@@ -74,7 +76,13 @@ if [[ "$SKIP" != *" ablation "* ]]; then
   done
 fi
 
-echo "== 4/4 short bf16 training of the fast mLSTM (timeout ${TRAIN_TIMEOUT}s)"
+if [[ "$SKIP" != *" profile "* ]]; then
+  echo "== 4/5 per-step products, and one training step's kernels (timeout ${PROFILE_TIMEOUT}s)"
+  timeout -k 10 "$PROFILE_TIMEOUT" "$PYTHON" scripts/gpu_profile.py ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
+  rc=$?; cat "$OUT/profile.log"; echo "profile exit status: $rc"; [ $rc -eq 0 ] || status=1
+fi
+
+echo "== 5/5 short bf16 training of the fast mLSTM (timeout ${TRAIN_TIMEOUT}s)"
 SHARED=${MLSTM_SHARED_DATA:-../shared/data}
 DATA=()
 if [ -f "$SHARED/enwik8_head3M.xml" ]; then

@@ -237,6 +237,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout, or MLSTM_GIT_COMMIT when set (a copy of the tree whose git metadata is missing or not
+    that of the code, e.g. a working tree sent to a GPU machine)."""
+    if os.environ.get("MLSTM_GIT_COMMIT"):
+        return os.environ["MLSTM_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

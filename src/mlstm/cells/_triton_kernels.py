@@ -57,7 +57,20 @@ def sigmoid_back(grad, y):
 
 
 @triton.jit
-def fwd_product(xp, prod, r, m, H, K, KF, SEED: tl.constexpr, BLOCK: tl.constexpr):
+def to_low(x, dtype, BF16: tl.constexpr):
+    """x in the products' dtype, rounded to nearest even as torch's .to() (for bfloat16 by hand: Triton's
+    interpreter truncates; NaN kept apart, since the rounding carry would turn some NaNs into -0)."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16  # shifts: no constant beyond int32
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
+def fwd_product(xp, prod, r, m, m_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
+                BLOCK: tl.constexpr):
+    # LO: also write m in the products' dtype (m_lo, (B, H)), the next product's operand
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
@@ -68,18 +81,24 @@ def fwd_product(xp, prod, r, m, H, K, KF, SEED: tl.constexpr, BLOCK: tl.constexp
         bb = tl.load(xb + H + k, mask=ok) + tl.load(pb + H + k, mask=ok).to(dt)
         tl.store(rb + k, a, mask=ok)
         tl.store(rb + H + k, bb, mask=ok)
-        tl.store(mb + k, a * bb, mask=ok)
+        mv = a * bb
     else:  # r = W_mh h_{t-1};  m = (W_mx x) ⊙ r
         rv = tl.load(pb + k, mask=ok).to(dt)
         tl.store(rb + k, rv, mask=ok)
-        tl.store(mb + k, tl.load(xb + k, mask=ok) * rv, mask=ok)
+        mv = tl.load(xb + k, mask=ok) * rv
+    tl.store(mb + k, mv, mask=ok)
+    if LO:
+        tl.store(m_lo + b * H + k, to_low(mv, m_lo.dtype.element_ty, BF16), mask=ok)
 
 
 @triton.jit
-def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, forget_bias, clip, H, K,
+def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, y, mask, h_lo, forget_bias, clip, H, K,
              FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
-             ii: tl.constexpr, ci: tl.constexpr, BLOCK: tl.constexpr):
-    # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o])
+             ii: tl.constexpr, ci: tl.constexpr, OUT: tl.constexpr, MASK: tl.constexpr, STORE_HR: tl.constexpr,
+             BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
+    # OUT (no projection): also the layer's output y = h ⊙ mask (MASK) and its copy in the products' dtype (h_lo,
+    # the next step's operand); h itself is stored in hr only when STORE_HR (hr is not y).
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
@@ -117,34 +136,54 @@ def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, forget_
             tl.store(gb + 3 * H + k, o2, mask=ok)
             tl.store(ac + b * H + k, a, mask=ok)
             tl.store(so + b * H + k, so2, mask=ok)
-            tl.store(hr + b * H + k, so2 * a, mask=ok)
+            hv = so2 * a
         else:  # h = act(c o), no σ on o
             tl.store(gb + 3 * H + k, zo, mask=ok)
-            tl.store(hr + b * H + k, act(cv * zo, ACT), mask=ok)
+            hv = act(cv * zo, ACT)
     else:
         if PEEP:  # o sees the clipped c
             zo = zo + cv * tl.load(w_O + k, mask=ok)
         o = sigmoid(zo)
         tl.store(gb + 3 * H + k, o, mask=ok)
         if FORM == 1:  # h = act(o c + b_h)
-            tl.store(hr + b * H + k, act(tl.load(b_h + k, mask=ok) + o * cv, ACT), mask=ok)
+            hv = act(tl.load(b_h + k, mask=ok) + o * cv, ACT)
         else:  # h = o act(c)
             a = act(cv, ACT)
             tl.store(ac + b * H + k, a, mask=ok)
-            tl.store(hr + b * H + k, o * a, mask=ok)
+            hv = o * a
+    if OUT:
+        yv = hv
+        if MASK:
+            yv = hv * tl.load(mask + b * H + k, mask=ok)
+        if STORE_HR:
+            tl.store(hr + b * H + k, hv, mask=ok)
+        tl.store(y + b * H + k, yv, mask=ok)
+        tl.store(h_lo + b * H + k, to_low(yv, h_lo.dtype.element_ty, BF16), mask=ok)
+    else:
+        tl.store(hr + b * H + k, hv, mask=ok)
 
 
 @triton.jit
-def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, clip, H, K,
+def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, mask, dz_lo, clip, H, K,
              FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
-             ii: tl.constexpr, ci: tl.constexpr, BLOCK: tl.constexpr):
-    # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o])
+             ii: tl.constexpr, ci: tl.constexpr, IN: tl.constexpr, ADD_DY: tl.constexpr, MASK: tl.constexpr,
+             BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
+    # IN (no projection): the grad of h is (dy (ADD_DY) + dh_in) ⊙ mask (MASK), dh_in the product W_r^T dr of the
+    # step after (any dtype), instead of dhr; dz is also written in the products' dtype (dz_lo, (B, 4H)).
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
     dt = g.dtype.element_ty
     gb, zb, row = g + b * 4 * H, dz + b * K, b * H + k
-    d = tl.load(dhr + row, mask=ok)
+    if IN:
+        d = tl.load(dh_in + row, mask=ok).to(dt)
+        if ADD_DY:
+            d = tl.load(dy + row, mask=ok) + d
+        if MASK:
+            d = d * tl.load(mask + row, mask=ok)
+    else:
+        d = tl.load(dhr + row, mask=ok)
     dcv = tl.load(dc + row, mask=ok)
     gi = tl.load(gb + ii * H + k, mask=ok)
     gf = tl.load(gb + 2 * H + k, mask=ok)
@@ -194,19 +233,36 @@ def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, clip,
     tl.store(zb + ci * H + k, dcand, mask=ok)
     tl.store(zb + 3 * H + k, d_o, mask=ok)
     tl.store(dc + row, dc_prev, mask=ok)
+    if IN:
+        lt = dz_lo.dtype.element_ty
+        zl = dz_lo + b * 4 * H
+        tl.store(zl + ii * H + k, to_low(di, lt, BF16), mask=ok)
+        tl.store(zl + 2 * H + k, to_low(df, lt, BF16), mask=ok)
+        tl.store(zl + ci * H + k, to_low(dcand, lt, BF16), mask=ok)
+        tl.store(zl + 3 * H + k, to_low(d_o, lt, BF16), mask=ok)
 
 
 @triton.jit
-def bwd_product(xp, r, dm, dF, dR, H, K, KF, SEED: tl.constexpr, BLOCK: tl.constexpr):
+def bwd_product(xp, r, dm, dF, dR, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
+                BLOCK: tl.constexpr):
+    # LO: also write dr in the products' dtype (dr_lo, (B, KF)), the operand of W_r^T dr
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
     dt = xp.dtype.element_ty
     rb, fb = r + b * KF, dF + b * K
     dmv = tl.load(dm + b * H + k, mask=ok).to(dt)
-    if SEED:  # m = a ⊙ b:  d[a; b] = [dm ⊙ b; dm ⊙ a]
-        tl.store(fb + k, dmv * tl.load(rb + H + k, mask=ok), mask=ok)
-        tl.store(fb + H + k, dmv * tl.load(rb + k, mask=ok), mask=ok)
+    if SEED:  # m = a ⊙ b:  d[a; b] = [dm ⊙ b; dm ⊙ a], which is also dr (r enters [a; b] additively)
+        da = dmv * tl.load(rb + H + k, mask=ok)
+        db = dmv * tl.load(rb + k, mask=ok)
+        tl.store(fb + k, da, mask=ok)
+        tl.store(fb + H + k, db, mask=ok)
+        if LO:
+            tl.store(dr_lo + b * KF + k, to_low(da, dr_lo.dtype.element_ty, BF16), mask=ok)
+            tl.store(dr_lo + b * KF + H + k, to_low(db, dr_lo.dtype.element_ty, BF16), mask=ok)
     else:  # m = xp_F ⊙ r:  d xp_F = dm ⊙ r, dr = dm ⊙ xp_F
         tl.store(fb + k, dmv * tl.load(rb + k, mask=ok), mask=ok)
-        tl.store(dR + b * KF + k, dmv * tl.load(xp + b * K + k, mask=ok), mask=ok)
+        dr = dmv * tl.load(xp + b * K + k, mask=ok)
+        tl.store(dR + b * KF + k, dr, mask=ok)
+        if LO:
+            tl.store(dr_lo + b * KF + k, to_low(dr, dr_lo.dtype.element_ty, BF16), mask=ok)

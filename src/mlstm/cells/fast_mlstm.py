@@ -222,8 +222,11 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     # per-step views, made once (indexing costs about as much as a small kernel)
     gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
     r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (R, M, G, C, CR, Y, HR, PR))
+    low = None
+    if _fused_io(spec, W_P):  # the next products' operands, in their dtype
+        low = dict(h_lo=h0.to(pm.dtype, copy=True), m_lo=xp.new_empty(B, H, dtype=pm.dtype), y=Y, mask=mask)
     kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
-                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h))
+                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h), low)
     if kern is None:  # views of the hoisted parts and the gate slots for the PyTorch pointwise path
         xf, xz = _steps(xp[..., :KF], T), _steps(xp[..., KF:], T)
         gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
@@ -235,6 +238,10 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
 
     for t in range(T):
         h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
+        if kern is not None and kern.fused:  # four launches: the kernels also write y[t], h_lo and m_lo
+            kern.fwd_product(t, torch.mm(low["h_lo"], op_r))
+            kern.fwd_cell(t, torch.mm(low["m_lo"], op_m))
+            continue
         if kern is not None:  # the C loops add the hoisted parts xp_F (seed) and xp_z to the products
             kern.fwd_product(t, pm.product(h_prev, op_r, r[t]))  # m_t from W_mh h_{t-1} | A_h h_{t-1}
             kern.fwd_cell(t, pm.product(m[t], op_m, g[t]))  # the pointwise math of _cell_step, from W_m m_t
@@ -308,10 +315,10 @@ def _products(spec, xp, batch: int) -> _Products:
     return _Products(spec.compute_dtype, xp.dtype, xp.device, batch, spec.pointwise.startswith("triton"))
 
 
-def _kernel_call(spec, xp, buffers: dict, tensors: dict):
+def _kernel_call(spec, xp, buffers: dict, tensors: dict, low: dict | None = None):
     """The fused kernels' view of this segment's buffers (`cpu_kernel.SegmentCall` or its Triton twin), or None for
     the PyTorch path (not asked for by the spec, or a tensor the kernels cannot address: another dtype, or not
-    contiguous)."""
+    contiguous). low: the Triton kernels' fused input/output tensors (`TritonSegmentCall`), or None."""
     if spec.pointwise == "torch":
         return None
     used = [v for v in (xp, *buffers.values(), *tensors.values()) if v is not None]
@@ -319,7 +326,16 @@ def _kernel_call(spec, xp, buffers: dict, tensors: dict):
         return None
     if spec.pointwise == "c":
         return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
-    return triton_kernel.TritonSegmentCall(spec, xp, buffers, tensors, interpret=spec.pointwise == "triton-interpret")
+    if low is not None and any(v is not None and not v.is_contiguous() for v in low.values()):
+        low = None
+    return triton_kernel.TritonSegmentCall(spec, xp, buffers, tensors, low,
+                                           interpret=spec.pointwise == "triton-interpret")
+
+
+def _fused_io(spec, W_P) -> bool:
+    """Whether the Triton kernels also do the layer's output and the operands' casts (`TritonSegmentCall`'s low):
+    every layer without a projection."""
+    return spec.pointwise.startswith("triton") and W_P is None
 
 
 def _steps(buffer: torch.Tensor | None, T: int) -> list:
@@ -354,46 +370,58 @@ def _backward(ctx, dY, dh_T, dc_T):
     tmp, dm = xp.new_empty(B, H), xp.new_empty(B, H)
     dh0 = None
     kern = None
-    if CR is not None:  # the forward ran the C kernel: so does the backward
+    if CR is not None:  # the forward ran the fused kernels: so does the backward
+        low = None
+        if _fused_io(spec, W_P):
+            low = dict(dz_lo=xp.new_empty(B, 4 * H, dtype=pm.dtype), dr_lo=xp.new_empty(B, KF, dtype=pm.dtype),
+                       dY=dY, mask=mask)
         kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
                             dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP, dR=None if seed else dR, dU=dU,
-                                 dhr=tmp if W_P is not None else dh, dc=dc))
+                                 dhr=tmp if W_P is not None else dh, dc=dc), low)
         assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
-    for t in range(T - 1, -1, -1):
-        d = dZ[t]
-        if mask is not None:
-            dh.mul_(mask)
-        if W_P is not None:  # through h = clip(W_P h_raw)
-            if keep_p is not None:
-                torch.mul(dh, keep_p[t], out=dPP[t])
+    if kern is not None and kern.fused:  # four launches a step: grad of h from the last product, dz_lo, dr_lo
+        dh_in, add_dy = dh, False  # at T-1: dY[T-1] + dh_T
+        for t in range(T - 1, -1, -1):
+            kern.bwd_cell(t, dh_in, add_dy)
+            kern.bwd_product(t, torch.mm(low["dz_lo"], op_m))
+            dh_in, add_dy = torch.mm(low["dr_lo"], op_r), True  # W_r^T dr_t: the recurrent part of dh_{t-1}
+        dh0 = dh_in.to(xp.dtype)
+    else:
+        for t in range(T - 1, -1, -1):
+            d = dZ[t]
+            if mask is not None:
+                dh.mul_(mask)
+            if W_P is not None:  # through h = clip(W_P h_raw)
+                if keep_p is not None:
+                    torch.mul(dh, keep_p[t], out=dPP[t])
+                else:
+                    dPP[t].copy_(dh)
+                dhr = tmp
+                pm.mm(dPP[t], op_P, dhr)
             else:
-                dPP[t].copy_(dh)
-            dhr = tmp
-            pm.mm(dPP[t], op_P, dhr)
-        else:
-            dhr = dh
-        if kern is not None:
-            kern.bwd_cell(t)  # the pointwise backward below, in one C loop
-        else:
-            _cell_step_backward(spec, act, t, G[t], C[t], c0 if t == 0 else C[t - 1], d, dhr, dc, tmp, AC, SO, HR,
-                                dU, keep_c, w_I, w_F, w_O)
-        # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
-        if kern is not None:
-            kern.bwd_product(t, pm.product(d, op_m, dm))  # d xp_F, dr_t from the grad of m_t (B, H)
-        else:
-            pm.mm(d, op_m, dm)  # grad of m_t                                      (B, H)
-            if seed:  # m = a ⊙ b, [a; b] = xp_F + r
-                torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
-                torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
-            else:  # m = xp_F ⊙ r
-                torch.mul(dm, R[t], out=dF[t])
-                torch.mul(dm, XF[t], out=dR[t])
-        if t > 0:
-            pm.addmm(dY[t - 1], dR[t], op_r, dh)  # grad of h_{t-1}: its output grad + the recurrence
-        else:
-            dh0 = xp.new_empty(B, P)
-            pm.mm(dR[0], op_r, dh0)
+                dhr = dh
+            if kern is not None:
+                kern.bwd_cell(t)  # the pointwise backward below, in one C loop
+            else:
+                _cell_step_backward(spec, act, t, G[t], C[t], c0 if t == 0 else C[t - 1], d, dhr, dc, tmp, AC, SO, HR,
+                                    dU, keep_c, w_I, w_F, w_O)
+            # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
+            if kern is not None:
+                kern.bwd_product(t, pm.product(d, op_m, dm))  # d xp_F, dr_t from the grad of m_t (B, H)
+            else:
+                pm.mm(d, op_m, dm)  # grad of m_t                                      (B, H)
+                if seed:  # m = a ⊙ b, [a; b] = xp_F + r
+                    torch.mul(dm, R[t][:, H:], out=dF[t][:, :H])
+                    torch.mul(dm, R[t][:, :H], out=dF[t][:, H:])
+                else:  # m = xp_F ⊙ r
+                    torch.mul(dm, R[t], out=dF[t])
+                    torch.mul(dm, XF[t], out=dR[t])
+            if t > 0:
+                pm.addmm(dY[t - 1], dR[t], op_r, dh)  # grad of h_{t-1}: its output grad + the recurrence
+            else:
+                dh0 = xp.new_empty(B, P)
+                pm.mm(dR[0], op_r, dh0)
 
     need = ctx.needs_input_grad[2:]  # (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
     dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None

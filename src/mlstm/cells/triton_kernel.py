@@ -108,9 +108,16 @@ def _slot(buffer: torch.Tensor | None, t: int) -> torch.Tensor | None:
 
 class TritonSegmentCall:
     """One segment's buffers and the per-step launches on them (the interface of `cpu_kernel.SegmentCall`).
+
+    low: the fused input/output of a layer without projection (`fast_mlstm` passes it then), tensors in the products'
+    dtype and the ones the kernels then also read or write: forward {h_lo (B, H), m_lo (B, H), y (T, B, H), mask
+    (B, H) or None}; backward {dz_lo (B, 4H), dr_lo (B, K_F), dY (T, B, H), mask}. The forward kernels then write
+    y[t] = h ⊙ mask and the operands of the next products (h_lo, m_lo); the backward ones read the grad of h from the
+    last product and dY (`bwd_cell(t, dh_in, add_dy)`) and write dz_lo and dr_lo: four launches per step each way,
+    and no casts, adds or mask products in between.
     interpret: run through Triton's CPU interpreter (tests)."""
 
-    def __init__(self, spec, xp, buffers: dict, tensors: dict, interpret: bool = False):
+    def __init__(self, spec, xp, buffers: dict, tensors: dict, low: dict | None = None, interpret: bool = False):
         T, B, K = xp.shape
         H = buffers["M"].shape[-1]
         self.T, self.B, self.H, self.K, self.KF = T, B, H, K, K - 4 * H
@@ -118,13 +125,18 @@ class TritonSegmentCall:
         self.act, self.peep, self.clip = ACTIVATIONS[spec.activation], bool(spec.peepholes), spec.cell_clip
         self.forget_bias = float(spec.forget_bias)
         self.ii, self.ci = (0, 1) if self.form >= 2 else (1, 0)  # slots of i and the candidate in z (seed: i, j)
-        self.xp, self.b, self.t = xp, buffers, tensors
+        self.xp, self.b, self.t, self.low = xp, buffers, tensors, low or {}
+        self.fused = low is not None
         self.k = kernels(interpret)
         self.block = self.block_for(H)
         self.grid = (B, -(-H // self.block))
         self.warps = max(1, min(4, self.block // 128))
         # an unused pointer argument (a buffer that this form does not have) is given a harmless tensor instead
         self.spare = xp
+        self.bf16 = any(v is not None and v.dtype == torch.bfloat16 for v in self.low.values())
+        self.cell_flags = dict(FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii,
+                               ci=self.ci, MASK=self.low.get("mask") is not None, BF16=self.bf16, BLOCK=self.block,
+                               num_warps=self.warps)
 
     @staticmethod
     def block_for(H: int) -> int:
@@ -139,31 +151,34 @@ class TritonSegmentCall:
 
     def fwd_product(self, t: int, product: torch.Tensor) -> None:
         self.k.fwd_product[self.grid](self.xp[t], product, _slot(self.b["R"], t), _slot(self.b["M"], t),
-                                         self.H, self.K, self.KF, SEED=self.form >= 2, BLOCK=self.block,
-                                         num_warps=self.warps)
+                                      self._p(self.low.get("m_lo")), self.H, self.K, self.KF, SEED=self.form >= 2,
+                                      LO=self.fused, BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
 
     def fwd_cell(self, t: int, product: torch.Tensor) -> None:
-        b, p = self.b, self._p
+        b, p, low = self.b, self._p, self.low
+        hr = _slot(b["HR"], t)
+        y = low["y"][t] if self.fused else None
         self.k.fwd_cell[self.grid](
             self.xp[t, :, self.KF:], product, self._c_prev(t), _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t),
-            _slot(b["HR"], t), p(_slot(b["AC"], t)), p(_slot(b["SO"], t)),
+            hr, p(_slot(b["AC"], t)), p(_slot(b["SO"], t)),
             p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]), p(self.t["b_h"]),
-            self.forget_bias, float(self.clip or 0.0), self.H, self.K,
-            FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii, ci=self.ci, BLOCK=self.block,
-            num_warps=self.warps)
+            p(y), p(low.get("mask")), p(low.get("h_lo")), self.forget_bias, float(self.clip or 0.0), self.H, self.K,
+            OUT=self.fused, STORE_HR=self.fused and hr.data_ptr() != y.data_ptr(), **self.cell_flags)
 
-    def bwd_cell(self, t: int) -> None:
-        b, p = self.b, self._p
+    def bwd_cell(self, t: int, dh_in: torch.Tensor | None = None, add_dy: bool = False) -> None:
+        """dh_in, add_dy (fused only): the grad of h_t is (dY[t] if add_dy) + dh_in, before the mask."""
+        b, p, low = self.b, self._p, self.low
         self.k.bwd_cell[self.grid](
             _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t),
             p(_slot(b["AC"], t)), p(_slot(b["SO"], t)), p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]),
             self.t["dhr"], self.t["dc"], self.t["dXP"][t, :, self.KF:],
-            p(None if self.t["dU"] is None else self.t["dU"][t]), float(self.clip or 0.0), self.H, self.K,
-            FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii, ci=self.ci, BLOCK=self.block,
-            num_warps=self.warps)
+            p(None if self.t["dU"] is None else self.t["dU"][t]),
+            p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")), p(low.get("dz_lo")),
+            float(self.clip or 0.0), self.H, self.K, IN=self.fused, ADD_DY=add_dy, **self.cell_flags)
 
     def bwd_product(self, t: int, product: torch.Tensor) -> None:
         dR = self.t["dR"]
         self.k.bwd_product[self.grid](self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t],
-                                         self._p(None if dR is None else dR[t]), self.H, self.K, self.KF,
-                                         SEED=self.form >= 2, BLOCK=self.block, num_warps=self.warps)
+                                      self._p(None if dR is None else dR[t]), self._p(self.low.get("dr_lo")),
+                                      self.H, self.K, self.KF, SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block,
+                                      num_warps=self.warps)
