@@ -3,7 +3,9 @@ among the module's globals, and `triton_kernel.kernels` loads this file once for
 interpreter, which is chosen when a kernel is decorated. Each stage mirrors its C twin in csrc/mlstm_cpu_body.h.
 
 Form numbers as in the C code: 0 paper, 1 matlab, 2 seed as posted, 3 seed with the gated output; ACT: 0 tanh,
-1 relu, 2 identity. Slots of z: paper/matlab [ĥ; i; f; o], seed [i; j; f; o]. One program: BLOCK units of one batch
+1 relu, 2 identity. Unlike the C loops, the backward recomputes act(c) (and σ(o'), act(c o') of the posted seed form
+with peepholes) from what it reads anyway, with the forward's own arithmetic, so the same values: the forward does
+not write AC and SO, two (B, H) passes fewer each way. Slots of z: paper/matlab [ĥ; i; f; o], seed [i; j; f; o]. One program: BLOCK units of one batch
 row b; every (B, n) operand has contiguous rows, z and d xp rows are K apart.
 """
 
@@ -68,9 +70,8 @@ def to_low(x, dtype, BF16: tl.constexpr):
 
 
 @triton.jit
-def fwd_product(xp, prod, r, m, m_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
-                BLOCK: tl.constexpr):
-    # LO: also write m in the products' dtype (m_lo, (B, H)), the next product's operand
+def fwd_product(xp, prod, r, m, H, K, KF, SEED: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # r and m may be in the products' dtype (fused: BF16 when that is bfloat16)
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
@@ -84,15 +85,13 @@ def fwd_product(xp, prod, r, m, m_lo, H, K, KF, SEED: tl.constexpr, LO: tl.const
         mv = a * bb
     else:  # r = W_mh h_{t-1};  m = (W_mx x) ⊙ r
         rv = tl.load(pb + k, mask=ok).to(dt)
-        tl.store(rb + k, rv, mask=ok)
+        tl.store(rb + k, rv.to(r.dtype.element_ty), mask=ok)  # (exact: rv is the product, in r's dtype or wider)
         mv = tl.load(xb + k, mask=ok) * rv
-    tl.store(mb + k, mv, mask=ok)
-    if LO:
-        tl.store(m_lo + b * H + k, to_low(mv, m_lo.dtype.element_ty, BF16), mask=ok)
+    tl.store(mb + k, to_low(mv, m.dtype.element_ty, BF16), mask=ok)
 
 
 @triton.jit
-def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, y, mask, h_lo, forget_bias, clip, H, K,
+def fwd_cell(xz, prod, c_prev, g, cr, c, hr, w_I, w_F, w_O, b_h, y, mask, h_lo, forget_bias, clip, H, K,
              FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
              ii: tl.constexpr, ci: tl.constexpr, OUT: tl.constexpr, MASK: tl.constexpr, STORE_HR: tl.constexpr,
              BF16: tl.constexpr, BLOCK: tl.constexpr):
@@ -126,7 +125,8 @@ def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, y, mask
     tl.store(gb + ii * H + k, si, mask=ok)
     tl.store(gb + 2 * H + k, sf, mask=ok)
     tl.store(gb + ci * H + k, cand, mask=ok)
-    tl.store(cr + b * H + k, crv, mask=ok)  # cr and c are one buffer without a clip: the same value twice
+    if CLIP:  # (without a clip cr is c)
+        tl.store(cr + b * H + k, crv, mask=ok)
     tl.store(c + b * H + k, cv, mask=ok)
     if FORM == 2:
         if PEEP:  # o' = o + w_O c;  h = σ(o') act(c o')
@@ -134,8 +134,6 @@ def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, y, mask
             a = act(cv * o2, ACT)
             so2 = sigmoid(o2)
             tl.store(gb + 3 * H + k, o2, mask=ok)
-            tl.store(ac + b * H + k, a, mask=ok)
-            tl.store(so + b * H + k, so2, mask=ok)
             hv = so2 * a
         else:  # h = act(c o), no σ on o
             tl.store(gb + 3 * H + k, zo, mask=ok)
@@ -149,7 +147,6 @@ def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, y, mask
             hv = act(tl.load(b_h + k, mask=ok) + o * cv, ACT)
         else:  # h = o act(c)
             a = act(cv, ACT)
-            tl.store(ac + b * H + k, a, mask=ok)
             hv = o * a
     if OUT:
         yv = hv
@@ -164,13 +161,13 @@ def fwd_cell(xz, prod, c_prev, g, cr, c, hr, ac, so, w_I, w_F, w_O, b_h, y, mask
 
 
 @triton.jit
-def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, mask, dz_lo, clip, H, K,
+def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, mask, dz_lo, clip, H, K,
              FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
              ii: tl.constexpr, ci: tl.constexpr, IN: tl.constexpr, ADD_DY: tl.constexpr, MASK: tl.constexpr,
              BF16: tl.constexpr, BLOCK: tl.constexpr):
     # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
-    # IN (no projection): the grad of h is (dy (ADD_DY) + dh_in) ⊙ mask (MASK), dh_in the product W_r^T dr of the
-    # step after (any dtype), instead of dhr; dz is also written in the products' dtype (dz_lo, (B, 4H)).
+    # IN (fused): the grad of h is (dy (ADD_DY) + dh_in) ⊙ mask (MASK), dh_in the product W_r^T dr of the step
+    # after (any dtype), instead of dhr; dz is also written in the products' dtype (dz_lo, (B, 4H)).
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
@@ -192,8 +189,8 @@ def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, dh_in
     cv = tl.load(c + row, mask=ok)
     if FORM == 2:
         if PEEP:  # h = σ(o') a, a = act(c o')
-            a = tl.load(ac + row, mask=ok)
-            so2 = tl.load(so + row, mask=ok)
+            a = act(cv * go, ACT)  # go is o' here: act(c o') and σ(o') as the forward computed them
+            so2 = sigmoid(go)
             d_o = sigmoid_back(d * a, so2)
             tmp = act_back(d * so2, a, ACT)  # grad of c o'
             d_o = d_o + tmp * cv
@@ -210,7 +207,7 @@ def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, dh_in
             d_o = u * cv
             dcv = dcv + u * go
         else:  # h = o act(c)
-            a = tl.load(ac + row, mask=ok)
+            a = act(cv, ACT)
             d_o = d * a
             dcv = dcv + act_back(d * go, a, ACT)
         d_o = sigmoid_back(d_o, go)
@@ -245,7 +242,8 @@ def bwd_cell(g, cr, c, c_prev, hr, ac, so, w_I, w_F, w_O, dhr, dc, dz, du, dh_in
 @triton.jit
 def bwd_product(xp, r, dm, dF, dR, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
                 BLOCK: tl.constexpr):
-    # LO: also write dr in the products' dtype (dr_lo, (B, KF)), the operand of W_r^T dr
+    # LO (fused): dr goes to dr_lo, in the products' dtype (the operand of W_r^T dr and of dW_r), not to dR; r may
+    # be in that dtype
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
@@ -253,16 +251,17 @@ def bwd_product(xp, r, dm, dF, dR, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.c
     rb, fb = r + b * KF, dF + b * K
     dmv = tl.load(dm + b * H + k, mask=ok).to(dt)
     if SEED:  # m = a ⊙ b:  d[a; b] = [dm ⊙ b; dm ⊙ a], which is also dr (r enters [a; b] additively)
-        da = dmv * tl.load(rb + H + k, mask=ok)
-        db = dmv * tl.load(rb + k, mask=ok)
+        da = dmv * tl.load(rb + H + k, mask=ok).to(dt)
+        db = dmv * tl.load(rb + k, mask=ok).to(dt)
         tl.store(fb + k, da, mask=ok)
         tl.store(fb + H + k, db, mask=ok)
         if LO:
             tl.store(dr_lo + b * KF + k, to_low(da, dr_lo.dtype.element_ty, BF16), mask=ok)
             tl.store(dr_lo + b * KF + H + k, to_low(db, dr_lo.dtype.element_ty, BF16), mask=ok)
     else:  # m = xp_F ⊙ r:  d xp_F = dm ⊙ r, dr = dm ⊙ xp_F
-        tl.store(fb + k, dmv * tl.load(rb + k, mask=ok), mask=ok)
+        tl.store(fb + k, dmv * tl.load(rb + k, mask=ok).to(dt), mask=ok)
         dr = dmv * tl.load(xp + b * K + k, mask=ok)
-        tl.store(dR + b * KF + k, dr, mask=ok)
         if LO:
             tl.store(dr_lo + b * KF + k, to_low(dr, dr_lo.dtype.element_ty, BF16), mask=ok)
+        else:
+            tl.store(dR + b * KF + k, dr, mask=ok)

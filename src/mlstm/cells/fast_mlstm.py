@@ -205,15 +205,27 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
 
     S = T if save else 1  # steps kept in the per-step buffers (one scratch step when nothing is saved)
 
-    def buf(width, steps=S):
-        return xp.new_empty(steps, B, width)
+    def buf(width, steps=S, dtype=None):
+        return xp.new_empty(steps, B, width, dtype=dtype)
 
-    R, M, G = buf(KF), buf(H), buf(4 * H)  # r_t (seed: [a_t; b_t]), m_t, gates after their nonlinearity
+    # fused (Triton kernels, products in a lower dtype, no projection): the kernels also write y and the products'
+    # operands; m_t and h_t are kept in the products' dtype only (they are used only as product operands: the next
+    # step's and dW_m = Σ dz^T m, dW_r = Σ dr^T h), and so is r_t in the paper and matlab forms (an unrounded product
+    # in that dtype: exact)
+    fused = _fused_io(spec, W_P, xp, mask)
+    low = pm.dtype if fused else None
+    R = buf(KF, dtype=None if seed else low)  # r_t (seed: [a_t; b_t])
+    M, G = buf(H, dtype=low), buf(4 * H)  # m_t, gates after their nonlinearity
+    H_lo = buf(H, dtype=low) if fused else None  # h_t (y_t, after the mask) in the products' dtype
     C = buf(H, T if save else 2)  # c_t after the clip (two slots when not saving: c_{t-1} and c_t)
     CR = buf(H) if clip is not None else C  # c_t before the clip
     gated = spec.gated_output  # h = o act(c)
-    AC = buf(H) if gated or (seed and peep) else None  # act(c_t); posted seed + peepholes: act(c_t o'_t)
-    SO = buf(H) if seed and peep and not gated else None  # posted seed + peepholes: σ(o'_t)
+    def saved_activations():  # (the Triton kernels recompute these in the backward: not kept for them)
+        AC = buf(H) if gated or (seed and peep) else None  # act(c_t); posted seed + peepholes: act(c_t o'_t)
+        SO = buf(H) if seed and peep and not gated else None  # posted seed + peepholes: σ(o'_t)
+        return AC, SO
+
+    AC, SO = saved_activations() if not spec.pointwise.startswith("triton") else (None, None)
     Y = xp.new_empty(T, B, P)  # the output, also h_{t-1} of the next step
     # h before projection and mask: needed by dW_P, and by act' in matlab/seed when the mask hides it in y
     HR = buf(H) if W_P is not None or (mask is not None and not gated) else Y
@@ -222,11 +234,11 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     # per-step views, made once (indexing costs about as much as a small kernel)
     gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
     r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (R, M, G, C, CR, Y, HR, PR))
-    low = None
-    if _fused_io(spec, W_P):  # the next products' operands, in their dtype
-        low = dict(h_lo=h0.to(pm.dtype, copy=True), m_lo=xp.new_empty(B, H, dtype=pm.dtype), y=Y, mask=mask)
     kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
-                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h), low)
+                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h), dict(H_lo=H_lo, Y=Y, mask=mask) if fused else None)
+    fused = fused and kern is not None  # (else the PyTorch path, which takes R and M in the lower dtype as well)
+    if kern is None and spec.pointwise.startswith("triton"):
+        AC, SO = saved_activations()
     if kern is None:  # views of the hoisted parts and the gate slots for the PyTorch pointwise path
         xf, xz = _steps(xp[..., :KF], T), _steps(xp[..., KF:], T)
         gi, gf, gc, go = (_steps(G[..., a : a + H], T) for a in gates)
@@ -236,37 +248,41 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
             g_sig = _steps(G[..., H : 3 * H] if peep else G[..., H:], T)  # σ(i), σ(f) [, σ(o)]
         slots = (gi, gf, gc, go, g_sig, _steps(AC, T), _steps(SO, T))
 
-    for t in range(T):
-        h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
-        if kern is not None and kern.fused:  # four launches: the kernels also write y[t], h_lo and m_lo
-            kern.fwd_product(t, torch.mm(low["h_lo"], op_r))
-            kern.fwd_cell(t, torch.mm(low["m_lo"], op_m))
-            continue
-        if kern is not None:  # the C loops add the hoisted parts xp_F (seed) and xp_z to the products
-            kern.fwd_product(t, pm.product(h_prev, op_r, r[t]))  # m_t from W_mh h_{t-1} | A_h h_{t-1}
-            kern.fwd_cell(t, pm.product(m[t], op_m, g[t]))  # the pointwise math of _cell_step, from W_m m_t
-        else:
-            if seed:
-                pm.addmm(xf[t], h_prev, op_r, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
-                torch.mul(r[t][:, :H], r[t][:, H:], out=m[t])  # m = a ⊙ b                    (B, H)
+    if fused:  # four launches a step: products from H_lo and M, the kernels write y[t], H_lo[t] and M[t]
+        h_lo, m_lo = h0.to(low), _steps(M, T)
+        for t, h_t in enumerate(_steps(H_lo, T)):
+            kern.fwd_product(t, torch.mm(h_lo, op_r))
+            kern.fwd_cell(t, torch.mm(m_lo[t], op_m))
+            h_lo = h_t
+    else:
+        for t in range(T):
+            h_prev, c_prev = (h0, c0) if t == 0 else (y[t - 1], c[t - 1])
+            if kern is not None:  # the C loops add the hoisted parts xp_F (seed) and xp_z to the products
+                kern.fwd_product(t, pm.product(h_prev, op_r, r[t]))  # m_t from W_mh h_{t-1} | A_h h_{t-1}
+                kern.fwd_cell(t, pm.product(m[t], op_m, g[t]))  # the pointwise math of _cell_step, from W_m m_t
             else:
-                pm.mm(h_prev, op_r, r[t])  # W_mh h_{t-1}                                  (B, H)
-                torch.mul(xf[t], r[t], out=m[t])  # m = (W_mx x) ⊙ (W_mh h_{t-1})
-            pm.addmm(xz[t], m[t], op_m, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
-            _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h)
-        if W_P is not None:  # h = clip(W_P h)
-            pm.mm(hr[t], op_P, pr[t])
-            if pclip is not None:
-                torch.clamp(pr[t], -pclip, pclip, out=y[t])
-        if mask is not None:
-            torch.mul(y[t] if W_P is not None else hr[t], mask, out=y[t])
+                if seed:
+                    pm.addmm(xf[t], h_prev, op_r, r[t])  # [a; b] = A_x x + a + A_h h_{t-1}       (B, 2H)
+                    torch.mul(r[t][:, :H], r[t][:, H:], out=m[t])  # m = a ⊙ b                    (B, H)
+                else:
+                    pm.mm(h_prev, op_r, r[t])  # W_mh h_{t-1}                                  (B, H)
+                    torch.mul(xf[t], r[t], out=m[t])  # m = (W_mx x) ⊙ (W_mh h_{t-1})
+                pm.addmm(xz[t], m[t], op_m, g[t])  # z = W_x x (+ b) + W_m m                    (B, 4H)
+                _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h)
+            if W_P is not None:  # h = clip(W_P h)
+                pm.mm(hr[t], op_P, pr[t])
+                if pclip is not None:
+                    torch.clamp(pr[t], -pclip, pclip, out=y[t])
+            if mask is not None:
+                torch.mul(y[t] if W_P is not None else hr[t], mask, out=y[t])
 
     h_T, c_T = y[T - 1].clone(), c[T - 1].clone()
     if save:
         keep_c = CR.abs() <= clip if clip is not None and kern is None else None  # torch.clamp's gradient mask
         keep_p = PR.abs() <= pclip if pclip is not None else None
         ctx.spec = spec
-        ctx.buffers = (R, M, G, C, CR if kern is not None else None, AC, SO, None if HR is Y else HR, keep_c, keep_p)
+        ctx.buffers = (R, M, G, C, CR if kern is not None else None, AC, SO, None if HR is Y else HR, keep_c, keep_p,
+                       H_lo if fused else None)
         ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y)
     return Y, h_T, c_T
 
@@ -321,21 +337,23 @@ def _kernel_call(spec, xp, buffers: dict, tensors: dict, low: dict | None = None
     contiguous). low: the Triton kernels' fused input/output tensors (`TritonSegmentCall`), or None."""
     if spec.pointwise == "torch":
         return None
-    used = [v for v in (xp, *buffers.values(), *tensors.values()) if v is not None]
+    lowered = {"R", "M"} if low is not None else set()  # fused: these may be in the products' dtype
+    used = [xp] + [v for k, v in (*buffers.items(), *tensors.items()) if v is not None and k not in lowered]
     if any(v.dtype != xp.dtype or not v.is_contiguous() for v in used):
         return None
     if spec.pointwise == "c":
         return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
-    if low is not None and any(v is not None and not v.is_contiguous() for v in low.values()):
-        low = None
+    if any(v is not None and not v.is_contiguous() for v in (*(low or {}).values(), buffers["R"], buffers["M"])):
+        return None
     return triton_kernel.TritonSegmentCall(spec, xp, buffers, tensors, low,
                                            interpret=spec.pointwise == "triton-interpret")
 
 
-def _fused_io(spec, W_P) -> bool:
-    """Whether the Triton kernels also do the layer's output and the operands' casts (`TritonSegmentCall`'s low):
-    every layer without a projection."""
-    return spec.pointwise.startswith("triton") and W_P is None
+def _fused_io(spec, W_P, xp, mask) -> bool:
+    """Whether the Triton kernels also do the layer's output, the mask and the products' operands
+    (`TritonSegmentCall`'s low): a layer without projection whose products run in a lower dtype (autocast)."""
+    return (spec.pointwise.startswith("triton") and W_P is None and spec.compute_dtype != xp.dtype
+            and (mask is None or mask.is_contiguous()))
 
 
 def _steps(buffer: torch.Tensor | None, T: int) -> list:
@@ -349,7 +367,7 @@ def _steps(buffer: torch.Tensor | None, T: int) -> list:
 def _backward(ctx, dY, dh_T, dc_T):
     spec = ctx.spec
     xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors
-    R, M, G, C, CR, AC, SO, HR, keep_c, keep_p = ctx.buffers
+    R, M, G, C, CR, AC, SO, HR, keep_c, keep_p, H_lo = ctx.buffers
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep = spec.form == "seed", spec.peepholes
@@ -362,7 +380,11 @@ def _backward(ctx, dY, dh_T, dc_T):
 
     dXP = torch.empty_like(xp)  # d xp: [dF ; dZ], written step by step        (T, B, K)
     dF, dZ = dXP[..., :KF], dXP[..., KF:]
-    dR = dF if seed else xp.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters [a; b] additively)
+    fused = H_lo is not None  # as the forward (see there): dz and dr are also kept in the products' dtype, and dr only
+    # there (paper, matlab): the operands of the next products and of dW_m, dW_r
+    DZ_lo, DR_lo = (xp.new_empty(T, B, n, dtype=pm.dtype) for n in (4 * H, KF)) if fused else (None, None)
+    dR = dF if seed else DR_lo if fused else xp.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters
+    # [a; b] additively)
     dPP = xp.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
     dU = xp.new_empty(T, B, H) if spec.form == "matlab" else None  # grad of o c + b_h (for db_h)
     dh = torch.add(dY[T - 1], dh_T)  # grad of h_t (output and recurrence)          (B, P)
@@ -371,21 +393,18 @@ def _backward(ctx, dY, dh_T, dc_T):
     dh0 = None
     kern = None
     if CR is not None:  # the forward ran the fused kernels: so does the backward
-        low = None
-        if _fused_io(spec, W_P):
-            low = dict(dz_lo=xp.new_empty(B, 4 * H, dtype=pm.dtype), dr_lo=xp.new_empty(B, KF, dtype=pm.dtype),
-                       dY=dY, mask=mask)
         kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
-                            dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP, dR=None if seed else dR, dU=dU,
-                                 dhr=tmp if W_P is not None else dh, dc=dc), low)
+                            dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP,
+                                 dR=None if seed or fused else dR, dU=dU, dhr=tmp if W_P is not None else dh, dc=dc),
+                            dict(DZ_lo=DZ_lo, DR_lo=DR_lo, dY=dY, mask=mask) if fused else None)
         assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
-    if kern is not None and kern.fused:  # four launches a step: grad of h from the last product, dz_lo, dr_lo
+    if fused:  # four launches a step: the grad of h from the last product and dY, products from DZ_lo and DR_lo
         dh_in, add_dy = dh, False  # at T-1: dY[T-1] + dh_T
         for t in range(T - 1, -1, -1):
             kern.bwd_cell(t, dh_in, add_dy)
-            kern.bwd_product(t, torch.mm(low["dz_lo"], op_m))
-            dh_in, add_dy = torch.mm(low["dr_lo"], op_r), True  # W_r^T dr_t: the recurrent part of dh_{t-1}
+            kern.bwd_product(t, torch.mm(DZ_lo[t], op_m))
+            dh_in, add_dy = torch.mm(DR_lo[t], op_r), True  # W_r^T dr_t: the recurrent part of dh_{t-1}
         dh0 = dh_in.to(xp.dtype)
     else:
         for t in range(T - 1, -1, -1):
@@ -425,12 +444,13 @@ def _backward(ctx, dY, dh_T, dc_T):
 
     need = ctx.needs_input_grad[2:]  # (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
     dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None
+    DRp, Hp, DZp = (DR_lo, H_lo, DZ_lo) if fused else (dR, Y, dZ)  # (their casts are no-ops: already that dtype)
     if need[1]:  # dW_r = Σ_t dr_t^T h_{t-1}
-        dW_r = pm.grad(dR[0].t(), h0, W_r)
+        dW_r = pm.grad(DRp[0].t(), h0, W_r)
         if T > 1:
-            dW_r += pm.grad(_flat(dR[1:]).t(), _flat(Y[:-1]), W_r)
+            dW_r += pm.grad(_flat(DRp[1:]).t(), _flat(Hp[:-1]), W_r)
     if need[2]:
-        dW_m = pm.grad(_flat(dZ).t(), _flat(M), W_m)  # Σ_t dz_t^T m_t
+        dW_m = pm.grad(_flat(DZp).t(), _flat(M), W_m)  # Σ_t dz_t^T m_t
     if peep and any(need[6:9]):
         slots = (0, 2, 3) if seed else (1, 2, 3)  # i, f, o
         dz_i, dz_f, dz_o = (dZ[..., s * H : (s + 1) * H] for s in slots)

@@ -109,12 +109,12 @@ def _slot(buffer: torch.Tensor | None, t: int) -> torch.Tensor | None:
 class TritonSegmentCall:
     """One segment's buffers and the per-step launches on them (the interface of `cpu_kernel.SegmentCall`).
 
-    low: the fused input/output of a layer without projection (`fast_mlstm` passes it then), tensors in the products'
-    dtype and the ones the kernels then also read or write: forward {h_lo (B, H), m_lo (B, H), y (T, B, H), mask
-    (B, H) or None}; backward {dz_lo (B, 4H), dr_lo (B, K_F), dY (T, B, H), mask}. The forward kernels then write
-    y[t] = h ⊙ mask and the operands of the next products (h_lo, m_lo); the backward ones read the grad of h from the
-    last product and dY (`bwd_cell(t, dh_in, add_dy)`) and write dz_lo and dr_lo: four launches per step each way,
-    and no casts, adds or mask products in between.
+    low: the fused form of `fast_mlstm` (a layer without projection, products in a lower dtype), the tensors the
+    kernels then also read or write: forward {H_lo (S, B, H) in the products' dtype, Y (T, B, H), mask (B, H) or
+    None}, with R (paper, matlab) and M in the products' dtype; backward {DZ_lo (T, B, 4H), DR_lo (T, B, K_F) in
+    that dtype, dY (T, B, H), mask}. The forward kernels then write y[t] = h ⊙ mask and H_lo[t]; the backward ones
+    read the grad of h from the last product and dY (`bwd_cell(t, dh_in, add_dy)`) and write DZ_lo[t] and DR_lo[t]:
+    four launches per step each way, and no casts, adds or mask products in between.
     interpret: run through Triton's CPU interpreter (tests)."""
 
     def __init__(self, spec, xp, buffers: dict, tensors: dict, low: dict | None = None, interpret: bool = False):
@@ -133,7 +133,7 @@ class TritonSegmentCall:
         self.warps = max(1, min(4, self.block // 128))
         # an unused pointer argument (a buffer that this form does not have) is given a harmless tensor instead
         self.spare = xp
-        self.bf16 = any(v is not None and v.dtype == torch.bfloat16 for v in self.low.values())
+        self.bf16 = self.fused and buffers["M"].dtype == torch.bfloat16  # the products' dtype (M is in it when fused)
         self.cell_flags = dict(FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii,
                                ci=self.ci, MASK=self.low.get("mask") is not None, BF16=self.bf16, BLOCK=self.block,
                                num_warps=self.warps)
@@ -151,34 +151,32 @@ class TritonSegmentCall:
 
     def fwd_product(self, t: int, product: torch.Tensor) -> None:
         self.k.fwd_product[self.grid](self.xp[t], product, _slot(self.b["R"], t), _slot(self.b["M"], t),
-                                      self._p(self.low.get("m_lo")), self.H, self.K, self.KF, SEED=self.form >= 2,
-                                      LO=self.fused, BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
+                                      self.H, self.K, self.KF, SEED=self.form >= 2, BF16=self.bf16, BLOCK=self.block,
+                                      num_warps=self.warps)
 
     def fwd_cell(self, t: int, product: torch.Tensor) -> None:
         b, p, low = self.b, self._p, self.low
         hr = _slot(b["HR"], t)
-        y = low["y"][t] if self.fused else None
+        y = low["Y"][t] if self.fused else None
         self.k.fwd_cell[self.grid](
             self.xp[t, :, self.KF:], product, self._c_prev(t), _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t),
-            hr, p(_slot(b["AC"], t)), p(_slot(b["SO"], t)),
-            p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]), p(self.t["b_h"]),
-            p(y), p(low.get("mask")), p(low.get("h_lo")), self.forget_bias, float(self.clip or 0.0), self.H, self.K,
+            hr, p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]), p(self.t["b_h"]),
+            p(y), p(low.get("mask")), p(_slot(low.get("H_lo"), t)), self.forget_bias, float(self.clip or 0.0), self.H, self.K,
             OUT=self.fused, STORE_HR=self.fused and hr.data_ptr() != y.data_ptr(), **self.cell_flags)
 
     def bwd_cell(self, t: int, dh_in: torch.Tensor | None = None, add_dy: bool = False) -> None:
         """dh_in, add_dy (fused only): the grad of h_t is (dY[t] if add_dy) + dh_in, before the mask."""
         b, p, low = self.b, self._p, self.low
         self.k.bwd_cell[self.grid](
-            _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t),
-            p(_slot(b["AC"], t)), p(_slot(b["SO"], t)), p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]),
+            _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t), p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]),
             self.t["dhr"], self.t["dc"], self.t["dXP"][t, :, self.KF:],
             p(None if self.t["dU"] is None else self.t["dU"][t]),
-            p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")), p(low.get("dz_lo")),
+            p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")), p(_slot(low.get("DZ_lo"), t)),
             float(self.clip or 0.0), self.H, self.K, IN=self.fused, ADD_DY=add_dy, **self.cell_flags)
 
     def bwd_product(self, t: int, product: torch.Tensor) -> None:
         dR = self.t["dR"]
         self.k.bwd_product[self.grid](self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t],
-                                      self._p(None if dR is None else dR[t]), self._p(self.low.get("dr_lo")),
+                                      self._p(None if dR is None else dR[t]), self._p(_slot(self.low.get("DR_lo"), t)),
                                       self.H, self.K, self.KF, SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block,
                                       num_warps=self.warps)
