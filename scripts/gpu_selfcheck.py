@@ -5,9 +5,12 @@ this script runs the real thing on CUDA (part of scripts/gpu_check.sh). For ever
 builds a reference (impl=reference) and a fast layer with the same weights, and compares outputs and every gradient
 over three calls of the fast layer (eager warm-up, capture, replay), each with fresh inputs, in float32 with TF32 off
 and under bf16 autocast against the reference under autocast (the fused form when there is no projection).
-Tolerances, relative to the largest magnitude: 1e-4 for float32 and for the bf16 outputs (y, h, c); 3e-2 for the
-bf16 gradients (the weight gradients are one bf16 product here and T summed ones there: 1e-2 to 1.2e-2 was seen at
-H=64). Prints one line per case and exits 1 if any fails.
+Tolerances, relative to the largest magnitude: 1e-4 for float32; 1e-2 for the bf16 outputs (y, h, c) and 3e-2 for
+the bf16 gradients. Under bf16 the float32 values that become the products' operands (m, h) are rounded to bf16, and
+a value within float32 rounding (about 1e-7) of a rounding boundary goes one way here and the other in the reference
+(whose exp and tanh round differently): one bf16 step (2^-8 relative) in one operand, up to 1.4e-3 in the outputs at
+H=64 on an H200 (results/bench/gpu_runs/run3); the weight gradients are one bf16 product here and T summed ones there
+(1e-2 to 1.2e-2 seen). Prints one line per case and exits 1 if any fails.
 
     python scripts/gpu_selfcheck.py [--hidden 64] [--batch 8] [--seq-len 12]
 """
@@ -100,7 +103,8 @@ def main() -> int:
                                       {k: v for k, v in got.items() if k not in outputs}))
             graphs = fast.segment_graphs(device)
             captured = graphs is not None and any(e.graph is not None for e in graphs.entries.values())
-            ok = all(e <= 1e-4 for e, _ in errors + low_out) and all(e <= 3e-2 for e, _ in low_grad)
+            ok = (all(e <= 1e-4 for e, _ in errors) and all(e <= 1e-2 for e, _ in low_out)
+                  and all(e <= 3e-2 for e, _ in low_grad))
             failed += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {form:10s} {variant:8s} pointwise={spec.pointwise:7s} "
                   f"graph={'captured' if captured else 'none':8s} fp32 " + " ".join(f"{e:.1e}({k})" for e, k in errors)

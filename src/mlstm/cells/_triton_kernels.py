@@ -167,7 +167,7 @@ def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, ma
              BF16: tl.constexpr, BLOCK: tl.constexpr):
     # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
     # IN (fused): the grad of h is (dy (ADD_DY) + dh_in) ⊙ mask (MASK), dh_in the product W_r^T dr of the step
-    # after (any dtype), instead of dhr; dz is also written in the products' dtype (dz_lo, (B, 4H)).
+    # after (any dtype), instead of dhr; dz is also written in the products' dtype (dz_lo, rows K apart).
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
@@ -232,7 +232,7 @@ def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, ma
     tl.store(dc + row, dc_prev, mask=ok)
     if IN:
         lt = dz_lo.dtype.element_ty
-        zl = dz_lo + b * 4 * H
+        zl = dz_lo + b * K  # (rows K apart, as dz: the dz part of d xp in the products' dtype)
         tl.store(zl + ii * H + k, to_low(di, lt, BF16), mask=ok)
         tl.store(zl + 2 * H + k, to_low(df, lt, BF16), mask=ok)
         tl.store(zl + ci * H + k, to_low(dcand, lt, BF16), mask=ok)
@@ -240,15 +240,15 @@ def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, ma
 
 
 @triton.jit
-def bwd_product(xp, r, dm, dF, dR, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
+def bwd_product(xp, r, dm, dF, dR, dF_lo, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
                 BLOCK: tl.constexpr):
-    # LO (fused): dr goes to dr_lo, in the products' dtype (the operand of W_r^T dr and of dW_r), not to dR; r may
-    # be in that dtype
+    # LO (fused): d xp_F is also written in the products' dtype (dF_lo, rows K apart), and dr goes to dr_lo in that
+    # dtype (paper, matlab; the seed's dr is d xp_F itself), not to dR; r may be in that dtype
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
     dt = xp.dtype.element_ty
-    rb, fb = r + b * KF, dF + b * K
+    rb, fb, lb = r + b * KF, dF + b * K, dF_lo + b * K
     dmv = tl.load(dm + b * H + k, mask=ok).to(dt)
     if SEED:  # m = a ⊙ b:  d[a; b] = [dm ⊙ b; dm ⊙ a], which is also dr (r enters [a; b] additively)
         da = dmv * tl.load(rb + H + k, mask=ok).to(dt)
@@ -256,12 +256,14 @@ def bwd_product(xp, r, dm, dF, dR, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.c
         tl.store(fb + k, da, mask=ok)
         tl.store(fb + H + k, db, mask=ok)
         if LO:
-            tl.store(dr_lo + b * KF + k, to_low(da, dr_lo.dtype.element_ty, BF16), mask=ok)
-            tl.store(dr_lo + b * KF + H + k, to_low(db, dr_lo.dtype.element_ty, BF16), mask=ok)
+            tl.store(lb + k, to_low(da, dF_lo.dtype.element_ty, BF16), mask=ok)
+            tl.store(lb + H + k, to_low(db, dF_lo.dtype.element_ty, BF16), mask=ok)
     else:  # m = xp_F ⊙ r:  d xp_F = dm ⊙ r, dr = dm ⊙ xp_F
-        tl.store(fb + k, dmv * tl.load(rb + k, mask=ok).to(dt), mask=ok)
+        df = dmv * tl.load(rb + k, mask=ok).to(dt)
+        tl.store(fb + k, df, mask=ok)
         dr = dmv * tl.load(xp + b * K + k, mask=ok)
         if LO:
+            tl.store(lb + k, to_low(df, dF_lo.dtype.element_ty, BF16), mask=ok)
             tl.store(dr_lo + b * KF + k, to_low(dr, dr_lo.dtype.element_ty, BF16), mask=ok)
         else:
             tl.store(dR + b * KF + k, dr, mask=ok)

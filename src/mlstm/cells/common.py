@@ -261,6 +261,12 @@ class RecurrentLayer(nn.Module):
 
     def _begin_segment(self, x: torch.Tensor, state):
         """What every implementation needs before the time loop: (h, c, weights, input projections, dropout mask)."""
+        h, c, w, x, mask = self._begin(x, state)
+        xp = self._project_inputs(x, w)  # (T, B, K): every input projection of the segment in one product
+        return h, c, w, xp, mask
+
+    def _begin(self, x: torch.Tensor, state):
+        """`_begin_segment` before the input projection: (h, c, weights, x in the weights' dtype, dropout mask)."""
         T, B, _ = x.shape  # (T, B, I), time-major
         if state is None:
             state = self.init_state(B, x.device)
@@ -269,9 +275,8 @@ class RecurrentLayer(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(next(self.parameters()).dtype)
         w = {name: get_tensor(self, name) for name in self.parameter_tensors()}  # g v/|v| computed once per segment
-        xp = self._project_inputs(x, w)  # (T, B, K): every input projection of the segment in one product
         mask = self.dropout_mask(B, x.device, sd)  # (B, P) or None
-        return h, c, w, xp, mask
+        return h, c, w, x, mask
 
     def forward(self, x: torch.Tensor, state=None):
         h, c, w, xp, mask = self._begin_segment(x, state)

@@ -133,9 +133,9 @@ def _signature(tensors) -> tuple:
     return tuple(None if v is None else (tuple(v.shape), v.dtype, v.stride(), v.device) for v in tensors)
 
 
-def _ctx(needs_input_grad=()) -> SimpleNamespace:
+def _ctx() -> SimpleNamespace:
     """A stand-in for an autograd ctx that `_forward` / `_backward` can write to and read from."""
-    ns = SimpleNamespace(needs_input_grad=needs_input_grad)
+    ns = SimpleNamespace()
     ns.save_for_backward = lambda *tensors: setattr(ns, "saved_tensors", tensors)
     return ns
 
@@ -155,10 +155,10 @@ def _clone(values) -> tuple:
 
 
 def _run_forward(spec, save, tensors):
-    from mlstm.cells.fast_mlstm import _forward
+    from mlstm.cells.fast_mlstm import _forward_segment
 
     ns = _ctx()
-    return _forward(ns, spec, save, *tensors), ns
+    return _forward_segment(ns, spec, save, *tensors), ns
 
 
 class GraphedSegment(torch.autograd.Function):
@@ -166,7 +166,7 @@ class GraphedSegment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, graphs: SegmentGraphs, spec, save, *tensors):
-        from mlstm.cells.fast_mlstm import _forward
+        from mlstm.cells.fast_mlstm import _forward_segment
 
         device_type = tensors[0].device.type
         with torch.autocast(device_type, enabled=False):
@@ -175,7 +175,7 @@ class GraphedSegment(torch.autograd.Function):
             if entry.graph is None and entry.calls < graphs.warmup:
                 entry.calls += 1
                 ctx.eager = _ctx()
-                return _forward(ctx.eager, spec, save, *tensors)
+                return _forward_segment(ctx.eager, spec, save, *tensors)
             if entry.graph is None:
                 entry.static = _static(tensors)
                 entry.graph = graphs.graph_factory()
@@ -191,13 +191,12 @@ class GraphedSegment(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dY, dh_T, dc_T):
-        from mlstm.cells.fast_mlstm import _backward
+        from mlstm.cells.fast_mlstm import _backward_segment
 
         with torch.autocast(dY.device.type, enabled=False):
-            need = ctx.needs_input_grad[1:]  # as MLSTMSegment's: (spec, save, xp, W_r, ...)
+            need = ctx.needs_input_grad[3:]  # of the tensors: (x, W_in, b_in, W_r, ...)
             if ctx.eager is not None:
-                ctx.eager.needs_input_grad = need
-                return (None, None, None) + _backward(ctx.eager, dY, dh_T, dc_T)
+                return (None, None, None) + _backward_segment(ctx.eager, need, dY, dh_T, dc_T)
             entry, graphs = ctx.entry, ctx.graphs
             if entry.replays != ctx.replay:  # the forward graph ran since: recompute this segment's buffers
                 _load(entry.static, ctx.saved_tensors)
@@ -205,14 +204,13 @@ class GraphedSegment(torch.autograd.Function):
                 entry.replays += 1
             grads = (dY, dh_T, dc_T)
             back = graphs.entry(entry.backward, (need, _signature(grads)))
-            entry.ns.needs_input_grad = need
             if back.graph is None and back.calls < graphs.warmup:
                 back.calls += 1
-                return (None, None, None) + _backward(entry.ns, dY, dh_T, dc_T)
+                return (None, None, None) + _backward_segment(entry.ns, need, dY, dh_T, dc_T)
             if back.graph is None:
                 back.static = _static(grads)
                 back.graph = graphs.graph_factory()
-                back.result = back.graph.capture(lambda: _backward(entry.ns, *back.static))
+                back.result = back.graph.capture(lambda: _backward_segment(entry.ns, need, *back.static))
             _load(back.static, grads)
             back.graph.replay()
             return (None, None, None) + _clone(back.result)

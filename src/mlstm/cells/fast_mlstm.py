@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
@@ -177,25 +178,60 @@ def _flat(v: torch.Tensor) -> torch.Tensor:
 class MLSTMSegment(torch.autograd.Function):
     """One segment of any mLSTM form, forward and hand-written backward (see the module docstring).
 
-    apply(spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h) -> y (T, B, P), h_T (B, P), c_T (B, H)
-        xp (T, B, K_F + 4H) input projections (state dtype); W_r (K_F, P); W_m (4H, H); h0 (B, P), c0 (B, H);
+    apply(spec, save, x, W_in, b_in, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h) -> y (T, B, P), h_T (B, P),
+    c_T (B, H)
+        x (T, B, I) the layer's input; W_in (K, I), b_in (K,) or None its hoisted projection (`_input_projection`
+        of the reference: xp = W_in x + b_in, K = K_F + 4H); W_r (K_F, P); W_m (4H, H); h0 (B, P), c0 (B, H);
         mask (B, P) or None; w_I, w_F, w_O (H,) or None; W_P (P, H) or None; b_h (H,) (matlab) or None.
         save: keep what backward needs (False under no_grad: the scratch buffers are one step long).
     """
 
     @staticmethod
-    def forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h):
-        with torch.autocast(xp.device.type, enabled=False):
-            return _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
+    def forward(ctx, spec, save, *tensors):
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return _forward_segment(ctx, spec, save, *tensors)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dY, dh_T, dc_T):
         with torch.autocast(dY.device.type, enabled=False):
-            return (None, None) + _backward(ctx, dY, dh_T, dc_T)
+            return (None, None) + _backward_segment(ctx, ctx.needs_input_grad[2:], dY, dh_T, dc_T)
 
 
-def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h):
+# The input projection is part of the segment (not left to autograd) so that the (T, B, K) tensor xp and its
+# gradient never leave it: with CUDA graphs they would otherwise be copied into and out of the graph's memory each
+# step (`cuda_graph`), and under autocast the gradient cast to bf16 once more (the fused form has it in bf16 already).
+def _project(spec, x, W_in, b_in, state_dtype):
+    """xp = W_in x + b_in (T, B, K) in the state dtype, as the reference's `_hoisted`: under autocast the product in
+    the compute dtype and the bias added after widening (one kernel: the add promotes), else one addmm."""
+    if spec.compute_dtype != state_dtype:
+        xp = F.linear(x.to(spec.compute_dtype), W_in.to(spec.compute_dtype))
+        return xp.to(state_dtype) if b_in is None else torch.add(xp, b_in)
+    return F.linear(x, W_in, b_in)
+
+
+def _forward_segment(ctx, spec, save, x, W_in, b_in, *rest):
+    h0 = rest[2]
+    return _forward(ctx, spec, save, _project(spec, x, W_in, b_in, h0.dtype), *rest, keep=(x, W_in))
+
+
+def _backward_segment(ctx, need, dY, dh_T, dc_T):
+    """need: needs_input_grad of (x, W_in, b_in, W_r, ...). The recurrence's backward, then the projection's."""
+    dXP, DXP_lo, *grads = _backward(ctx, (any(need[:3]),) + tuple(need[3:]), dY, dh_T, dc_T)
+    x, W_in = ctx.saved_tensors[-2:]
+    low = ctx.spec.compute_dtype
+    dXP_low = DXP_lo if DXP_lo is not None else dXP.to(low)  # (a no-op without autocast)
+    dx = dW_in = db_in = None
+    if need[0]:  # dx = dxp W_in, as F.linear's backward (then widened, as autocast's cast of x)
+        dx = torch.matmul(dXP_low, W_in.to(low)).to(x.dtype)
+    if need[1]:  # dW_in = Σ dxp^T x
+        dW_in = torch.mm(_flat(dXP_low).t(), _flat(x.to(low))).to(W_in.dtype)
+    if need[2]:
+        db_in = dXP.sum((0, 1))
+    return (dx, dW_in, db_in, *grads)
+
+
+def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, keep=()):
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep, clip, pclip = spec.form == "seed", spec.peepholes, spec.cell_clip, spec.proj_clip
@@ -283,7 +319,7 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
         ctx.spec = spec
         ctx.buffers = (R, M, G, C, CR if kern is not None else None, AC, SO, None if HR is Y else HR, keep_c, keep_p,
                        H_lo if fused else None)
-        ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y)
+        ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y, *keep)
     return Y, h_T, c_T
 
 
@@ -343,7 +379,9 @@ def _kernel_call(spec, xp, buffers: dict, tensors: dict, low: dict | None = None
         return None
     if spec.pointwise == "c":
         return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
-    if any(v is not None and not v.is_contiguous() for v in (*(low or {}).values(), buffers["R"], buffers["M"])):
+    if any(v is not None and not v.is_contiguous() for v in (buffers["R"], buffers["M"])):
+        return None
+    if any(v is not None and v.stride(-1) != 1 for v in (low or {}).values()):  # (rows may be apart: DR_lo)
         return None
     return triton_kernel.TritonSegmentCall(spec, xp, buffers, tensors, low,
                                            interpret=spec.pointwise == "triton-interpret")
@@ -364,9 +402,11 @@ def _steps(buffer: torch.Tensor | None, T: int) -> list:
     return list(views) if len(views) == T else [views[t % len(views)] for t in range(T)]
 
 
-def _backward(ctx, dY, dh_T, dc_T):
+def _backward(ctx, need, dY, dh_T, dc_T):
+    """need: which of (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h) need a gradient. Returns d xp, d xp in
+    the products' dtype (fused; else None), and the gradients of the others."""
     spec = ctx.spec
-    xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors
+    xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors[:12]
     R, M, G, C, CR, AC, SO, HR, keep_c, keep_p, H_lo = ctx.buffers
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
@@ -382,7 +422,9 @@ def _backward(ctx, dY, dh_T, dc_T):
     dF, dZ = dXP[..., :KF], dXP[..., KF:]
     fused = H_lo is not None  # as the forward (see there): dz and dr are also kept in the products' dtype, and dr only
     # there (paper, matlab): the operands of the next products and of dW_m, dW_r
-    DZ_lo, DR_lo = (xp.new_empty(T, B, n, dtype=pm.dtype) for n in (4 * H, KF)) if fused else (None, None)
+    DXP_lo = xp.new_empty(T, B, K, dtype=pm.dtype) if fused else None  # [dF ; dZ] in the products' dtype
+    DZ_lo = DXP_lo[..., KF:] if fused else None
+    DR_lo = None if not fused else DXP_lo[..., :KF] if seed else xp.new_empty(T, B, KF, dtype=pm.dtype)
     dR = dF if seed else DR_lo if fused else xp.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters
     # [a; b] additively)
     dPP = xp.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
@@ -396,7 +438,7 @@ def _backward(ctx, dY, dh_T, dc_T):
         kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
                             dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP,
                                  dR=None if seed or fused else dR, dU=dU, dhr=tmp if W_P is not None else dh, dc=dc),
-                            dict(DZ_lo=DZ_lo, DR_lo=DR_lo, dY=dY, mask=mask) if fused else None)
+                            dict(DXP_lo=DXP_lo, DR_lo=DR_lo, dY=dY, mask=mask) if fused else None)
         assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
     if fused:  # four launches a step: the grad of h from the last product and dY, products from DZ_lo and DR_lo
@@ -442,7 +484,6 @@ def _backward(ctx, dY, dh_T, dc_T):
                 dh0 = xp.new_empty(B, P)
                 pm.mm(dR[0], op_r, dh0)
 
-    need = ctx.needs_input_grad[2:]  # (xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h)
     dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None
     DRp, Hp, DZp = (DR_lo, H_lo, DZ_lo) if fused else (dR, Y, dZ)  # (their casts are no-ops: already that dtype)
     if need[1]:  # dW_r = Σ_t dr_t^T h_{t-1}
@@ -462,7 +503,7 @@ def _backward(ctx, dY, dh_T, dc_T):
         dW_P = pm.grad(_flat(dPP).t(), _flat(HR), W_P)  # Σ_t dp_t^T h_raw_t
     if dU is not None and need[10]:
         db_h = dU.sum((0, 1)).to(b_h.dtype)
-    return dXP, dW_r, dW_m, dh0, dc, None, dw_I, dw_F, dw_O, dW_P, db_h
+    return dXP, DXP_lo, dW_r, dW_m, dh0, dc, None, dw_I, dw_F, dw_O, dW_P, db_h
 
 
 def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR, dU, keep_c, w_I, w_F, w_O):
@@ -554,9 +595,10 @@ class _FastForward:
 
     def forward(self, x: torch.Tensor, state=None):
         # the reference's own prologue: same state casts, weights, hoisted projection (autograd) and dropout mask
-        h, c, w, xp, mask = self._begin_segment(x, state)
+        h, c, w, x, mask = self._begin(x, state)
         W_r = w["A_h"] if self.cfg.form == "seed" else w["W_mh"]
-        tensors = (xp, W_r, w["W_m"], h, c, mask, w.get("w_I"), w.get("w_F"), w.get("w_O"), w.get("W_P"), w.get("b_h"))
+        tensors = (x, *self._input_projection(w), W_r, w["W_m"], h, c, mask, w.get("w_I"), w.get("w_F"), w.get("w_O"),
+                   w.get("W_P"), w.get("b_h"))
         save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
         spec = self.segment_spec(x.device.type)
         graphs = self.segment_graphs(x.device)

@@ -79,9 +79,12 @@ class MultiplicativeLSTM(RecurrentLayer):
     def _input_bias(self, w) -> torch.Tensor:
         return F.pad(w["b"], (self.hidden_size, 0))  # (5H,): [0 (the factor W_mx x has no bias); b]
 
+    def _input_projection(self, w):
+        """(W, b) of the hoisted input projection xp = W x + b (also what impl=fast projects inside its segment)."""
+        return torch.cat([w["W_mx"], w["W_x"]]), self._input_bias(w)  # (5H, I), (5H,)
+
     def _project_inputs(self, x, w):
-        W = torch.cat([w["W_mx"], w["W_x"]])  # (5H, I)
-        return self._hoisted(x, W, self._input_bias(w))  # (T, B, 5H): [W_mx x; W_x x + b]
+        return self._hoisted(x, *self._input_projection(w))  # (T, B, 5H): [W_mx x; W_x x + b]
 
     def _preactivations(self, xp, h, w):
         H = self.hidden_size
@@ -141,10 +144,11 @@ class SeedMultiplicativeLSTM(RecurrentLayer):
         H = self.hidden_size
         return [("w", slice(2 * H, 3 * H), self.cfg.forget_bias_init)]
 
+    def _input_projection(self, w):
+        return torch.cat([w["A_x"], w["W_x"]]), torch.cat([w["a"], w["w"]])  # (6H, I), (6H,)
+
     def _project_inputs(self, x, w):
-        W = torch.cat([w["A_x"], w["W_x"]])  # (6H, I)
-        bias = torch.cat([w["a"], w["w"]])  # (6H,)
-        return self._hoisted(x, W, bias)  # (T, B, 6H): [A_x x + a; W_x x + w]
+        return self._hoisted(x, *self._input_projection(w))  # (T, B, 6H): [A_x x + a; W_x x + w]
 
     def _step(self, xp, h, c, w):
         H, cfg = self.hidden_size, self.cfg

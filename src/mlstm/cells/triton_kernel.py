@@ -111,10 +111,11 @@ class TritonSegmentCall:
 
     low: the fused form of `fast_mlstm` (a layer without projection, products in a lower dtype), the tensors the
     kernels then also read or write: forward {H_lo (S, B, H) in the products' dtype, Y (T, B, H), mask (B, H) or
-    None}, with R (paper, matlab) and M in the products' dtype; backward {DZ_lo (T, B, 4H), DR_lo (T, B, K_F) in
-    that dtype, dY (T, B, H), mask}. The forward kernels then write y[t] = h ⊙ mask and H_lo[t]; the backward ones
-    read the grad of h from the last product and dY (`bwd_cell(t, dh_in, add_dy)`) and write DZ_lo[t] and DR_lo[t]:
-    four launches per step each way, and no casts, adds or mask products in between.
+    None}, with R (paper, matlab) and M in the products' dtype; backward {DXP_lo (T, B, K) and DR_lo (T, B, K_F) in
+    that dtype (the seed's DR_lo is DXP_lo's d xp_F part), dY (T, B, H), mask}. The forward kernels then write
+    y[t] = h ⊙ mask and H_lo[t]; the backward ones read the grad of h from the last product and dY
+    (`bwd_cell(t, dh_in, add_dy)`) and write DXP_lo[t] and DR_lo[t]: four launches per step each way, and no casts,
+    adds or mask products in between.
     interpret: run through Triton's CPU interpreter (tests)."""
 
     def __init__(self, spec, xp, buffers: dict, tensors: dict, low: dict | None = None, interpret: bool = False):
@@ -171,12 +172,14 @@ class TritonSegmentCall:
             _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t), p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]),
             self.t["dhr"], self.t["dc"], self.t["dXP"][t, :, self.KF:],
             p(None if self.t["dU"] is None else self.t["dU"][t]),
-            p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")), p(_slot(low.get("DZ_lo"), t)),
+            p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")),
+            p(low["DXP_lo"][t, :, self.KF:] if self.fused else None),
             float(self.clip or 0.0), self.H, self.K, IN=self.fused, ADD_DY=add_dy, **self.cell_flags)
 
     def bwd_product(self, t: int, product: torch.Tensor) -> None:
         dR = self.t["dR"]
         self.k.bwd_product[self.grid](self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t],
-                                      self._p(None if dR is None else dR[t]), self._p(_slot(self.low.get("DR_lo"), t)),
+                                      self._p(None if dR is None else dR[t]), self._p(_slot(self.low.get("DXP_lo"), t)),
+                                      self._p(_slot(self.low.get("DR_lo"), t)),
                                       self.H, self.K, self.KF, SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block,
                                       num_warps=self.warps)
