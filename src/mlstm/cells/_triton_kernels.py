@@ -70,43 +70,55 @@ def to_low(x, dtype, BF16: tl.constexpr):
 
 
 @triton.jit
-def fwd_product(xp, prod, r, m, H, K, KF, SEED: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+def hoisted(xp, bias, k, ok, XB: tl.constexpr):
+    """Units k of a row of xp in float32: with XB (fused) xp holds the bf16 product W_in x, and the bias is added
+    here, the reference's float32 sum (widened product + b) in its order."""
+    v = tl.load(xp + k, mask=ok).to(tl.float32)
+    if XB:
+        v = v + tl.load(bias + k, mask=ok)
+    return v
+
+
+@triton.jit
+def fwd_product(xp, prod, r, m, bias, H, K, KF, SEED: tl.constexpr, XB: tl.constexpr, BF16: tl.constexpr,
+                BLOCK: tl.constexpr):
     # r and m may be in the products' dtype (fused: BF16 when that is bfloat16)
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
-    dt = xp.dtype.element_ty
+    dt = tl.float32  # the state dtype (the kernels run for float32 state only)
     xb, pb, rb, mb = xp + b * K, prod + b * KF, r + b * KF, m + b * H
     if SEED:  # [a; b] = xp_F + A_h h_{t-1};  m = a ⊙ b
-        a = tl.load(xb + k, mask=ok) + tl.load(pb + k, mask=ok).to(dt)
-        bb = tl.load(xb + H + k, mask=ok) + tl.load(pb + H + k, mask=ok).to(dt)
+        a = hoisted(xb, bias, k, ok, XB) + tl.load(pb + k, mask=ok).to(dt)
+        bb = hoisted(xb, bias, H + k, ok, XB) + tl.load(pb + H + k, mask=ok).to(dt)
         tl.store(rb + k, a, mask=ok)
         tl.store(rb + H + k, bb, mask=ok)
         mv = a * bb
     else:  # r = W_mh h_{t-1};  m = (W_mx x) ⊙ r
         rv = tl.load(pb + k, mask=ok).to(dt)
         tl.store(rb + k, rv.to(r.dtype.element_ty), mask=ok)  # (exact: rv is the product, in r's dtype or wider)
-        mv = tl.load(xb + k, mask=ok) * rv
+        mv = hoisted(xb, bias, k, ok, XB) * rv
     tl.store(mb + k, to_low(mv, m.dtype.element_ty, BF16), mask=ok)
 
 
 @triton.jit
-def fwd_cell(xz, prod, c_prev, g, cr, c, hr, w_I, w_F, w_O, b_h, y, mask, h_lo, forget_bias, clip, H, K,
+def fwd_cell(xz, prod, c_prev, g, cr, c, hr, w_I, w_F, w_O, b_h, y, mask, h_lo, bias_z, forget_bias, clip, H, K,
              FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
              ii: tl.constexpr, ci: tl.constexpr, OUT: tl.constexpr, MASK: tl.constexpr, STORE_HR: tl.constexpr,
              BF16: tl.constexpr, BLOCK: tl.constexpr):
     # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
-    # OUT (no projection): also the layer's output y = h ⊙ mask (MASK) and its copy in the products' dtype (h_lo,
-    # the next step's operand); h itself is stored in hr only when STORE_HR (hr is not y).
+    # OUT (fused): xz is the bf16 product and bias_z its bias (`hoisted`); also the layer's output y = h ⊙ mask
+    # (MASK) and its copy in the products' dtype (h_lo, the next step's operand); h itself is stored in hr only when
+    # STORE_HR (hr is not y).
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
-    dt = xz.dtype.element_ty
+    dt = tl.float32
     xb, pb, gb = xz + b * K, prod + b * 4 * H, g + b * 4 * H
-    zi = tl.load(xb + ii * H + k, mask=ok) + tl.load(pb + ii * H + k, mask=ok).to(dt)
-    zf = tl.load(xb + 2 * H + k, mask=ok) + tl.load(pb + 2 * H + k, mask=ok).to(dt)
-    zc = tl.load(xb + ci * H + k, mask=ok) + tl.load(pb + ci * H + k, mask=ok).to(dt)
-    zo = tl.load(xb + 3 * H + k, mask=ok) + tl.load(pb + 3 * H + k, mask=ok).to(dt)
+    zi = hoisted(xb, bias_z, ii * H + k, ok, OUT) + tl.load(pb + ii * H + k, mask=ok).to(dt)
+    zf = hoisted(xb, bias_z, 2 * H + k, ok, OUT) + tl.load(pb + 2 * H + k, mask=ok).to(dt)
+    zc = hoisted(xb, bias_z, ci * H + k, ok, OUT) + tl.load(pb + ci * H + k, mask=ok).to(dt)
+    zo = hoisted(xb, bias_z, 3 * H + k, ok, OUT) + tl.load(pb + 3 * H + k, mask=ok).to(dt)
     cp = tl.load(c_prev + b * H + k, mask=ok)
     if PEEP:  # the input and forget gates see c_{t-1}
         zi = zi + cp * tl.load(w_I + k, mask=ok)
@@ -240,14 +252,15 @@ def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, ma
 
 
 @triton.jit
-def bwd_product(xp, r, dm, dF, dR, dF_lo, dr_lo, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr, BF16: tl.constexpr,
-                BLOCK: tl.constexpr):
-    # LO (fused): d xp_F is also written in the products' dtype (dF_lo, rows K apart), and dr goes to dr_lo in that
-    # dtype (paper, matlab; the seed's dr is d xp_F itself), not to dR; r may be in that dtype
+def bwd_product(xp, r, dm, dF, dR, dF_lo, dr_lo, bias, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr,
+                BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # LO (fused): xp is the bf16 product and bias its bias (`hoisted`); d xp_F is also written in the products'
+    # dtype (dF_lo, rows K apart), and dr goes to dr_lo in that dtype (paper, matlab; the seed's dr is d xp_F
+    # itself), not to dR; r may be in that dtype
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = k < H
-    dt = xp.dtype.element_ty
+    dt = tl.float32
     rb, fb, lb = r + b * KF, dF + b * K, dF_lo + b * K
     dmv = tl.load(dm + b * H + k, mask=ok).to(dt)
     if SEED:  # m = a ⊙ b:  d[a; b] = [dm ⊙ b; dm ⊙ a], which is also dr (r enters [a; b] additively)
@@ -261,7 +274,7 @@ def bwd_product(xp, r, dm, dF, dR, dF_lo, dr_lo, H, K, KF, SEED: tl.constexpr, L
     else:  # m = xp_F ⊙ r:  d xp_F = dm ⊙ r, dr = dm ⊙ xp_F
         df = dmv * tl.load(rb + k, mask=ok).to(dt)
         tl.store(fb + k, df, mask=ok)
-        dr = dmv * tl.load(xp + b * K + k, mask=ok)
+        dr = dmv * hoisted(xp + b * K, bias, k, ok, LO)
         if LO:
             tl.store(lb + k, to_low(df, dF_lo.dtype.element_ty, BF16), mask=ok)
             tl.store(dr_lo + b * KF + k, to_low(dr, dr_lo.dtype.element_ty, BF16), mask=ok)

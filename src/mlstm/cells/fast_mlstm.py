@@ -211,7 +211,12 @@ def _project(spec, x, W_in, b_in, state_dtype):
 
 
 def _forward_segment(ctx, spec, save, x, W_in, b_in, *rest):
-    h0 = rest[2]
+    h0, mask, W_P = rest[2], rest[4], rest[8]  # rest: W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h
+    if _fused_io(spec, W_P, h0.dtype, mask):  # xp stays the bf16 product; the kernels add b_in as they load it
+        low = spec.compute_dtype
+        xp = F.linear(x.to(low), W_in.to(low))
+        bias = b_in if b_in is not None else xp.new_zeros(xp.shape[-1], dtype=h0.dtype)
+        return _forward(ctx, spec, save, xp, *rest, keep=(x, W_in), xp_bias=bias)
     return _forward(ctx, spec, save, _project(spec, x, W_in, b_in, h0.dtype), *rest, keep=(x, W_in))
 
 
@@ -231,24 +236,27 @@ def _backward_segment(ctx, need, dY, dh_T, dc_T):
     return (dx, dW_in, db_in, *grads)
 
 
-def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, keep=()):
+def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, keep=(), xp_bias=None):
+    """xp_bias (fused only): xp is the product W_in x in the products' dtype, and the kernels add this bias (K,) to
+    it as they load it (the same float32 sum as the reference's, in the same order, without writing xp in
+    float32)."""
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep, clip, pclip = spec.form == "seed", spec.peepholes, spec.cell_clip, spec.proj_clip
-    act, pm = _Activation(spec.activation), _products(spec, xp, B)
+    act, pm = _Activation(spec.activation), _products(spec, h0, B)
     op_r, op_m = pm.operand(W_r), pm.operand(W_m)  # right operands: h @ W_r^T (B, K_F), m @ W_m^T (B, 4H)
     op_P = pm.operand(W_P) if W_P is not None else None  # h @ W_P^T (B, P)
 
     S = T if save else 1  # steps kept in the per-step buffers (one scratch step when nothing is saved)
 
     def buf(width, steps=S, dtype=None):
-        return xp.new_empty(steps, B, width, dtype=dtype)
+        return h0.new_empty(steps, B, width, dtype=dtype)
 
     # fused (Triton kernels, products in a lower dtype, no projection): the kernels also write y and the products'
     # operands; m_t and h_t are kept in the products' dtype only (they are used only as product operands: the next
     # step's and dW_m = Σ dz^T m, dW_r = Σ dr^T h), and so is r_t in the paper and matlab forms (an unrounded product
     # in that dtype: exact)
-    fused = _fused_io(spec, W_P, xp, mask)
+    fused = xp_bias is not None
     low = pm.dtype if fused else None
     R = buf(KF, dtype=None if seed else low)  # r_t (seed: [a_t; b_t])
     M, G = buf(H, dtype=low), buf(4 * H)  # m_t, gates after their nonlinearity
@@ -262,7 +270,7 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
         return AC, SO
 
     AC, SO = saved_activations() if not spec.pointwise.startswith("triton") else (None, None)
-    Y = xp.new_empty(T, B, P)  # the output, also h_{t-1} of the next step
+    Y = h0.new_empty(T, B, P)  # the output, also h_{t-1} of the next step
     # h before projection and mask: needed by dW_P, and by act' in matlab/seed when the mask hides it in y
     HR = buf(H) if W_P is not None or (mask is not None and not gated) else Y
     PR = buf(P) if pclip is not None else Y  # W_P h before the clip
@@ -270,9 +278,11 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     # per-step views, made once (indexing costs about as much as a small kernel)
     gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
     r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (R, M, G, C, CR, Y, HR, PR))
-    kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
-                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h), dict(H_lo=H_lo, Y=Y, mask=mask) if fused else None)
-    fused = fused and kern is not None  # (else the PyTorch path, which takes R and M in the lower dtype as well)
+    kern = _kernel_call(spec, xp, h0.dtype, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
+                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h),
+                        dict(H_lo=H_lo, Y=Y, mask=mask, bias=xp_bias) if fused else None)
+    if fused and kern is None:  # the PyTorch path after all (it takes R and M in the lower dtype as well): float32 xp
+        xp, fused = torch.add(xp, xp_bias), False
     if kern is None and spec.pointwise.startswith("triton"):
         AC, SO = saved_activations()
     if kern is None:  # views of the hoisted parts and the gate slots for the PyTorch pointwise path
@@ -318,7 +328,7 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
         keep_p = PR.abs() <= pclip if pclip is not None else None
         ctx.spec = spec
         ctx.buffers = (R, M, G, C, CR if kern is not None else None, AC, SO, None if HR is Y else HR, keep_c, keep_p,
-                       H_lo if fused else None)
+                       H_lo if fused else None, xp_bias if fused else None)
         ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y, *keep)
     return Y, h_T, c_T
 
@@ -363,19 +373,21 @@ def _cell_step(spec, act, t, c_prev, slots, cr, c, hr, w_I, w_F, w_O, b_h):
             act.inplace(hr[t])
 
 
-def _products(spec, xp, batch: int) -> _Products:
-    return _Products(spec.compute_dtype, xp.dtype, xp.device, batch, spec.pointwise.startswith("triton"))
+def _products(spec, state: torch.Tensor, batch: int) -> _Products:
+    return _Products(spec.compute_dtype, state.dtype, state.device, batch, spec.pointwise.startswith("triton"))
 
 
-def _kernel_call(spec, xp, buffers: dict, tensors: dict, low: dict | None = None):
+def _kernel_call(spec, xp, state_dtype, buffers: dict, tensors: dict, low: dict | None = None):
     """The fused kernels' view of this segment's buffers (`cpu_kernel.SegmentCall` or its Triton twin), or None for
     the PyTorch path (not asked for by the spec, or a tensor the kernels cannot address: another dtype, or not
     contiguous). low: the Triton kernels' fused input/output tensors (`TritonSegmentCall`), or None."""
     if spec.pointwise == "torch":
         return None
-    lowered = {"R", "M"} if low is not None else set()  # fused: these may be in the products' dtype
-    used = [xp] + [v for k, v in (*buffers.items(), *tensors.items()) if v is not None and k not in lowered]
-    if any(v.dtype != xp.dtype or not v.is_contiguous() for v in used):
+    lowered = {"R", "M"} if low is not None else set()  # fused: these (and xp) may be in the products' dtype
+    used = [v for k, v in (*buffers.items(), *tensors.items()) if v is not None and k not in lowered]
+    if any(v.dtype != state_dtype or not v.is_contiguous() for v in used) or not xp.is_contiguous():
+        return None
+    if low is None and xp.dtype != state_dtype:
         return None
     if spec.pointwise == "c":
         return cpu_kernel.SegmentCall(cpu_kernel.load(), xp.dtype, spec, xp, buffers, tensors)
@@ -387,10 +399,11 @@ def _kernel_call(spec, xp, buffers: dict, tensors: dict, low: dict | None = None
                                            interpret=spec.pointwise == "triton-interpret")
 
 
-def _fused_io(spec, W_P, xp, mask) -> bool:
-    """Whether the Triton kernels also do the layer's output, the mask and the products' operands
-    (`TritonSegmentCall`'s low): a layer without projection whose products run in a lower dtype (autocast)."""
-    return (spec.pointwise.startswith("triton") and W_P is None and spec.compute_dtype != xp.dtype
+def _fused_io(spec, W_P, state_dtype, mask) -> bool:
+    """Whether the Triton kernels also do the layer's output, the mask, the products' operands and the input
+    projection's bias (`TritonSegmentCall`'s low): a layer without projection whose products run in a lower dtype
+    (autocast)."""
+    return (spec.pointwise.startswith("triton") and W_P is None and spec.compute_dtype != state_dtype
             and (mask is None or mask.is_contiguous()))
 
 
@@ -407,38 +420,38 @@ def _backward(ctx, need, dY, dh_T, dc_T):
     the products' dtype (fused; else None), and the gradients of the others."""
     spec = ctx.spec
     xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y = ctx.saved_tensors[:12]
-    R, M, G, C, CR, AC, SO, HR, keep_c, keep_p, H_lo = ctx.buffers
+    R, M, G, C, CR, AC, SO, HR, keep_c, keep_p, H_lo, xp_bias = ctx.buffers
     T, B, K = xp.shape
     H, P, KF = W_m.shape[1], h0.shape[1], W_r.shape[0]
     seed, peep = spec.form == "seed", spec.peepholes
-    act, pm = _Activation(spec.activation), _products(spec, xp, B)
+    act, pm = _Activation(spec.activation), _products(spec, h0, B)
     op_r, op_m = pm.operand(W_r.t()), pm.operand(W_m.t())  # right operands: dr @ W_r (B, P), dz @ W_m (B, H)
     op_P = pm.operand(W_P.t()) if W_P is not None else None  # dp @ W_P (B, H)
     XF = xp[..., :KF]
     HR = HR if HR is not None else Y  # (without W_P and mask, y is the h that act' needs)
     dY = dY.contiguous()
 
-    dXP = torch.empty_like(xp)  # d xp: [dF ; dZ], written step by step        (T, B, K)
+    dXP = h0.new_empty(T, B, K)  # d xp: [dF ; dZ], written step by step        (T, B, K)
     dF, dZ = dXP[..., :KF], dXP[..., KF:]
     fused = H_lo is not None  # as the forward (see there): dz and dr are also kept in the products' dtype, and dr only
     # there (paper, matlab): the operands of the next products and of dW_m, dW_r
-    DXP_lo = xp.new_empty(T, B, K, dtype=pm.dtype) if fused else None  # [dF ; dZ] in the products' dtype
+    DXP_lo = h0.new_empty(T, B, K, dtype=pm.dtype) if fused else None  # [dF ; dZ] in the products' dtype
     DZ_lo = DXP_lo[..., KF:] if fused else None
-    DR_lo = None if not fused else DXP_lo[..., :KF] if seed else xp.new_empty(T, B, KF, dtype=pm.dtype)
-    dR = dF if seed else DR_lo if fused else xp.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters
+    DR_lo = None if not fused else DXP_lo[..., :KF] if seed else h0.new_empty(T, B, KF, dtype=pm.dtype)
+    dR = dF if seed else DR_lo if fused else h0.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters
     # [a; b] additively)
-    dPP = xp.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
-    dU = xp.new_empty(T, B, H) if spec.form == "matlab" else None  # grad of o c + b_h (for db_h)
+    dPP = h0.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
+    dU = h0.new_empty(T, B, H) if spec.form == "matlab" else None  # grad of o c + b_h (for db_h)
     dh = torch.add(dY[T - 1], dh_T)  # grad of h_t (output and recurrence)          (B, P)
     dc = dc_T.clone()  # grad of c_t; becomes that of c_{t-1} during the step            (B, H)
-    tmp, dm = xp.new_empty(B, H), xp.new_empty(B, H)
+    tmp, dm = h0.new_empty(B, H), h0.new_empty(B, H)
     dh0 = None
     kern = None
     if CR is not None:  # the forward ran the fused kernels: so does the backward
-        kern = _kernel_call(spec, xp, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
+        kern = _kernel_call(spec, xp, h0.dtype, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
                             dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP,
                                  dR=None if seed or fused else dR, dU=dU, dhr=tmp if W_P is not None else dh, dc=dc),
-                            dict(DXP_lo=DXP_lo, DR_lo=DR_lo, dY=dY, mask=mask) if fused else None)
+                            dict(DXP_lo=DXP_lo, DR_lo=DR_lo, dY=dY, mask=mask, bias=xp_bias) if fused else None)
         assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
     if fused:  # four launches a step: the grad of h from the last product and dY, products from DZ_lo and DR_lo
@@ -447,7 +460,7 @@ def _backward(ctx, need, dY, dh_T, dc_T):
             kern.bwd_cell(t, dh_in, add_dy)
             kern.bwd_product(t, torch.mm(DZ_lo[t], op_m))
             dh_in, add_dy = torch.mm(DR_lo[t], op_r), True  # W_r^T dr_t: the recurrent part of dh_{t-1}
-        dh0 = dh_in.to(xp.dtype)
+        dh0 = dh_in.to(h0.dtype)
     else:
         for t in range(T - 1, -1, -1):
             d = dZ[t]
@@ -481,7 +494,7 @@ def _backward(ctx, need, dY, dh_T, dc_T):
             if t > 0:
                 pm.addmm(dY[t - 1], dR[t], op_r, dh)  # grad of h_{t-1}: its output grad + the recurrence
             else:
-                dh0 = xp.new_empty(B, P)
+                dh0 = h0.new_empty(B, P)
                 pm.mm(dR[0], op_r, dh0)
 
     dW_r = dW_m = dw_I = dw_F = dw_O = dW_P = db_h = None

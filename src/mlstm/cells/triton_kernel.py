@@ -128,6 +128,8 @@ class TritonSegmentCall:
         self.ii, self.ci = (0, 1) if self.form >= 2 else (1, 0)  # slots of i and the candidate in z (seed: i, j)
         self.xp, self.b, self.t, self.low = xp, buffers, tensors, low or {}
         self.fused = low is not None
+        self.bias = self.low.get("bias")  # fused: xp is the bf16 product W_in x, and the kernels add this bias (K,)
+        self.bias_z = None if self.bias is None else self.bias[self.KF:]
         self.k = kernels(interpret)
         self.block = self.block_for(H)
         self.grid = (B, -(-H // self.block))
@@ -152,8 +154,8 @@ class TritonSegmentCall:
 
     def fwd_product(self, t: int, product: torch.Tensor) -> None:
         self.k.fwd_product[self.grid](self.xp[t], product, _slot(self.b["R"], t), _slot(self.b["M"], t),
-                                      self.H, self.K, self.KF, SEED=self.form >= 2, BF16=self.bf16, BLOCK=self.block,
-                                      num_warps=self.warps)
+                                      self._p(self.bias), self.H, self.K, self.KF, SEED=self.form >= 2, XB=self.fused,
+                                      BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
 
     def fwd_cell(self, t: int, product: torch.Tensor) -> None:
         b, p, low = self.b, self._p, self.low
@@ -162,7 +164,7 @@ class TritonSegmentCall:
         self.k.fwd_cell[self.grid](
             self.xp[t, :, self.KF:], product, self._c_prev(t), _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t),
             hr, p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]), p(self.t["b_h"]),
-            p(y), p(low.get("mask")), p(_slot(low.get("H_lo"), t)), self.forget_bias, float(self.clip or 0.0), self.H, self.K,
+            p(y), p(low.get("mask")), p(_slot(low.get("H_lo"), t)), p(self.bias_z), self.forget_bias, float(self.clip or 0.0), self.H, self.K,
             OUT=self.fused, STORE_HR=self.fused and hr.data_ptr() != y.data_ptr(), **self.cell_flags)
 
     def bwd_cell(self, t: int, dh_in: torch.Tensor | None = None, add_dy: bool = False) -> None:
@@ -180,6 +182,6 @@ class TritonSegmentCall:
         dR = self.t["dR"]
         self.k.bwd_product[self.grid](self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t],
                                       self._p(None if dR is None else dR[t]), self._p(_slot(self.low.get("DXP_lo"), t)),
-                                      self._p(_slot(self.low.get("DR_lo"), t)),
+                                      self._p(_slot(self.low.get("DR_lo"), t)), self._p(self.bias),
                                       self.H, self.K, self.KF, SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block,
                                       num_warps=self.warps)
