@@ -3,10 +3,12 @@ among the module's globals, and `triton_kernel.kernels` loads this file once for
 interpreter, which is chosen when a kernel is decorated. Each stage mirrors its C twin in csrc/mlstm_cpu_body.h.
 
 Form numbers as in the C code: 0 paper, 1 matlab, 2 seed as posted, 3 seed with the gated output; ACT: 0 tanh,
-1 relu, 2 identity. Unlike the C loops, the backward recomputes act(c) (and σ(o'), act(c o') of the posted seed form
-with peepholes) from what it reads anyway, with the forward's own arithmetic, so the same values: the forward does
-not write AC and SO, two (B, H) passes fewer each way. Slots of z: paper/matlab [ĥ; i; f; o], seed [i; j; f; o]. One program: BLOCK units of one batch
-row b; every (B, n) operand has contiguous rows, z and d xp rows are K apart.
+1 relu, 2 identity. Slots of z: paper/matlab [ĥ; i; f; o], seed [i; j; f; o]. One program: BLOCK units of one batch
+row b; every (B, n) operand has contiguous rows, z and d xp rows are K apart. The state is float32.
+
+Unlike the C loops, the backward recomputes act(c) (and σ(o'), act(c o') of the posted seed form with peepholes) from
+what it reads anyway, with the forward's own arithmetic, so the same values: the forward does not write AC and SO,
+two (B, H) passes fewer each way.
 """
 
 import triton

@@ -4,18 +4,20 @@ The reference layer (`mlstm.cells.mlstm`, `impl=reference`) runs the time loop t
 nodes per step, each saving its own inputs, and T small products for every recurrent weight gradient. Here the whole
 segment is one `torch.autograd.Function`, `MLSTMSegment`:
 
-    x (T, B, I) ──the reference's `_project_inputs` (ordinary autograd: W_mx, W_x, biases / A_x, a, W_x, w)──►
-    xp (T, B, K) = [factor part F (paper/matlab: W_mx x, K_F = H; seed: A_x x + a, K_F = 2H) ; z part (4H)]
-    MLSTMSegment(xp, W_r, W_m, h0, c0, mask, peepholes, W_P, b_h):   W_r = W_mh (H, P) or the seed's A_h (2H, P)
-      forward   for t: r_t = W_r h_{t-1}                            one (B, P)(P, K_F) product
+    MLSTMSegment(x, W_in, b_in, W_r, W_m, h0, c0, mask, peepholes, W_P, b_h):   W_r = W_mh (H, P) or A_h (2H, P)
+      forward   xp = W_in x + b_in (T, B, K), the reference's hoisted projection (`_input_projection`: W_mx, W_x,
+                biases / A_x, a, W_x, w) = [factor part F (paper/matlab: W_mx x, K_F = H; seed: A_x x + a,
+                K_F = 2H) ; z part (4H)], one product for the segment
+                for t: r_t = W_r h_{t-1}                            one (B, P)(P, K_F) product
                        m_t = xp_F ⊙ r_t  |  seed: m_t = a_t ⊙ b_t, [a_t; b_t] = xp_F + r_t
                        z_t = xp_z + W_m m_t                           one (B, H)(H, 4H) product
                        the form's pointwise math (below), in place on slices of one (B, 4H) gate buffer
                 saving per step only what backward needs in preallocated (T, B, ·) buffers
       backward  for t = T-1..0: dz_t, dm_t = W_m^T dz_t, dr_t, dh_{t-1} = W_r^T dr_t, dc_{t-1}; dz_t and dr_t are
                 written into (T, B, ·) buffers, and after the loop each weight gradient is ONE large product:
-                dW_m = dZ^T M, dW_r = dR^T H_prev, dW_P = dP^T H_raw. d xp is returned whole, so that autograd gives
-                the gradients of the input weights (and of their weight-norm g, v) through `_project_inputs`.
+                dW_m = dZ^T M, dW_r = dR^T H_prev, dW_P = dP^T H_raw; then the projection's: dx, dW_in = dXP^T x,
+                db_in (autograd takes them on to the weights' cat and weight-norm g, v). xp and d xp, the largest
+                tensors of a step, never leave the Function (with CUDA graphs: never leave the graph).
 
 Pointwise math per form (slots of z; act = cell.activation; σ' and act' computed from the saved outputs):
     paper   [ĥ; i; f; o]  c = σ(f + fb [+ w_F c_)) c_ + σ(i [+ w_I c_)) act(ĥ);  h = σ(o [+ w_O c]) act(c)
@@ -28,11 +30,20 @@ The fast layers subclass the reference classes (same parameters, state_dict keys
 sampling), so a checkpoint moves freely between impl=fast and impl=reference; only `forward` differs. Every option of
 the reference is supported (all three activations); nothing falls back.
 
-Where the pointwise math runs: on CPU with float32/float64 state, in the fused C loops of `cpu_kernel` (two calls per
-step each way: `_kernel_call`; they also add the hoisted xp parts to the products, and split the batch rows over
-PyTorch's OpenMP threads); otherwise, and with MLSTM_CPU_KERNEL=0, as PyTorch ops on per-step views (`_cell_step`,
-`_cell_step_backward`). Both paths fill the same buffers with the same quantities; the tests run every form and option
-through both. On CUDA that is one kernel launch per pointwise op (no graph capture or Triton kernel here).
+Where the pointwise math runs (`SegmentSpec.pointwise`): on CPU with float32/float64 state, in the fused C loops of
+`cpu_kernel` (two calls per step each way: `_kernel_call`; they also add the hoisted xp parts to the products, and
+split the batch rows over PyTorch's OpenMP threads); on CUDA with float32 state, in their Triton twins
+(`triton_kernel`); otherwise, and with MLSTM_CPU_KERNEL=0 / MLSTM_TRITON=0, as PyTorch ops on per-step views
+(`_cell_step`, `_cell_step_backward`). All paths fill the same buffers with the same quantities; the tests run every
+form and option through each (the Triton kernels through Triton's CPU interpreter). On CUDA the layer also captures
+each segment in CUDA graphs (`cuda_graph.GraphedSegment`, the same `_forward_segment` / `_backward_segment`).
+
+The fused form (`_fused_io`: Triton kernels, a lower compute dtype, no projection; the paper's models under bf16):
+the kernels also write y = h ⊙ mask, add the input projection's bias to xp (kept as the bf16 product) as they load
+it, and write the next products' operands in bf16 (rounded to nearest even, as torch's casts): four launches per step
+each way and no casts in between. r, m, h, dz and dr are then kept in bf16 only: they are only ever product operands
+(of the next step and of the weight gradients), where the reference rounds them to bf16 too, so the numbers are the
+reference's.
 
 The per-step products (`_Products`): on CPU in float32 each recurrent weight of more than 2^16 elements is packed once
 per segment for MKL's packed GEMM (`packed_gemm`: the T products of a segment share one packed copy instead of
@@ -433,13 +444,14 @@ def _backward(ctx, need, dY, dh_T, dc_T):
 
     dXP = h0.new_empty(T, B, K)  # d xp: [dF ; dZ], written step by step        (T, B, K)
     dF, dZ = dXP[..., :KF], dXP[..., KF:]
-    fused = H_lo is not None  # as the forward (see there): dz and dr are also kept in the products' dtype, and dr only
-    # there (paper, matlab): the operands of the next products and of dW_m, dW_r
+    # fused as the forward (see there): d xp is also kept in the products' dtype, and dr only there (paper, matlab):
+    # the operands of the next products and of dW_m, dW_r, dW_in
+    fused = H_lo is not None
     DXP_lo = h0.new_empty(T, B, K, dtype=pm.dtype) if fused else None  # [dF ; dZ] in the products' dtype
     DZ_lo = DXP_lo[..., KF:] if fused else None
     DR_lo = None if not fused else DXP_lo[..., :KF] if seed else h0.new_empty(T, B, KF, dtype=pm.dtype)
-    dR = dF if seed else DR_lo if fused else h0.new_empty(T, B, KF)  # grad of r_t = W_r h_{t-1} (seed: r_t enters
-    # [a; b] additively)
+    # grad of r_t = W_r h_{t-1} (seed: r_t enters [a; b] additively, so it is d xp_F)
+    dR = dF if seed else DR_lo if fused else h0.new_empty(T, B, KF)
     dPP = h0.new_empty(T, B, P) if W_P is not None else None  # grad of W_P h before the clip
     dU = h0.new_empty(T, B, H) if spec.form == "matlab" else None  # grad of o c + b_h (for db_h)
     dh = torch.add(dY[T - 1], dh_T)  # grad of h_t (output and recurrence)          (B, P)

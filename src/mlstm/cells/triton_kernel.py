@@ -60,7 +60,8 @@ def applies(device: torch.device, dtype: torch.dtype) -> str | None:
         return None
     if not importable():
         if wanted in ("on", "interpret"):
-            raise UserError(f"MLSTM_TRITON={os.environ['MLSTM_TRITON']} but Triton is not installed (pip install triton)")
+            raise UserError(f"MLSTM_TRITON={os.environ['MLSTM_TRITON']} but Triton is not installed "
+                            "(pip install triton)")
         return None
     return "triton-interpret" if wanted == "interpret" else "triton"
 
@@ -152,36 +153,36 @@ class TritonSegmentCall:
     def _c_prev(self, t):
         return self.t["c0"] if t == 0 else _slot(self.b["C"], t - 1)
 
+    # Each launch passes step t's slots; a buffer this form or mode does not have is passed as `spare` (never read).
     def fwd_product(self, t: int, product: torch.Tensor) -> None:
-        self.k.fwd_product[self.grid](self.xp[t], product, _slot(self.b["R"], t), _slot(self.b["M"], t),
-                                      self._p(self.bias), self.H, self.K, self.KF, SEED=self.form >= 2, XB=self.fused,
-                                      BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
+        b, p = self.b, self._p
+        self.k.fwd_product[self.grid](
+            self.xp[t], product, _slot(b["R"], t), _slot(b["M"], t), p(self.bias), self.H, self.K, self.KF,
+            SEED=self.form >= 2, XB=self.fused, BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
 
     def fwd_cell(self, t: int, product: torch.Tensor) -> None:
-        b, p, low = self.b, self._p, self.low
-        hr = _slot(b["HR"], t)
-        y = low["Y"][t] if self.fused else None
+        b, p, low, w = self.b, self._p, self.low, self.t
+        hr, y = _slot(b["HR"], t), low["Y"][t] if self.fused else None
         self.k.fwd_cell[self.grid](
             self.xp[t, :, self.KF:], product, self._c_prev(t), _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t),
-            hr, p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]), p(self.t["b_h"]),
-            p(y), p(low.get("mask")), p(_slot(low.get("H_lo"), t)), p(self.bias_z), self.forget_bias, float(self.clip or 0.0), self.H, self.K,
+            hr, p(w["w_I"]), p(w["w_F"]), p(w["w_O"]), p(w["b_h"]),
+            p(y), p(low.get("mask")), p(_slot(low.get("H_lo"), t)), p(self.bias_z),
+            self.forget_bias, float(self.clip or 0.0), self.H, self.K,
             OUT=self.fused, STORE_HR=self.fused and hr.data_ptr() != y.data_ptr(), **self.cell_flags)
 
     def bwd_cell(self, t: int, dh_in: torch.Tensor | None = None, add_dy: bool = False) -> None:
         """dh_in, add_dy (fused only): the grad of h_t is (dY[t] if add_dy) + dh_in, before the mask."""
-        b, p, low = self.b, self._p, self.low
+        b, p, low, w = self.b, self._p, self.low, self.t
         self.k.bwd_cell[self.grid](
-            _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t), p(self.t["w_I"]), p(self.t["w_F"]), p(self.t["w_O"]),
-            self.t["dhr"], self.t["dc"], self.t["dXP"][t, :, self.KF:],
-            p(None if self.t["dU"] is None else self.t["dU"][t]),
+            _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t),
+            p(w["w_I"]), p(w["w_F"]), p(w["w_O"]), w["dhr"], w["dc"], w["dXP"][t, :, self.KF:], p(_slot(w["dU"], t)),
             p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")),
             p(low["DXP_lo"][t, :, self.KF:] if self.fused else None),
             float(self.clip or 0.0), self.H, self.K, IN=self.fused, ADD_DY=add_dy, **self.cell_flags)
 
     def bwd_product(self, t: int, product: torch.Tensor) -> None:
-        dR = self.t["dR"]
-        self.k.bwd_product[self.grid](self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t],
-                                      self._p(None if dR is None else dR[t]), self._p(_slot(self.low.get("DXP_lo"), t)),
-                                      self._p(_slot(self.low.get("DR_lo"), t)), self._p(self.bias),
-                                      self.H, self.K, self.KF, SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block,
-                                      num_warps=self.warps)
+        p, low = self._p, self.low
+        self.k.bwd_product[self.grid](
+            self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t], p(_slot(self.t["dR"], t)),
+            p(_slot(low.get("DXP_lo"), t)), p(_slot(low.get("DR_lo"), t)), p(self.bias), self.H, self.K, self.KF,
+            SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
