@@ -133,6 +133,12 @@ def runtime_info(ctx: Context) -> dict:
     return info
 
 
-def teardown(ctx: Context) -> None:
+def teardown(ctx: Context, finished: bool = False) -> None:
+    """Destroy the process group. finished (every rank completed the run): first a barrier, so that no rank takes
+    its process group down while another may still have work in flight with it (once, both ranks of a resumed
+    2-process test run aborted at exit: "terminate called without an active exception"). A run that ended in an
+    error skips the barrier: the other ranks may be gone."""
     if ctx.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -514,9 +514,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     if trainer.ctx.is_main:
         print(f"parameters: {trainer.num_params:,}", file=sys.stderr)
     try:
-        return trainer.fit()
-    finally:
+        result = trainer.fit()
+    except BaseException:
         distributed.teardown(trainer.ctx)
+        raise
+    distributed.teardown(trainer.ctx, finished=True)
+    return result
 
 
 def default_run_dir() -> Path:

@@ -14,7 +14,8 @@ in one launch, with the same buffers, the same layout and the same arithmetic or
 The products may arrive in a lower dtype (bf16 under autocast): each kernel widens them to the state dtype on load,
 which is exactly the reference's `F.linear(...).to(float32)`. One program handles BLOCK units of one batch row.
 Launching a Triton kernel costs tens of microseconds of Python; `cuda_graph` captures the whole segment so that
-training replays it without that cost.
+training replays it without that cost. Measured on an H200 (results/bench/gpu_runs/run4/ablation.md; paper form,
+H=1024, B=128, T=200, bf16, no graphs): 65.1 ms per training step with these kernels, 80.5 with PyTorch ops.
 
     MLSTM_TRITON=auto   (default) use the kernels on CUDA for float32 state when Triton imports
     MLSTM_TRITON=1      require them: no Triton is an error
