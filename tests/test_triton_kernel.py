@@ -4,16 +4,21 @@ bookkeeping (`mlstm.cells.cuda_graph`) with its `Rerun` stand-in, whose replay r
 replay rewrites the graph's memory. On a machine with a GPU, scripts/gpu_check.sh runs both for real."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from mlstm import bench
 from mlstm.cells import cuda_graph, fast_mlstm, triton_kernel
 from mlstm.cells.fast_mlstm import MLSTMSegment
 from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, VARIANTS, assert_close, inputs_for, pair, run
 
 needs_triton = pytest.mark.skipif(not triton_kernel.importable(), reason="Triton is not installed")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -147,6 +152,22 @@ def test_graphed_training_equals_eager(form):
     assert back.calls == 1 and back.graph is not None
 
 
+@needs_triton
+def test_graphed_fused_bf16_training_equals_eager(interpret):
+    """The fused Triton form (bf16 autocast, dropout mask) through the graphs: the same numbers as without them."""
+    _, eager = pair("paper", "dropout")
+    layer = copy.deepcopy(eager)
+    graphs = graphed(layer)
+    g = torch.Generator().manual_seed(3)
+    segments = [torch.randn(4, 3, 8, generator=g) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = _train_steps(eager, segments), _train_steps(layer, segments)
+    for a, b in zip(want, got):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    (entry,) = graphs.entries.values()
+    assert entry.replays == 2 and entry.ns.buffers[-1] is not None  # captured, and fused (the bias of xp kept)
+
+
 def test_graphed_backward_after_another_forward_recomputes():
     """Two segments of one shape forward, then both backward (gradient accumulation): the second forward replay
     overwrote the buffers the first backward needs, so that backward replays its forward first."""
@@ -219,3 +240,28 @@ def test_segment_function_unchanged_without_graphs():
     y, _ = layer(torch.randn(3, 2, 8), None)
     assert type(y.grad_fn).__name__ == MLSTMSegment.__name__ + "Backward"
     assert "_segment_graphs" not in layer.__dict__ and layer.segment_graphs(torch.device("cpu")) is None
+
+
+# ---- the GPU session's scripts, where they can run without one -----------------------------------------------------
+def test_gpu_selfcheck_dry_run_on_cpu():
+    """scripts/gpu_selfcheck.py with --device cpu (the C kernel, no graphs): every case passes its tolerances."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_selfcheck.py"), "--device", "cpu", "--hidden", "16",
+                           "--batch", "3", "--seq-len", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gpu_selfcheck: 0 of 12 cases failed" in done.stdout and done.stdout.count("\nok   ") == 12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
+def test_gpu_scripts_say_one_line_without_a_gpu():
+    for script in ("gpu_selfcheck.py", "gpu_profile.py"):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / script)], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"{script[:-3]}: no CUDA device"]
+
+
+def test_recorded_commit_can_be_given(monkeypatch):
+    """A tree copied without its git metadata (to a GPU machine) states the commit it was copied from."""
+    monkeypatch.setenv("MLSTM_GIT_COMMIT", "7dd8662")
+    assert bench.git_commit() == "7dd8662"
+    monkeypatch.delenv("MLSTM_GIT_COMMIT")
+    assert bench.git_commit() != "7dd8662"
