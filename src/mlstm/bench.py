@@ -57,7 +57,7 @@ from typing import Callable, Iterable
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
+from mlstm.cells import fast_mlstm
 from mlstm.cells.common import FORMS, IMPLS
 from mlstm.errors import UserError
 
@@ -268,10 +268,7 @@ def environment(settings: Settings) -> dict:
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "threads": torch.get_num_threads(),
-        "cpu_kernel": cpu_kernel.describe(settings.device),  # fused C pointwise steps of the fast mLSTM (CPU)
-        "packed_gemm": packed_gemm.describe(settings.device),  # its per-step products on packed weights (CPU)
-        "triton_kernel": triton_kernel.describe(settings.device),  # fused Triton pointwise steps (CUDA)
-        "cuda_graph": cuda_graph.describe(settings.device),  # its segments captured in CUDA graphs (CUDA)
+        **fast_mlstm.kernel_status(settings.device),  # what the fast mLSTM runs on (its kernels, graphs)
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git_commit(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
+from mlstm.cells import fast_mlstm
 from mlstm.errors import UserError
 
 
@@ -125,10 +125,7 @@ def runtime_info(ctx: Context) -> dict:
         "tf32_matmul": bool(matmul.allow_tf32),
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cpu_kernel": cpu_kernel.describe(ctx.device),  # the fast mLSTM's fused pointwise steps (CPU)
-        "packed_gemm": packed_gemm.describe(ctx.device),  # its per-step products on MKL's packed weights (CPU)
-        "triton_kernel": triton_kernel.describe(ctx.device),  # its fused Triton pointwise steps (CUDA)
-        "cuda_graph": cuda_graph.describe(ctx.device),  # its segments captured in CUDA graphs (CUDA)
+        **fast_mlstm.kernel_status(ctx.device),  # what the fast mLSTM runs on (its kernels, graphs)
     }
     return info
 

@@ -234,8 +234,6 @@ def _buf(v: torch.Tensor | None) -> Buffer:
 class SegmentCall:
     """One segment's struct (pointers to the layer's buffers, filled once) and the per-step calls on it."""
 
-    fused = False  # the layer's output and the products stay with the caller (TritonSegmentCall can take them)
-
     def __init__(self, kernels: Kernels, dtype: torch.dtype, spec, xp, buffers: dict, tensors: dict):
         T, B, K = xp.shape
         H = buffers["M"].shape[-1]

@@ -168,16 +168,14 @@ class GraphedSegment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, graphs: SegmentGraphs, spec, save, *tensors):
-        from mlstm.cells.fast_mlstm import _forward_segment
-
         device_type = tensors[0].device.type
         with torch.autocast(device_type, enabled=False):
             entry = graphs.entry(graphs.entries, (spec, save, _signature(tensors)))
             ctx.graphs, ctx.entry, ctx.eager = graphs, entry, None
             if entry.graph is None and entry.calls < graphs.warmup:
                 entry.calls += 1
-                ctx.eager = _ctx()
-                return _forward_segment(ctx.eager, spec, save, *tensors)
+                outputs, ctx.eager = _run_forward(spec, save, tensors)
+                return outputs
             if entry.graph is None:
                 entry.static = _static(tensors)
                 entry.graph = graphs.graph_factory()

@@ -212,23 +212,22 @@ class MLSTMSegment(torch.autograd.Function):
 # The input projection is part of the segment (not left to autograd) so that the (T, B, K) tensor xp and its
 # gradient never leave it: with CUDA graphs they would otherwise be copied into and out of the graph's memory each
 # step (`cuda_graph`), and under autocast the gradient cast to bf16 once more (the fused form has it in bf16 already).
-def _project(spec, x, W_in, b_in, state_dtype):
-    """xp = W_in x + b_in (T, B, K) in the state dtype, as the reference's `_hoisted`: under autocast the product in
-    the compute dtype and the bias added after widening (one kernel: the add promotes), else one addmm."""
-    if spec.compute_dtype != state_dtype:
-        xp = F.linear(x.to(spec.compute_dtype), W_in.to(spec.compute_dtype))
-        return xp.to(state_dtype) if b_in is None else torch.add(xp, b_in)
-    return F.linear(x, W_in, b_in)
+def _project(spec, x, W_in, b_in, state_dtype, fused: bool):
+    """xp = W_in x + b_in (T, B, K), as the reference's `_hoisted`, and the bias left for the kernels to add (or None).
+    Under autocast the product runs in the compute dtype and the bias is added after widening (one kernel: the add
+    promotes), or, fused, not here: the kernels add it as they load xp, which stays the bf16 product. Else one
+    addmm, in the state dtype."""
+    if spec.compute_dtype == state_dtype:
+        return F.linear(x, W_in, b_in), None
+    xp = F.linear(x.to(spec.compute_dtype), W_in.to(spec.compute_dtype))
+    bias = b_in if b_in is not None else xp.new_zeros(xp.shape[-1], dtype=state_dtype)
+    return (xp, bias) if fused else (torch.add(xp, bias), None)
 
 
 def _forward_segment(ctx, spec, save, x, W_in, b_in, *rest):
     h0, mask, W_P = rest[2], rest[4], rest[8]  # rest: W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h
-    if _fused_io(spec, W_P, h0.dtype, mask):  # xp stays the bf16 product; the kernels add b_in as they load it
-        low = spec.compute_dtype
-        xp = F.linear(x.to(low), W_in.to(low))
-        bias = b_in if b_in is not None else xp.new_zeros(xp.shape[-1], dtype=h0.dtype)
-        return _forward(ctx, spec, save, xp, *rest, keep=(x, W_in), xp_bias=bias)
-    return _forward(ctx, spec, save, _project(spec, x, W_in, b_in, h0.dtype), *rest, keep=(x, W_in))
+    xp, bias = _project(spec, x, W_in, b_in, h0.dtype, _fused_io(spec, W_P, h0.dtype, mask))
+    return _forward(ctx, spec, save, xp, *rest, keep=(x, W_in), xp_bias=bias)
 
 
 def _backward_segment(ctx, need, dY, dh_T, dc_T):
@@ -240,8 +239,8 @@ def _backward_segment(ctx, need, dY, dh_T, dc_T):
     dx = dW_in = db_in = None
     if need[0]:  # dx = dxp W_in, as F.linear's backward (then widened, as autocast's cast of x)
         dx = torch.matmul(dXP_low, W_in.to(low)).to(x.dtype)
-    if need[1]:  # dW_in = Σ dxp^T x
-        dW_in = torch.mm(_flat(dXP_low).t(), _flat(x.to(low))).to(W_in.dtype)
+    if need[1]:  # dW_in = Σ dxp^T x, one product as the other weight gradients
+        dW_in = _products(ctx.spec, dXP, x.shape[1]).grad(_flat(dXP_low).t(), _flat(x), W_in)
     if need[2]:
         db_in = dXP.sum((0, 1))
     return (dx, dW_in, db_in, *grads)
@@ -587,6 +586,17 @@ def _cell_step_backward(spec, act, t, g, c, c_prev, d, dhr, dc, tmp, AC, SO, HR,
     if peep:
         dc.addcmul_(di, w_I)
         dc.addcmul_(df, w_F)
+
+
+def kernel_status(device: torch.device) -> dict:
+    """For run metadata and bench rows: what the fast mLSTM uses on this device (building the C kernel now on CPU, so
+    that a build failure is reported before training starts)."""
+    return {
+        "cpu_kernel": cpu_kernel.describe(device),  # fused C pointwise steps (CPU)
+        "packed_gemm": packed_gemm.describe(device),  # per-step products on MKL's packed weights (CPU)
+        "triton_kernel": triton_kernel.describe(device),  # fused Triton pointwise steps (CUDA)
+        "cuda_graph": cuda_graph.describe(device),  # segments captured in CUDA graphs (CUDA)
+    }
 
 
 def _pointwise(device: torch.device, dtype: torch.dtype) -> str:
