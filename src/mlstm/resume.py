@@ -8,6 +8,7 @@ uninterrupted one (tests/test_train.py kills one with SIGKILL to check).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,56 @@ def check_compatible(payload: dict, cfg, corpus, run_dir) -> None:
         raise UserError(f"cannot resume the checkpoint in {run_dir}: it was trained on {made_on.get('name')} "
                         f"with splits of {made_on['split_sizes']} characters, this dataset ({corpus.name}) "
                         f"has {sizes}; {hint}")
+
+
+# what makes a finished run in a directory *this* run: the same model, data, optimizer, seed, budget and evaluation
+FINISHED_KEYS = ("cell", "model", "dataset", "optim", "seed", "trainer.batch_size", "trainer.seq_len",
+                 "trainer.max_steps", "trainer.eval_every", "trainer.eval_chars", "trainer.eval_batch_size",
+                 "trainer.precision", "trainer.test_at_end")
+
+
+def finished_result(run_dir: Path, cfg) -> dict | None:
+    """The result of the run already finished in `run_dir` under this config, or None when there is none.
+
+    Finished means metrics.jsonl records the last step's validation (and the test pass, when `test_at_end`), or the
+    divergence that ended it (`on_divergence=end`). It is read from metrics.jsonl and config.yaml alone, so runs
+    committed without their checkpoints are found too: a sweep run again skips what it (or an earlier session)
+    finished. A finished run of another config there is a UserError, never overwritten."""
+    from mlstm.tracking import METRICS_FILE, read_metrics
+    from mlstm.tuning import diverged, run_score
+
+    metrics, config_path = Path(run_dir) / METRICS_FILE, Path(run_dir) / "config.yaml"
+    if not (metrics.is_file() and config_path.is_file()):
+        return None
+    records = [r for r in read_metrics(metrics) if isinstance(r, dict) and "step" in r]
+    max_steps = int(cfg.trainer.max_steps)
+    last = [r for r in records if r["step"] == max_steps]
+    ended = diverged(records) or (any("valid/bpc" in r for r in last) and (
+        not cfg.trainer.get("test_at_end", True) or any("test/bpc" in r for r in last)))
+    if not ended:
+        return None
+    saved = OmegaConf.load(config_path)
+    for key in FINISHED_KEYS:
+        before, now = (OmegaConf.select(c, key, default="<absent>") for c in (saved, cfg))
+        before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for v in (before, now))
+        if before != now:
+            detail = first_difference(key, before, now).replace("in the checkpoint", "in the finished run")
+            raise UserError(f"{run_dir} holds a finished run of another config ({detail}); use a new "
+                            f"hydra.run.dir")
+    valids = [float(r["valid/bpc"]) for r in records if isinstance(r.get("valid/bpc"), (int, float))]
+    finite = [v for v in valids if np.isfinite(v)]
+    result = {"step": max(r["step"] for r in records), "chars": max(r.get("chars", 0) for r in records),
+              "train_seconds": max(float(r.get("time", 0.0)) for r in records),
+              "num_parameters": saved.get("num_parameters"), "valid/bpc": valids[-1] if valids else float("nan"),
+              "best_valid/bpc": min(finite) if finite else float("inf"), "run_dir": str(run_dir),
+              "score": run_score(records, max_steps), "skipped": True}
+    if diverged(records):
+        result["diverged"] = True
+    tests = [r["test/bpc"] for r in records if "test/bpc" in r]
+    if tests:
+        result["test/bpc"] = tests[-1]
+    return result
 
 
 def finite_weights(payload: dict) -> bool:

@@ -28,11 +28,13 @@ from mlstm.model import ModelConfig, build_model, detach_state, num_parameters
 from mlstm.optim import build_optimizer
 from mlstm.optim import check as check_optim
 from mlstm.optim import scale_learning_rate
-from mlstm.resume import check_compatible, finite_weights, rank_seed, rng_state, seed_everything, set_rng_state
-from mlstm.tracking import JsonlSink, Sinks, WandbSink
+from mlstm.resume import (check_compatible, finished_result, finite_weights, rank_seed, rng_state, seed_everything,
+                          set_rng_state)
+from mlstm.tracking import METRICS_FILE, JsonlSink, Sinks, WandbSink, read_metrics
+from mlstm.tuning import run_score
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DIVERGENCE_POLICIES = ("stop", "reload")
+DIVERGENCE_POLICIES = ("stop", "reload", "end")
 
 
 def check_trainer(tcfg) -> None:
@@ -332,7 +334,8 @@ class Trainer:
         if self._divergence_limit_reached() and self.tcfg.get("on_divergence", "stop") == "stop":
             raise UserError(f"training diverged: {self.nonfinite_in_row} non-finite losses or gradients in a row "
                             f"at step {self.step}; lower optim.lr or set optim.grad_clip (or "
-                            f"trainer.on_divergence=reload to retry from the last checkpoint with a lower lr)")
+                            f"trainer.on_divergence=reload to retry from the last checkpoint with a lower lr, "
+                            f"or =end to record the divergence as the run's result)")
 
     def _divergence_limit_reached(self) -> bool:
         return self.nonfinite_in_row >= int(self.tcfg.get("max_nonfinite_in_row", 10))
@@ -457,6 +460,8 @@ class Trainer:
             self._sync()
             started = time.perf_counter()
             loss, grad_norm = self.train_step(batch)
+            if self._divergence_limit_reached() and tcfg.get("on_divergence", "stop") == "end":
+                return self._end_diverged()  # a result, not an error: what a learning-rate sweep needs
             if self._divergence_limit_reached():  # on_divergence=reload (stop has raised in train_step)
                 self._reload_after_divergence()
                 bar.n = self.step
@@ -493,6 +498,21 @@ class Trainer:
         bar.close()
         return self._finish(valid)
 
+    def _end_diverged(self) -> dict:
+        """on_divergence=end: the run ends here as a diverged run (`event: diverged`; no test pass). A tuning sweep
+        then scores it as the worst (mlstm.tuning) instead of stopping, and a rerun finds it finished."""
+        if self.ctx.is_main:
+            print(f"warning: training diverged: {self.nonfinite_in_row} non-finite losses or gradients in a row at "
+                  f"step {self.step}; the run ends here as diverged (trainer.on_divergence=end)", file=sys.stderr)
+        self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                        "event": "diverged", "train/nonfinite_steps": self.nonfinite_total})
+        result = {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
+                  "num_parameters": self.num_params, "valid/bpc": math.nan, "best_valid/bpc": self.best_valid,
+                  "diverged": True, "run_dir": str(self.run_dir)}
+        self.sinks.summary({k: v for k, v in result.items() if k != "run_dir"})
+        self.sinks.close()
+        return result
+
     def _finish(self, valid: float) -> dict:
         result = {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
                   "num_parameters": self.num_params, "valid/bpc": valid, "best_valid/bpc": self.best_valid,
@@ -510,6 +530,11 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     """Train the model a composed config describes; returns the final metrics. Raises UserError on bad input."""
     if run_dir is None:
         run_dir = default_run_dir()
+    done = finished_result(Path(run_dir), cfg)  # a sweep run again skips the runs it finished (or committed)
+    if done is not None:
+        print(f"nothing to do: {run_dir} holds a finished run (metrics.jsonl); use a new hydra.run.dir to train "
+              f"again", file=sys.stderr)
+        return done
     trainer = Trainer(cfg, Path(run_dir))
     if trainer.ctx.is_main:
         print(f"parameters: {trainer.num_params:,}", file=sys.stderr)
@@ -519,6 +544,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
         distributed.teardown(trainer.ctx)
         raise
     distributed.teardown(trainer.ctx, finished=True)
+    if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
+        result["score"] = run_score(read_metrics(trainer.run_dir / METRICS_FILE), int(cfg.trainer.max_steps))
     return result
 
 

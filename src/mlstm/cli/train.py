@@ -12,8 +12,9 @@ from mlstm.trainer import train
 @exit_on_user_error  # inside Hydra too, so a bad job in a multirun says one line
 def task(cfg: DictConfig) -> float:
     result = train(cfg)
-    # the return value is what Hydra's sweepers optimise
-    return result.get("best_valid/bpc", float("nan"))
+    # the return value is what Hydra's sweepers optimise: the tuning rule's score (mlstm.tuning.run_score), the mean
+    # validation bpc over the last quarter of the budget, +inf for a diverged run
+    return result.get("score", float("nan"))
 
 
 # under torchrun, ranks > 0 write no .hydra/ files and no job log (rank 0's run directory is the run's)
