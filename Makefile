@@ -12,7 +12,7 @@ RUNS   ?=
 OUT    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train train-ddp sweep plot report bench params sample dynamic-eval test clean
+.PHONY: help setup train train-ddp sweep tune plot report bench params sample dynamic-eval test clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ train-ddp: ## train on NPROC processes per node with torchrun/DDP (multi-node: T
 
 sweep: ## Hydra multirun of a sweep config: make sweep SWEEP=convergence_cpu ARGS=...
 	$(PY) -m mlstm.cli.train --multirun +sweep=$(SWEEP) $(ARGS)
+
+tune: ## Optuna search of optim.lr and optim.grad_clip for one cell: make tune ARGS="+variant=lstm_1m dataset=text8_sample"
+	$(PY) -m mlstm.cli.train --multirun +sweep=optuna_lr $(ARGS)
 
 plot: ## convergence figures + summary.csv + report.md from run directories: make plot RUNS=multirun/... OUT=...
 	$(PY) scripts/plot_convergence.py $(RUNS) $(if $(OUT),--out $(OUT)) $(ARGS)

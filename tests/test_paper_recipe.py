@@ -264,3 +264,14 @@ def test_missing_checkpoint_is_one_line_error(tmp_path):
     proc = run_cli("mlstm.cli.sample", f"checkpoint={tmp_path / 'nope.pt'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"
+
+
+@pytest.mark.parametrize("experiment", ["paper_hutter_large", "paper_hutter_mlstm"])
+def test_experiment_is_chosen_with_or_without_a_plus(experiment):
+    """`experiment=X` (an optional entry of train.yaml's defaults list) and the older `+experiment=X` compose the
+    same config; without either the default stays the default."""
+    plain, plus = load_config([f"experiment={experiment}"]), load_config([f"+experiment={experiment}"])
+    assert plain == plus
+    assert plain != load_config([]) and plain.cell.hidden_size == {"paper_hutter_large": 2800,
+                                                                  "paper_hutter_mlstm": 1900}[experiment]
+    assert load_config([f"experiment={experiment}", "cell.hidden_size=64"]).cell.hidden_size == 64

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 LAST_FRACTION = 0.25  # the last quarter of the budget
 UNSTABLE_GAP = 1.0  # bpc: validation this far above training, late in the run, is a state blow-up on the long stream
@@ -66,3 +67,131 @@ def unstable(records: list[Mapping], budget_steps: int, gap: float = UNSTABLE_GA
         if before and math.isfinite(before[-1]) and (not math.isfinite(valid) or valid > before[-1] + gap):
             return True
     return False
+
+
+# ------------------------------------------------------------------------------------------------- the grid, ruled
+def learning_rate(config: Mapping) -> float | None:
+    value = (config.get("optim") or {}).get("lr")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def budget_steps(config: Mapping) -> int:
+    return int((config.get("trainer") or {}).get("max_steps") or 0)
+
+
+def final_valid(records: list[Mapping], budget: int) -> float:
+    """Validation bpc at the end of the budget (+inf for a diverged run or one that never got there)."""
+    points = dict(late_points(records, budget))
+    return math.inf if diverged(records) or budget not in points else points[budget]
+
+
+@dataclass
+class RateScore:
+    """One learning rate of one cell on one dataset: its runs by seed and its score under the rule."""
+
+    lr: float
+    per_seed: dict  # seed -> run score (rule 1)
+    final_by_seed: dict  # seed -> validation bpc at the end of the budget
+    unstable_seeds: list
+    diverged_seeds: list
+    unfinished_seeds: list = field(default_factory=list)  # neither diverged nor at the end of the budget (yet)
+    scored_seeds: list = field(default_factory=list)  # the seeds the rate is compared on (rule 2)
+    score: float = math.inf
+
+
+@dataclass
+class Selection:
+    """The rule applied to one cell's grid on one dataset."""
+
+    dataset: str
+    variant: str
+    rates: list[RateScore]  # in increasing order of learning rate
+    seeds: list  # the common tuning seeds every rate was scored on
+    chosen: float | None  # None when every rate scored +inf
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def at_edge(self) -> bool:
+        """The choice is the smallest or largest rate of the grid: the grid must be extended (rule 3)."""
+        return self.chosen is not None and self.chosen in (self.rates[0].lr, self.rates[-1].lr)
+
+    @property
+    def complete(self) -> bool:
+        """Every run of the grid has finished (reached the end of its budget or diverged)."""
+        return not any(r.unfinished_seeds for r in self.rates)
+
+    @property
+    def chosen_score(self) -> float:
+        return next((r.score for r in self.rates if r.lr == self.chosen), math.inf)
+
+    @property
+    def span(self) -> float:
+        """Largest over smallest rate of the grid."""
+        return self.rates[-1].lr / self.rates[0].lr if self.rates else math.nan
+
+
+def score_rates(runs: Iterable) -> list[RateScore]:
+    """Rules 1, 2 and 4 over the runs of one cell on one dataset (runs are mlstm.runs.Run: config + records)."""
+    by_rate: dict[float, RateScore] = {}
+    for run in runs:
+        lr, budget = learning_rate(run.config), budget_steps(run.config)
+        if lr is None or budget <= 0:
+            continue
+        rate = by_rate.setdefault(lr, RateScore(lr, {}, {}, [], []))
+        seed = run.seed if run.seed is not None else run.source
+        rate.per_seed[seed] = run_score(run.records, budget)
+        rate.final_by_seed[seed] = final_valid(run.records, budget)
+        if unstable(run.records, budget):
+            rate.unstable_seeds.append(seed)
+        if diverged(run.records):
+            rate.diverged_seeds.append(seed)
+        elif not any(r.get("step") == budget and "valid/bpc" in r for r in run.records):
+            rate.unfinished_seeds.append(seed)
+    rates = [by_rate[lr] for lr in sorted(by_rate)]
+    common = set.intersection(*(set(r.per_seed) for r in rates)) if rates else set()
+    for rate in rates:
+        rate.scored_seeds = sorted(common, key=str) if common else sorted(rate.per_seed, key=str)
+        scores = [rate.per_seed[s] for s in rate.scored_seeds]
+        rate.score = sum(scores) / len(scores) if scores and all(math.isfinite(s) for s in scores) else math.inf
+    return rates
+
+
+def choose(rates: list[RateScore]) -> float | None:
+    """Rule 3: the lowest score; ties (within TIE_TOLERANCE) to the smaller rate; None when all are +inf."""
+    finite = [r for r in rates if math.isfinite(r.score)]
+    if not finite:
+        return None
+    best = min(r.score for r in finite)
+    return min(r.lr for r in finite if r.score <= best + TIE_TOLERANCE)
+
+
+def select(runs: Iterable) -> list[Selection]:
+    """The rule applied to every (dataset, cell) of a set of tuning runs, sorted by dataset and cell."""
+    groups: dict[tuple[str, str], list] = {}
+    for run in runs:
+        groups.setdefault((run.dataset, run.label), []).append(run)
+    selections = []
+    for (dataset, variant), group in sorted(groups.items()):
+        rates = score_rates(group)
+        if not rates:
+            continue
+        common = rates[0].scored_seeds if all(r.scored_seeds == rates[0].scored_seeds for r in rates) else []
+        selection = Selection(dataset, variant, rates, list(common), choose(rates))
+        unfinished = sum(len(r.unfinished_seeds) for r in rates)
+        if unfinished:
+            selection.notes.append(f"{unfinished} run{'s' * (unfinished > 1)} not finished: the choice is provisional")
+        if selection.chosen is None:
+            selection.notes.append("every rate diverged or did not finish: no rate chosen")
+        elif selection.at_edge:
+            side = "smallest" if selection.chosen == rates[0].lr else "largest"
+            factor = 0.5 if side == "smallest" else 2.0
+            selection.notes.append(f"the chosen rate is the grid's {side}: extend the grid "
+                                   f"(next rate {selection.chosen * factor:g}) until the choice is strictly inside")
+        if not common:
+            selection.notes.append("the rates share no tuning seed: each rate is scored on its own seeds")
+        elif any(len(r.per_seed) > len(common) for r in rates):
+            extra = [f"{r.lr:g}" for r in rates if len(r.per_seed) > len(common)]
+            selection.notes.append(f"rates {', '.join(extra)} have seeds the others lack: every rate is scored on "
+                                   f"the common seeds {', '.join(map(str, common))}")
+        selections.append(selection)
+    return selections

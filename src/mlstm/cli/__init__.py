@@ -31,6 +31,17 @@ def publish(text: str, out: str | Path | None) -> None:
         write_atomic(Path(out), text)
 
 
+# groups with a `null` entry in train.yaml's defaults list: chosen as `experiment=X`, and `+experiment=X` (the way
+# optional groups are usually added) must keep working, though Hydra rejects "+" for a group already in the list
+LISTED_OPTIONAL_GROUPS = ("experiment",)
+
+
+def normalise_overrides(argv: list[str]) -> list[str]:
+    """`+experiment=X` -> `experiment=X` (see LISTED_OPTIONAL_GROUPS); every other argument unchanged."""
+    return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in LISTED_OPTIONAL_GROUPS else arg
+            for arg in argv]
+
+
 def check_group_choices(argv: list[str]) -> None:
     """Reject `cell=nope` / `dataset=nope` before Hydra does, with one line listing the choices."""
     for arg in argv:
@@ -74,6 +85,7 @@ def hydra_entry(task, extra_overrides: list[str] | None = None):
 
     @exit_on_user_error
     def main():
+        sys.argv[1:] = normalise_overrides(sys.argv[1:])
         check_group_choices(sys.argv[1:])
         sys.argv.extend(extra_overrides or [])
         run_with_one_line_errors(task, sys.argv[1:])

@@ -1,0 +1,158 @@
+"""A convergence study of a set of runs: per dataset, each variant's time to target and bpc at an equal budget
+against a baseline variant, written out as figures, summary.csv and report.md (`write_study`).
+
+The statistics live in `mlstm.convergence`, the run loading in `mlstm.runs`, the drawing in `mlstm.figures` and the
+text in `mlstm.report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlstm import convergence as cv
+from mlstm import figures, report
+from mlstm.errors import UserError
+from mlstm.runs import Run, curves_by_seed, group_runs, load_runs, load_wandb_runs
+
+BANDS = ("minmax", "t95")
+BUDGET_AXES = ("chars", "seconds")  # equal-character and equal-time budgets, in this order in every table
+DEFAULT_SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # dataset=file's default split (as in mlstm.data.corpus)
+MIN_RESAMPLES = 100
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """What to compare and how to draw and word it; the defaults are those of scripts/plot_convergence.py."""
+
+    baseline: str = "lstm"  # the variant every other one is compared with
+    targets: Sequence[float] | None = None  # validation bpc levels; None: `num_targets` levels chosen per dataset
+    num_targets: int = 5
+    band: str = "minmax"  # band around the mean curve: "minmax" (range of seeds) or "t95" (95% t-interval)
+    logx: bool = False
+    svg: bool = False  # also save every single-axis figure as SVG
+    bootstrap: int = cv.N_RESAMPLES  # bootstrap resamples
+    rng_seed: int = cv.RNG_SEED
+    grid_points: int = 200  # points of the mean-curve grid
+    # unigram-entropy reference line per dataset name; the key None applies to every dataset not named; a dataset
+    # in neither gets it computed from its corpus file when the runs' configs point at a readable one
+    unigram_entropies: Mapping[str | None, float] = field(default_factory=dict)
+    label_key: str | None = None  # config key(s) naming the variant (see `mlstm.runs.variant_label`); loading only
+    title: str = "Convergence of mLSTM against LSTM"  # report.md's heading
+    generated_by: str = "`scripts/plot_convergence.py`"  # named in report.md's first sentence
+
+    def __post_init__(self):
+        if self.bootstrap < MIN_RESAMPLES:
+            raise UserError(f"{self.bootstrap} bootstrap resamples are too few for a 95% interval; "
+                            f"use 2000 or more")
+        if self.band not in BANDS:
+            raise UserError(f"band {self.band!r} is not one of {', '.join(BANDS)}")
+
+
+@dataclass
+class DatasetAnalysis:
+    """Everything reported about one dataset: its runs by variant and the statistics computed on them."""
+
+    name: str
+    variants: dict[str, list[Run]]
+    baseline: str
+    targets: list[float]
+    reach: list[cv.ReachRow]
+    budgets: list[cv.BudgetRow]
+    unigram_entropy: float | None
+    figures: list[str] = field(default_factory=list)  # file names, set by `write_study`
+
+
+# ------------------------------------------------------------------------------------------------- reference lines
+def unigram_entropy_of_file(path: Path, train_bytes: int | None) -> float:
+    """Entropy (bits) of the byte frequencies of the training part of a corpus file: the bpc of a unigram model."""
+    data = np.fromfile(path, dtype=np.uint8, count=-1 if train_bytes is None else train_bytes)
+    p = np.bincount(data, minlength=256) / max(data.size, 1)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def corpus_file(config: dict) -> tuple[Path | None, int | None]:
+    """The dataset's source file and the size of its training split, when the config says where it is."""
+    dataset = config.get("dataset", {})
+    if dataset.get("name") == "file" and dataset.get("path"):
+        path = Path(str(dataset["path"])).expanduser()
+        if path.is_file():
+            fraction = (dataset.get("split_fractions") or DEFAULT_SPLIT_FRACTIONS)[0]
+            return path, int(path.stat().st_size * fraction)
+    member = dataset.get("archive_member")
+    if member and config.get("data_dir"):
+        path = Path(str(config["data_dir"])).expanduser() / member
+        if path.is_file():
+            sizes = dataset.get("split_sizes")
+            return path, int(sizes[0]) if sizes else None
+    return None, None
+
+
+def unigram_entropy(dataset: str, runs: list[Run], given: Mapping[str | None, float]) -> float | None:
+    """The unigram-entropy reference for a dataset: given, else computed from its corpus file, else unknown."""
+    if dataset in given:
+        return given[dataset]
+    if None in given:
+        return given[None]
+    for run in runs:
+        path, train_bytes = corpus_file(run.config)
+        if path is not None:
+            return unigram_entropy_of_file(path, train_bytes)
+    return None
+
+
+# -------------------------------------------------------------------------------------------------------- analysis
+def analyse_dataset(name: str, variants: dict[str, list[Run]], options: StudyOptions) -> DatasetAnalysis:
+    """Targets, time-to-target comparisons and equal-budget comparisons of one dataset's variants."""
+    valid = {v: curves_by_seed(runs, "valid/bpc") for v, runs in variants.items()}
+    valid = {v: {k: c for k, c in curves.items() if len(c.y)} for v, curves in valid.items()}
+    valid = {v: curves for v, curves in valid.items() if curves}
+    if options.targets:
+        targets = sorted(options.targets, reverse=True)  # easiest first, as cv.parse_targets orders them
+    else:
+        all_curves = [c for curves in valid.values() for c in curves.values()]
+        targets = cv.default_targets([c.y[0] for c in all_curves], [c.y.min() for c in all_curves],
+                                     options.num_targets)
+    reach = cv.compare_reach(valid, targets, options.baseline, n_resamples=options.bootstrap, seed=options.rng_seed)
+    budgets = [row for axis in BUDGET_AXES
+               for row in cv.compare_at_budget(valid, options.baseline, axis, options.bootstrap, options.rng_seed)]
+    all_runs = [run for runs in variants.values() for run in runs]
+    return DatasetAnalysis(name, variants, options.baseline, targets, reach, budgets,
+                           unigram_entropy(name, all_runs, options.unigram_entropies))
+
+
+def analyse(runs: Sequence[Run], options: StudyOptions) -> list[DatasetAnalysis]:
+    """One analysis per dataset of the runs, datasets in sorted order."""
+    return [analyse_dataset(name, variants, options) for name, variants in group_runs(runs).items()]
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+def load_study_runs(paths: Sequence[str] = (), options: StudyOptions | None = None,
+                    wandb: str | None = None) -> list[Run]:
+    """The runs under `paths` (run or sweep directories, globs), or of a W&B "PROJECT[/GROUP]" when given, labelled
+    by `options.label_key`."""
+    options = options or StudyOptions()
+    if wandb:
+        return load_wandb_runs(wandb, options.label_key)
+    return load_runs(paths, options.label_key)
+
+
+def write_study(runs: Sequence[Run], out_dir: str | Path, options: StudyOptions | None = None
+                ) -> list[DatasetAnalysis]:
+    """Analyse the runs and write, into `out_dir`, every dataset's figures, then summary.csv and report.md."""
+    options = options or StudyOptions()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {out} ({error.strerror})") from None
+    analyses = analyse(runs, options)
+    for analysis in analyses:
+        analysis.figures = [path.name for path in figures.save_figures(analysis, out, options)]
+    report.write_summary(analyses, out / "summary.csv")
+    report.write_report(analyses, out / "report.md", options)
+    return analyses
