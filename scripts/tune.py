@@ -1,11 +1,13 @@
 """Learning-rate tuning: apply the selection rule to a grid of runs, and write the tuned study's report.
 
     python scripts/tune.py select results/convergence/tuned/runs [--json selection.json]
+    python scripts/tune.py plan results/convergence/tuned/runs/enwik8_sample       # what to run next
     python scripts/tune.py report --tuning results/convergence/tuned/runs --final results/convergence/tuned/final \\
         --shared results/convergence/rerun/runs --out results/convergence/tuned
 
 `select` prints, per dataset and cell, every rate's score under the rule (mlstm.tuning), the chosen rate, what needs
-doing (a grid to extend), and the command that runs the final seeds at the chosen rate. `report` writes report.md,
+doing (a grid to extend), and the command that runs the final seeds at the chosen rate. `plan` prints only the
+commands: grid extensions while a choice sits at a grid's edge, else the final seeds. `report` writes report.md,
 summary.csv, the sensitivity figures and the best-against-best convergence figures (mlstm.tuning_report).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mlstm import tuning, tuning_report
 from mlstm.cli import exit_on_user_error, publish, write_atomic
@@ -33,6 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     select.add_argument("paths", nargs="+", help="tuning run directories, sweep directories or globs")
     select.add_argument("--json", help="also write the selection as JSON")
     select.add_argument("--final-sweep", default="tuned_final_cpu", help="sweep config of the final seeds' command")
+    plan = sub.add_parser("plan", help="the commands the study needs next: grid extensions, else the final seeds")
+    plan.add_argument("paths", nargs="+", help="tuning run directories, sweep directories or globs")
+    plan.add_argument("--tuning-sweep", default="tune_lr_cpu", help="sweep config that extends a grid")
+    plan.add_argument("--final-sweep", default="tuned_final_cpu", help="sweep config of the final seeds")
     report = sub.add_parser("report", help="the tuned study's report, figures and summary.csv")
     report.add_argument("--tuning", nargs="+", required=True, help="tuning runs")
     report.add_argument("--final", nargs="*", default=[], help="final runs (each cell at its chosen rate)")
@@ -61,6 +68,27 @@ def final_command(selection: tuning.Selection, sweep: str) -> str | None:
             f'optim.lr={selection.chosen:g}"')
 
 
+def extension_command(selection: tuning.Selection, sweep: str) -> str | None:
+    """The run(s) that extend a grid whose choice is at its edge: the next factor-2 rate, on the grid's seeds."""
+    if selection.chosen is None or not selection.at_edge or not selection.complete:
+        return None
+    lowest = selection.chosen == selection.rates[0].lr
+    rate = selection.chosen / 2 if lowest else selection.chosen * 2
+    seeds = ",".join(str(s) for s in sorted({s for r in selection.rates for s in r.per_seed}, key=str))
+    variant = VARIANT_PRESETS.get(selection.variant, selection.variant)
+    dataset = DATASET_PRESETS.get(selection.dataset, selection.dataset)
+    return f'make sweep SWEEP={sweep} ARGS="dataset={dataset} +variant={variant} optim.lr={rate:g} seed={seeds}"'
+
+
+def plan_text(selections: list[tuning.Selection], tuning_sweep: str, final_sweep: str) -> str:
+    """Grid extensions first (every cell's choice must be strictly inside its grid); once there are none, the final
+    seeds of every cell whose grid is complete. A grid still running yields no command."""
+    extensions = [c for s in selections if (c := extension_command(s, tuning_sweep))]
+    if extensions:
+        return "\n".join(extensions)
+    return "\n".join(c for s in selections if (c := final_command(s, final_sweep)))
+
+
 def select_text(selections: list[tuning.Selection], sweep: str) -> str:
     lines = []
     for dataset in sorted({s.dataset for s in selections}):
@@ -85,6 +113,11 @@ def main(argv=None) -> None:
         if args.json:
             write_atomic(args.json, json.dumps(selection_json(selections), indent=2) + "\n")
         return
+    if args.command == "plan":
+        text = plan_text(tuning.select(load_runs(args.paths)), args.tuning_sweep, args.final_sweep)
+        if text:
+            publish(text, None)
+        return
     targets = {}
     for spec in args.targets:
         name, _, levels = spec.rpartition("=")
@@ -92,7 +125,8 @@ def main(argv=None) -> None:
             targets[name] = [float(v) for v in levels.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--targets {spec!r} is not DATASET=LEVEL,LEVEL,...") from None
-    tuning_report.write_tuned_study(load_runs(args.tuning), load_runs(args.final) if args.final else [],
+    final = [p for p in args.final if Path(p).exists()]  # the final seeds may not have started yet
+    tuning_report.write_tuned_study(load_runs(args.tuning), load_runs(final) if final else [],
                                     load_runs(args.shared) if args.shared else [], args.out, targets,
                                     n_resamples=args.bootstrap)
 

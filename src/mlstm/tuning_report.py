@@ -331,7 +331,7 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
             figures += [f"{sub.name}/{name}" for name in analysis.figures if name.endswith("_convergence.png")]
         lines += dataset_report(dataset, chosen, dataset_final, dataset_shared, ladder, entropy, figures, baseline,
                                 n_resamples)
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    (out / "report.md").write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     return selections
 
 
