@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from mlstm import convergence as cv  # noqa: E402
 from mlstm import tuning  # noqa: E402
-from mlstm.runs import Run, curves_by_seed, group_runs  # noqa: E402
+from mlstm.runs import Run, curves_by_seed, group_runs, lookup  # noqa: E402
 
 SENSITIVITY_COLUMNS = ("dataset", "variant", "lr", "n_seeds", "seeds", "score", "scored_seeds", "final_mean",
                        "final_min", "final_max", "unstable_seeds", "diverged_seeds", "chosen")
@@ -136,8 +136,8 @@ def sensitivity_figure(selections: Sequence[tuning.Selection], path: Path, title
         ax.plot(lrs, mean, "o-", color=colour, lw=1.6, ms=4, label=f"{sel.variant} ({n} seed{'s' * (n != 1)})")
         if n > 1:
             ax.fill_between(lrs, low, high, color=colour, alpha=0.2, lw=0)
-        for rate, f in zip(sel.rates, finals):
-            if ceiling is not None and not np.isfinite(f).all():
+        for rate in sel.rates:
+            if ceiling is not None and rate.diverged_seeds:
                 ax.plot([rate.lr], [ceiling], "x", color=colour, ms=8, mew=2)
         if sel.chosen is not None:
             k = [r.lr for r in sel.rates].index(sel.chosen)
@@ -314,9 +314,14 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
         in_data = [r for r in tuning_runs if r.dataset == dataset]
         entropy = study.unigram_entropy(dataset, in_data, {})
         budget = max(tuning.budget_steps(r.config) for r in in_data)
+        sizes = sorted({r.num_parameters for r in in_data if r.num_parameters})
+        size = ("parameters unknown" if not sizes else f"{sizes[0] / 1e6:.2f}M parameters" if len(sizes) == 1
+                else f"{sizes[0] / 1e6:.2f}M–{sizes[-1] / 1e6:.2f}M parameters")
+        batch = lookup(in_data[0].config, "trainer.batch_size"), lookup(in_data[0].config, "trainer.seq_len")
         figures = [sensitivity_figure(chosen, out / f"{dataset}_lr_sensitivity.png", textwrap.fill(
-            f"{dataset}: validation bpc after {budget} steps against the learning rate; mean over tuning seeds, band "
-            f"min–max, ring: chosen, ✗: diverged", 110), entropy, figures_colours()).name]
+            f"{dataset}, {size}: validation bpc after {budget} steps of {batch[0]} x {batch[1]} characters against "
+            f"the Adam learning rate; mean over tuning seeds, band min–max, ring: chosen, ✗: a diverged run", 110),
+            entropy, figures_colours()).name]
         dataset_final = [r for r in final if r.dataset == dataset]
         dataset_shared = [r for r in shared if r.dataset == dataset and r.label in {s.variant for s in chosen}]
         ladder = list((targets or {}).get(dataset) or [])
