@@ -138,6 +138,47 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     assert any("test/bpc" in r for r in got) and sum("valid/bpc" in r for r in got) == 3
 
 
+THREADS_AFTER_TEARDOWN = """
+import os, sys
+from mlstm import distributed
+from mlstm.config import load_config
+from mlstm.trainer import Trainer
+
+def threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+trainer = Trainer(load_config(sys.argv[2:]), sys.argv[1])
+during = threads()
+trainer.fit()
+distributed.teardown(trainer.ctx, finished=True)
+del trainer
+print(f"rank {os.environ['RANK']} during={during} after={threads()}")
+"""
+
+
+def test_ddp_teardown_ends_the_gloo_threads(text, tmp_path):
+    """The cause of the rare "terminate called without an active exception" (SIGABRT) of both ranks at exit: the
+    gloo group outlived destroy_process_group(), so its worker threads met interpreter shutdown. DDP's constructor
+    imports torch.distributed.nn, whose functions bind the default group as a default argument at import; the
+    setup now imports it before the group exists. After teardown no gloo thread may be left."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to list a process's threads")
+    path, cache = text
+    script = tmp_path / "threads_after_teardown.py"
+    script.write_text(THREADS_AFTER_TEARDOWN)
+    if not TORCHRUN.exists():
+        pytest.skip(f"{TORCHRUN} not found: DDP tests need torchrun beside the Python interpreter")
+    done = run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "run"),
+                "dataset=file", f"dataset.path={path}", *SMALL, "logger=none",
+                "trainer.max_steps=2", "trainer.test_at_end=false"], cache, tmp_path)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        during, after = line.split(" during=")[1].split(" after=")
+        assert "pt_gloo_runloop" in during, line  # the check can see gloo's threads while the group lives
+        assert "pt_gloo_runloop" not in after and "gloo_tcp_loop" not in after, line
+
+
 def test_sharded_evaluation_sums_to_the_single_process_numbers(text):
     """What each DDP rank scores (its B/W evaluation streams) adds up to exactly the single-process evaluation."""
     path, cache = text

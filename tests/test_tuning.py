@@ -225,7 +225,11 @@ def test_a_diverging_run_ends_as_a_result_and_is_not_rerun(enwik8_sample, tmp_pa
     again = train_cli(args)
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert read_metrics(run_dir / "metrics.jsonl") == records
-    # the same directory under another learning rate is another run: one line, nothing touched
+    # committed without its checkpoints, the same directory under another learning rate is another run: one line,
+    # nothing touched
+    for path in run_dir.glob("*.pt"):
+        path.unlink()
+    assert train_cli(args).returncode == 0  # still finished, from metrics.jsonl alone
     other = train_cli([a if not a.startswith("optim.lr=") else "optim.lr=1e-3" for a in args])
     assert other.returncode == 2 and "holds a finished run of another config (optim.lr" in other.stderr
     assert read_metrics(run_dir / "metrics.jsonl") == records

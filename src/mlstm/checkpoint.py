@@ -8,8 +8,9 @@ A checkpoint is a plain dict of tensors, numbers and strings (no pickled objects
     best.pt            the lowest validation bpc so far
 
 Each file is written to a temporary name, flushed and fsynced, then renamed: a crash mid-write leaves the previous
-file intact. Each payload carries `digest`, a SHA-256 of its whole content (tensor bytes included), because a zip
-archive with flipped bytes inside a tensor still loads. On load, a truncated or corrupted file (unreadable, missing
+file intact, and a write that fails (ENOSPC, EFBIG, EIO) removes what it wrote and stops the run with one line.
+Each payload carries `digest`, a SHA-256 of its whole content (tensor bytes included), because a zip archive with
+flipped bytes inside a tensor still loads. On load, a truncated or corrupted file (unreadable, missing
 keys, wrong digest) is reported in one line, renamed to `<name>.corrupt` (kept for inspection, never read again) and
 the previous good one is used.
 """
@@ -30,14 +31,43 @@ REQUIRED_KEYS = ("format_version", "model", "step", "config")
 
 
 def atomic_save(payload: dict, path: Path) -> None:
+    """Write through a temporary file, fsync, rename. A failed write (OSError) removes the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            writer = _RecordingWriter(handle)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+class _RecordingWriter:
+    """A file's `write` that keeps the OSError it raised: torch.save reports a failed write (a full disk, a file-size
+    limit) as a RuntimeError without the errno, and the user needs the errno's words."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -55,22 +85,43 @@ def _link_atomically(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:  # file systems without hard links: copy the bytes instead
-        tmp.write_bytes(source.read_bytes())
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:  # file systems without hard links: copy the bytes instead
+            tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 2, best: bool = False) -> Path:
-    """Write `ckpt-<step>.pt`, point `last.pt` (and `best.pt` when asked) at it, drop the oldest beyond `keep`."""
+    """Write `ckpt-<step>.pt`, point `last.pt` (and `best.pt` when asked) at it, drop the oldest beyond `keep`.
+
+    A write that fails (a full disk, a file-size limit, an I/O error) leaves the run directory as it was: the new
+    file and its temporary are removed, last.pt still points to the previous checkpoint, and a UserError names the
+    directory and the error."""
     run_dir = Path(run_dir)
     payload = {"format_version": FORMAT_VERSION, **payload}
     payload["digest"] = content_digest(payload)
     path = run_dir / f"ckpt-{int(payload['step']):08d}.pt"
-    atomic_save(payload, path)
-    _link_atomically(path, run_dir / "last.pt")
-    if best:
-        _link_atomically(path, run_dir / "best.pt")
+    for stale in run_dir.glob(".*.pt.tmp"):  # left by a process killed mid-write (one writer per run: run.lock)
+        stale.unlink(missing_ok=True)
+    existed = path.exists()
+    try:
+        atomic_save(payload, path)
+        _link_atomically(path, run_dir / "last.pt")
+        if best:
+            _link_atomically(path, run_dir / "best.pt")
+    except OSError as error:
+        last = run_dir / "last.pt"
+        current = last.exists() and path.exists() and os.path.samefile(path, last)
+        if not existed and path.exists() and not current:
+            path.unlink()  # written, but last.pt could not be pointed at it: the previous checkpoint stays current
+        kept = ("last.pt holds this step's checkpoint" if current else
+                "last.pt still points to the previous checkpoint" if last.exists() else "no checkpoint was saved")
+        raise UserError(f"cannot write a checkpoint in {run_dir}: {error.strerror or error}; {kept}; free space "
+                        f"(or raise the file-size limit) and rerun the same command to resume") from None
     for old in sorted(run_dir.glob("ckpt-*.pt"))[: -max(1, keep)]:
         old.unlink(missing_ok=True)
     return path

@@ -44,16 +44,34 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise UserError(f"trainer.device={name!r} is not one of auto, cpu, cuda")
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun exports it (0 outside torchrun), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device_name: str) -> Context:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        _bind_group_defaults_before_init()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Context(rank=rank, world_size=world_size, device=device)
+
+
+def _bind_group_defaults_before_init() -> None:
+    """Import torch.distributed.nn while no process group exists.
+
+    Its functions take `group=group.WORLD` as a default argument, evaluated once, at import. DistributedDataParallel's
+    constructor imports it (through torch._dynamo), so imported after init_process_group it keeps the default group
+    in those defaults for the life of the process: destroy_process_group() then cannot free it, and the gloo group's
+    worker threads live on into interpreter shutdown, where their teardown now and then ends the process with
+    "terminate called without an active exception" (SIGABRT) after a run that had finished. Imported first, the
+    defaults are None (= the default group at call time) and teardown() really ends the group."""
+    import torch.distributed.nn  # noqa: F401
 
 
 def barrier(ctx: Context) -> None:
@@ -76,6 +94,16 @@ def gather_streams(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def mean_and_any(value: torch.Tensor, flag: bool, ctx: Context) -> tuple[float, bool]:
+    """The mean of a scalar over the ranks and whether `flag` is set on any rank, in one all-reduce: a flag rides
+    along a collective the step makes anyway (elementwise sums, so the mean is the one all_reduce_mean gives)."""
+    if not ctx.distributed:
+        return value.item(), flag
+    both = torch.stack([value.reshape(()), torch.ones_like(value.reshape(())) * float(flag)])
+    mean, share = all_reduce_mean(both, ctx).tolist()
+    return mean, share > 0
 
 
 def all_reduce_sum(value: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -131,10 +159,10 @@ def runtime_info(ctx: Context) -> dict:
 
 
 def teardown(ctx: Context, finished: bool = False) -> None:
-    """Destroy the process group. finished (every rank completed the run): first a barrier, so that no rank takes
-    its process group down while another may still have work in flight with it (once, both ranks of a resumed
-    2-process test run aborted at exit: "terminate called without an active exception"). A run that ended in an
-    error skips the barrier: the other ranks may be gone."""
+    """Destroy the process group (and with it, on gloo, its worker threads: see `_bind_group_defaults_before_init`).
+    finished (every rank completed the run, or stopped at the same step on a signal): first a barrier, so that no rank
+    takes its process group down while another may still have work in flight with it. A run that ended in an error
+    skips the barrier: the other ranks may be gone."""
     if ctx.distributed and dist.is_initialized():
         if finished:
             dist.barrier()

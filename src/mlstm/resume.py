@@ -14,8 +14,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from mlstm.checkpoint import has_checkpoint
 from mlstm.data.corpus import SPLITS
 from mlstm.errors import UserError
+from mlstm.tracking import METRICS_FILE, read_metrics
+from mlstm.tuning import diverged, run_score
 
 # keys of the config that must agree between a checkpoint and the run that resumes it: the architecture, the data
 # layout (the carried hidden state and the batcher position only mean something for the same streams) and the
@@ -60,10 +63,9 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
     Finished means metrics.jsonl records the last step's validation (and the test pass, when `test_at_end`), or the
     divergence that ended it (`on_divergence=end`). It is read from metrics.jsonl and config.yaml alone, so runs
     committed without their checkpoints are found too: a sweep run again skips what it (or an earlier session)
-    finished. A finished run of another config there is a UserError, never overwritten."""
-    from mlstm.tracking import METRICS_FILE, read_metrics
-    from mlstm.tuning import diverged, run_score
-
+    finished. A finished run of another config there is a UserError, never overwritten, unless the directory holds
+    a checkpoint: then resuming decides (`check_compatible`), as it always has. `trainer.resume=false` never
+    skips."""
     metrics, config_path = Path(run_dir) / METRICS_FILE, Path(run_dir) / "config.yaml"
     if not (metrics.is_file() and config_path.is_file()):
         return None
@@ -74,12 +76,16 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
         not cfg.trainer.get("test_at_end", True) or any("test/bpc" in r for r in last)))
     if not ended:
         return None
+    if cfg.trainer.get("resume", "auto") is False:
+        return None  # "start over": the trainer refuses a directory that holds a run (its own one-line error)
     saved = OmegaConf.load(config_path)
     for key in FINISHED_KEYS:
         before, now = (OmegaConf.select(c, key, default="<absent>") for c in (saved, cfg))
         before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                        for v in (before, now))
         if before != now:
+            if has_checkpoint(Path(run_dir)):
+                return None  # the checkpoint's own compatibility check names the difference (or resumes)
             detail = first_difference(key, before, now).replace("in the checkpoint", "in the finished run")
             raise UserError(f"{run_dir} holds a finished run of another config ({detail}); use a new "
                             f"hydra.run.dir")

@@ -9,8 +9,12 @@ it; the B streams are split across ranks so the global batch equals the single-p
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +34,72 @@ from mlstm.optim import check as check_optim
 from mlstm.optim import scale_learning_rate
 from mlstm.resume import (check_compatible, finished_result, finite_weights, rank_seed, rng_state, seed_everything,
                           set_rng_state)
+from mlstm.run_lock import RunLock
 from mlstm.tracking import METRICS_FILE, JsonlSink, Sinks, WandbSink, read_metrics
 from mlstm.tuning import run_score
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DIVERGENCE_POLICIES = ("stop", "reload", "end")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SLURM: --signal=USR1@120 before the time limit
+STOPPED_STATUS = 3  # exit status of a run stopped by a signal with last.pt saved (2 is bad input)
+
+
+class TrainingStopped(Exception):
+    """A signal stopped the run after a completed step, with last.pt saved: the same command resumes it."""
+
+    def __init__(self, message: str, signum: int | None):
+        super().__init__(message)
+        self.signum = signum
+
+
+class GracefulStop:
+    """SIGTERM, SIGINT and SIGUSR1 while `fit` runs. The first only raises a flag: the loop finishes the current
+    optimizer step, saves last.pt and raises TrainingStopped. A second exits at once with status 128 + the signal's
+    number (how a shell reports a death by that signal), saving nothing more. The handlers found on entry are put
+    back on exit; a Python one among them (e.g. submitit's, which requeues a SLURM job) is called after the save.
+
+    Signals within `SAME_REQUEST_S` of the first count as the same request: Ctrl-C reaches torchrun and its workers
+    alike, and torchrun passes it on, so each worker gets it twice within milliseconds."""
+
+    SAME_REQUEST_S = 1.0
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.signum: int | None = None
+        self.since = 0.0
+        self.previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if time.monotonic() - self.since < self.SAME_REQUEST_S:
+                return
+            os.write(2, f"{name} again: exiting at once (status {128 + signum}) without saving\n".encode())
+            os._exit(128 + signum)
+        self.signum, self.since = signum, time.monotonic()
+        if self.announce:  # os.write: a handler may interrupt a print, and print is not reentrant
+            os.write(2, f"received {name}: saving last.pt after the current step (a second signal exits at "
+                        f"once)\n".encode())
+
+    def chain(self) -> None:
+        """Call the handler this one replaced, if it was a Python function (not the default, nor Python's own
+        KeyboardInterrupt for SIGINT): it may requeue the job, and may exit."""
+        previous = self.previous.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)
 
 
 def check_trainer(tcfg) -> None:
@@ -88,6 +153,9 @@ def prepare_run_dir(run_dir: Path) -> Path:
 
 class Trainer:
     """Holds the pieces of one run; `fit()` is the loop. Split out of `train` so every piece stays small."""
+
+    stop: GracefulStop | None = None  # the signals `fit` listens to while it runs
+    stop_agreed = False  # some rank was asked to stop by the latest step's all-reduce: every rank stops after it
 
     def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
@@ -303,7 +371,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.get("grad_clip")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf).item()
-        loss_value = distributed.all_reduce_mean(loss.detach(), self.ctx).item()  # the step's only other sync
+        # the step's only other sync; it also carries the stop flag, so every rank stops after the same step
+        asked = bool(self.stop and self.stop.requested)
+        loss_value, self.stop_agreed = distributed.mean_and_any(loss.detach(), asked, self.ctx)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite or self.precision == "fp16":  # fp16: the scaler itself skips overflowing steps
             self.scaler.step(self.optimizer)
@@ -436,6 +506,11 @@ class Trainer:
         return valid
 
     def fit(self) -> dict:
+        """The loop, stopping gracefully on SIGTERM, SIGINT or SIGUSR1 (see `GracefulStop`, `_stop_after_step`)."""
+        with GracefulStop(announce=self.ctx.is_main) as self.stop:
+            return self._fit()
+
+    def _fit(self) -> dict:
         tcfg = self.tcfg
         max_steps = int(tcfg.max_steps)
         log_every = int(tcfg.get("log_every") or 10)
@@ -492,11 +567,29 @@ class Trainer:
                 is_best = valid < self.best_valid  # the same on every rank: save() is collective
                 if is_best:
                     self.best_valid = valid
-            if (ckpt_every and self.step % ckpt_every == 0) or last or is_best:
+            saved = bool((ckpt_every and self.step % ckpt_every == 0) or last or is_best)
+            if saved:
                 self.save(best=is_best)
             bar.update(1)
+            if self.stop_agreed and not last:  # a stop asked during the last step lets the run finish
+                bar.close()
+                self._stop_after_step(saved)
         bar.close()
         return self._finish(valid)
+
+    def _stop_after_step(self, saved: bool) -> None:
+        """Every rank agreed to stop after this step: save last.pt (collective), flush and close metrics.jsonl and
+        W&B, say how to resume, let a replaced handler act (e.g. requeue), raise TrainingStopped."""
+        if not saved:
+            self.save()
+        self.sinks.close()
+        name = signal.Signals(self.stop.signum).name if self.stop.requested else "a signal to another rank"
+        message = (f"stopped by {name} at step {self.step}; last.pt saved in {self.run_dir}; rerun the same command "
+                   f"to resume")
+        if self.ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+        self.stop.chain()
+        raise TrainingStopped(message, self.stop.signum)
 
     def _end_diverged(self) -> dict:
         """on_divergence=end: the run ends here as a diverged run (`event: diverged`; no test pass). A tuning sweep
@@ -527,26 +620,50 @@ class Trainer:
 
 
 def train(cfg, run_dir: str | Path | None = None) -> dict:
-    """Train the model a composed config describes; returns the final metrics. Raises UserError on bad input."""
+    """Train the model a composed config describes; returns the final metrics. Raises UserError on bad input (a run
+    directory in use by another process included) and TrainingStopped when a signal stopped it (last.pt saved)."""
     if run_dir is None:
         run_dir = default_run_dir()
-    done = finished_result(Path(run_dir), cfg)  # a sweep run again skips the runs it finished (or committed)
-    if done is not None:
-        print(f"nothing to do: {run_dir} holds a finished run (metrics.jsonl); use a new hydra.run.dir to train "
-              f"again", file=sys.stderr)
-        return done
-    trainer = Trainer(cfg, Path(run_dir))
-    if trainer.ctx.is_main:
-        print(f"parameters: {trainer.num_params:,}", file=sys.stderr)
+    with run_dir_lock(Path(run_dir)):  # before anything in the run directory is read or written
+        done = finished_result(Path(run_dir), cfg)  # a sweep run again skips the runs it finished (or committed)
+        if done is not None:
+            print(f"nothing to do: {run_dir} holds a finished run (metrics.jsonl); use a new hydra.run.dir to train "
+                  f"again", file=sys.stderr)
+            return done
+        trainer = Trainer(cfg, Path(run_dir))
+        if trainer.ctx.is_main:
+            print(f"parameters: {trainer.num_params:,}", file=sys.stderr)
+        try:
+            result = trainer.fit()
+        except TrainingStopped:
+            distributed.teardown(trainer.ctx, finished=True)  # every rank stopped after the same step
+            raise
+        except BaseException:
+            distributed.teardown(trainer.ctx)
+            raise
+        distributed.teardown(trainer.ctx, finished=True)
+        if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
+            result["score"] = run_score(read_metrics(trainer.run_dir / METRICS_FILE), int(cfg.trainer.max_steps))
+        return result
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold `run_dir` (mlstm.run_lock) while training; under torchrun rank 0 holds it for the whole job (the rank
+    is known from the environment before any process group exists)."""
+    if distributed.env_rank() != 0:
+        yield
+        return
+    lock = RunLock(run_dir)
     try:
-        result = trainer.fit()
-    except BaseException:
-        distributed.teardown(trainer.ctx)
-        raise
-    distributed.teardown(trainer.ctx, finished=True)
-    if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
-        result["score"] = run_score(read_metrics(trainer.run_dir / METRICS_FILE), int(cfg.trainer.max_steps))
-    return result
+        lock.acquire()
+    except OSError as error:
+        raise UserError(f"output directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir to a "
+                        f"writable path") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def default_run_dir() -> Path:

@@ -1,24 +1,76 @@
-"""`make train ARGS=...` / `python -m mlstm.cli.train key=value ...` (also under torchrun for DDP)."""
+"""`make train ARGS=...` / `python -m mlstm.cli.train key=value ...` (also under torchrun for DDP).
+
+Exit status: 0 done, 2 bad input (one `error:` line; a run directory in use by another run included),
+3 (`STOPPED_STATUS`) stopped by SIGTERM, SIGINT or SIGUSR1 with last.pt saved (the same command resumes),
+128 + N killed by a second signal N while stopping.
+"""
+
+import contextlib
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from mlstm.cli import CONFIG_DIR, exit_on_user_error, hydra_entry
-from mlstm.distributed import secondary_rank_overrides
-from mlstm.trainer import train
+from mlstm.distributed import env_rank, secondary_rank_overrides
+from mlstm.run_lock import RunLock
+from mlstm.trainer import STOPPED_STATUS, TrainingStopped, train
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error  # inside Hydra too, so a bad job in a multirun says one line
 def task(cfg: DictConfig) -> float:
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingStopped:
+        sys.exit(STOPPED_STATUS)  # the trainer has said how to resume; a multirun stops here too
     # the return value is what Hydra's sweepers optimise: the tuning rule's score (mlstm.tuning.run_score), the mean
     # validation bpc over the last quarter of the budget, +inf for a diverged run
     return result.get("score", float("nan"))
 
 
+def named_run_dir(argv: list[str]) -> Path | None:
+    """The run directory a single run names literally on the command line (`hydra.run.dir=PATH`), else None (a
+    multirun, a Hydra flag such as --cfg, a directory made from ${now:...}: the trainer locks it once it is known)."""
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    values = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith("hydra.run.dir=")]
+    if len(values) != 1 or any(c in values[0] for c in "${}'\"") or not values[0]:
+        return None
+    return Path(values[0])
+
+
+@contextlib.contextmanager
+def early_lock(argv: list[str]):
+    """Lock the named run directory before Hydra writes `.hydra/` and its job log there, so that a second start on a
+    busy directory writes nothing at all. `train` takes the same lock again (re-entrant) and owns the error
+    messages; a directory that cannot be created is left to Hydra to report."""
+    run_dir = named_run_dir(argv)
+    if run_dir is None or env_rank() != 0:
+        yield
+        return
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 # under torchrun, ranks > 0 write no .hydra/ files and no job log (rank 0's run directory is the run's)
-main = hydra_entry(task, secondary_rank_overrides())
+_hydra_main = hydra_entry(task, secondary_rank_overrides())
+
+
+@exit_on_user_error
+def main():
+    with early_lock(sys.argv[1:]):
+        _hydra_main()
+
 
 if __name__ == "__main__":
     main()
