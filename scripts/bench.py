@@ -6,7 +6,7 @@
 
 A cell spec is name[-form]:impl: lstm:cudnn (torch.nn.LSTM), lstm:loop, mlstm-{paper,matlab,seed}:{fast,reference}.
 Every row is also compared with nn.LSTM at the same hidden size and at the same parameter count (those baselines are
-timed too). The markdown table goes to stdout; --json writes a list of row objects, rewritten after every row.
+timed too; on CUDA the equal-parameter hidden size is rounded to a multiple of 64, where cuDNN uses tensor cores). The markdown table goes to stdout; --json writes a list of row objects, rewritten after every row.
 What is timed, the FLOP formula and the memory measure: `mlstm.bench` and results/bench/README.md.
 """
 
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: --iters {args.iters} < 20: fine for a smoke test, not for reported numbers", file=sys.stderr)
     groups = bench.groups_for(args.preset, cells=args.cells, hidden=args.hidden, batch=args.batch,
                               seq_len=args.seq_len, embedding=args.embedding, vocab=args.vocab)
-    rows = bench.plan([row for g in groups for row in g.rows()], baselines=not args.no_baselines)
+    rows = bench.plan([row for g in groups for row in g.rows()], baselines=not args.no_baselines,
+                      multiple=bench.baseline_multiple(settings.device))
 
     def save(table: list[dict]) -> None:
         if args.json:

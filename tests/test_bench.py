@@ -113,3 +113,42 @@ def test_gpu_preset_takes_overrides():
     assert bench.groups_for("cpu")[0].hidden == (256, 512)
     with pytest.raises(UserError):
         bench.groups_for("gpu", cells=("lstm:nope",))
+
+
+@pytest.mark.parametrize("spec, hidden, embedding, vocab, exact, aligned", [
+    ("mlstm-paper:fast", 1024, 128, 205, 1149, 1152),  # the rows of results/bench/gpu.md: 1149, 1263, 2294, 2517,
+    ("mlstm-seed:fast", 1024, 128, 205, 1263, 1280),   # 4579 unaligned, as that table's baselines were timed
+    ("mlstm-paper:fast", 2048, 128, 205, 2294, 2304),
+    ("mlstm-seed:fast", 2048, 128, 205, 2517, 2496),
+    ("mlstm-paper:fast", 4096, 64, 256, 4579, 4608),
+])
+def test_equal_parameter_lstm_on_cuda_is_a_multiple_of_64(spec, hidden, embedding, vocab, exact, aligned):
+    """On CUDA the equal-parameter nn.LSTM runs at a hidden size cuDNN puts on tensor cores: the multiple of 64 below
+    or above the closest-count H, whichever count is closer; elsewhere the closest count itself."""
+    shape = Shape(hidden, 128, 200, embedding, vocab)
+    target = bench.count_parameters(CellSpec.parse(spec), shape)
+    assert bench.equal_parameter_hidden(target, shape)[0] == exact
+    assert bench.same_params_hidden(target, shape, bench.baseline_multiple("cpu")) == \
+        bench.equal_parameter_hidden(target, shape)
+    h, count = bench.same_params_hidden(target, shape, bench.baseline_multiple(torch.device("cuda")))
+    assert h == aligned and h % 64 == 0
+    lstm = CellSpec.parse("lstm:cudnn")
+    for other in (h - 64, h + 64):  # and no other multiple of 64 is closer in parameters
+        other_count = bench.count_parameters(lstm, Shape(other, 128, 200, embedding, vocab))
+        assert abs(other_count - target) >= abs(count - target)
+    planned = bench.plan([Row(CellSpec.parse(spec), shape)], multiple=64)
+    assert [(r.spec, r.shape.hidden, role) for r, role in planned] == [
+        (CellSpec.parse(spec), hidden, "requested"), (lstm, hidden, "baseline"), (lstm, aligned, "baseline")]
+
+
+def test_markdown_states_the_rounding_rule():
+    """The table's header says how the equal-parameter nn.LSTM was chosen: rounded on CUDA, not elsewhere."""
+    row = Row(CellSpec.parse("mlstm-paper:fast"), Shape(2048, 128, 200, 128, 205))
+    env = bench.environment(bench.Settings(device=torch.device("cpu")))
+    for device, rule in (("cuda", "rounded to a multiple of 64"), ("cpu", "no rounding off CUDA")):
+        settings = bench.Settings(device=torch.device(device), dtype="bf16")
+        rows = bench.table([bench.Result(row, "requested")], settings, env)  # untimed: the columns only
+        assert rows[0]["lstm_hidden_same_params"] == (2304 if device == "cuda" else 2294)
+        assert rows[0]["lstm_hidden_closest_params"] == 2294
+        header = bench.markdown(rows).split("| cell |")[0]
+        assert rule in header

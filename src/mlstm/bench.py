@@ -31,8 +31,11 @@ memory freed by an earlier row and reused is not counted.
 Ratios: every row is compared with torch.nn.LSTM (`lstm:cudnn`) of the same size (`ratio_lstm_same_hidden` =
 ms / ms of nn.LSTM at the same H) and of the same parameter count (`ratio_lstm_same_params`, nn.LSTM with the hidden
 size `lstm_hidden_same_params` whose whole-model parameter count is closest to this row's); both baselines are timed in
-the same run (rows with role "baseline" when not asked for). A fast mLSTM row gets `speedup_vs_reference` = ms of the
-same cell with impl=reference / its ms, when that row was asked for.
+the same run (rows with role "baseline" when not asked for). On CUDA that hidden size is rounded to a multiple of
+CUDA_HIDDEN_MULTIPLE (64), the one of the two neighbouring multiples whose parameter count is closer: cuDNN runs an
+LSTM on tensor cores only at aligned sizes, and an unaligned baseline measures that instead of the cells (nn.LSTM at
+H=2294 took 33.6 ms/step on an H200 where H=2048 took 13.7, results/bench/gpu.md). A fast mLSTM row gets
+`speedup_vs_reference` = ms of the same cell with impl=reference / its ms, when that row was asked for.
 """
 
 from __future__ import annotations
@@ -192,6 +195,29 @@ def equal_parameter_hidden(target: int, shape: Shape, spec: CellSpec | str = BAS
             lo = mid + 1
     best = min((h for h in (lo - 1, lo) if h >= 1), key=lambda h: (abs(count(h) - target), h))
     return best, count(best)
+
+
+CUDA_HIDDEN_MULTIPLE = 64  # cuDNN's LSTM uses tensor cores when the hidden size is a multiple of this
+
+
+def baseline_multiple(device: torch.device | str) -> int:
+    """The multiple the equal-parameter nn.LSTM's hidden size is rounded to: 64 on CUDA, 1 (no rounding) elsewhere."""
+    kind = device.type if isinstance(device, torch.device) else str(device)
+    return CUDA_HIDDEN_MULTIPLE if kind == "cuda" else 1
+
+
+def same_params_hidden(target: int, shape: Shape, multiple: int = 1) -> tuple[int, int]:
+    """(H, parameter count) of the equal-parameter nn.LSTM baseline: the closest count (`equal_parameter_hidden`),
+    then, when `multiple` > 1, the multiple of it below or above that H whose count is closer to `target`."""
+    hidden, count = equal_parameter_hidden(target, shape)
+    if multiple <= 1 or hidden % multiple == 0:
+        return hidden, count
+    lstm = CellSpec.parse(BASELINE)
+    below = max(multiple, hidden // multiple * multiple)
+    above = below + multiple if below < hidden else below
+    counts = {h: count_parameters(lstm, replace(shape, hidden=h)) for h in (below, above)}
+    best = min(counts, key=lambda h: (abs(counts[h] - target), h))
+    return best, counts[best]
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -408,16 +434,17 @@ class Result:
         return self.measured.get("ms_per_step")
 
 
-def plan(requested: Iterable[Row], baselines: bool = True) -> list[tuple[Row, str]]:
+def plan(requested: Iterable[Row], baselines: bool = True, multiple: int = 1) -> list[tuple[Row, str]]:
     """The rows to time, in order: the requested ones (duplicates dropped), then the nn.LSTM baselines they need
-    that were not requested (same H, and the hidden size of equal parameter count)."""
+    that were not requested (same H, and the hidden size of equal parameter count, rounded to `multiple`:
+    `baseline_multiple(device)`)."""
     order: dict[Row, str] = {}
     for row in requested:
         order.setdefault(row, "requested")
     if baselines:
         lstm = CellSpec.parse(BASELINE)
         for row in list(order):
-            same_params = equal_parameter_hidden(count_parameters(row.spec, row.shape), row.shape)[0]
+            same_params = same_params_hidden(count_parameters(row.spec, row.shape), row.shape, multiple)[0]
             for hidden in (row.shape.hidden, same_params):
                 order.setdefault(Row(lstm, replace(row.shape, hidden=hidden)), "baseline")
     return list(order.items())
@@ -465,7 +492,8 @@ def table(results: list[Result], settings: Settings, env: dict) -> list[dict]:
     for r in results:
         spec, shape = r.row.spec, r.row.shape
         params = count_parameters(spec, shape)
-        h_eq, params_eq = equal_parameter_hidden(params, shape)
+        h_exact = equal_parameter_hidden(params, shape)[0]
+        h_eq, params_eq = same_params_hidden(params, shape, baseline_multiple(settings.device))
         same_h, same_p = ms_of(Row(lstm, shape)), ms_of(Row(lstm, replace(shape, hidden=h_eq)))
         reference = ms_of(Row(replace(spec, impl="reference"), shape)) if spec.impl == "fast" else None
         rows.append({
@@ -499,6 +527,8 @@ def table(results: list[Result], settings: Settings, env: dict) -> list[dict]:
             "lstm_ms_same_hidden": same_h,
             "ratio_lstm_same_hidden": ratio(r.ms, same_h),
             "lstm_hidden_same_params": h_eq,
+            "lstm_hidden_closest_params": h_exact,  # before rounding to lstm_hidden_multiple
+            "lstm_hidden_multiple": baseline_multiple(settings.device),
             "lstm_params_same_params": params_eq,
             "params_rel_diff": (params_eq - params) / params,
             "lstm_ms_same_params": same_p,
@@ -517,6 +547,16 @@ def _num(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def same_params_rule(multiple: int) -> str:
+    """The line under a table's header that says how the equal-parameter nn.LSTM was chosen."""
+    rule = ("LSTM H same params: the nn.LSTM hidden size whose whole-model parameter count is closest to the row's")
+    if multiple > 1:
+        return (f"{rule}, rounded to a multiple of {multiple} (the neighbouring multiple with the closer count), "
+                f"where cuDNN runs an LSTM on tensor cores; unrounded, its time would measure cuDNN's misalignment, "
+                f"not the cells.")
+    return rule + " (no rounding off CUDA)."
+
+
 def markdown(rows: list[dict], with_header: bool = True) -> str:
     """A markdown table of the rows (and a line saying where and how they were measured)."""
     lines = []
@@ -531,6 +571,8 @@ def markdown(rows: list[dict], with_header: bool = True) -> str:
             f"{r['optim']}, init {r['init']}; median of {r['iters']} "
             f"steps after {r['warmup']} warm-up; "
             f"commit {(r['git_commit'] or 'unknown')[:12]}, {r['timestamp']}.",
+            "",
+            same_params_rule(r.get("lstm_hidden_multiple", 1)),
             "",
         ]
     lines += [

@@ -1,0 +1,174 @@
+"""The size-ladder analysis (mlstm.scaling, scripts/scale_report.py) on synthetic runs with a known trend.
+
+Learning curves are exponentials valid(c) = floor + (start - floor) exp(-c / tau): a cell whose tau is r times the
+LSTM's reaches every level in r times the LSTM's characters, so the ratio at each rung is known in advance. Here the
+paper form's r falls with size (0.6, 0.45, 0.3: its advantage grows) and the gated seed cell's rises (0.7, 0.8,
+0.95); at the largest rung the gated seed cell overfits after step 600.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlstm import scaling
+from mlstm.runs import load_runs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STEPS, CHARS_PER_STEP = 800, 3200
+RUNGS = {"300k": 300_000, "1m": 1_200_000, "5m": 4_800_000}
+PAPER_RATIO = {"300k": 0.6, "1m": 0.45, "5m": 0.3}
+GATED_RATIO = {"300k": 0.7, "1m": 0.8, "5m": 0.95}
+FLOOR = {"300k": 3.2, "1m": 2.9, "5m": 2.6}  # final bpc falls with size
+CELLS = {"lstm": {"name": "lstm", "impl": "cudnn"},
+         "mlstm_paper": {"name": "mlstm", "form": "paper", "impl": "fast"},
+         "mlstm_seed_gated": {"name": "mlstm", "form": "seed", "seed_output": "gated", "impl": "fast"}}
+TAU_LSTM = 900_000.0  # characters
+
+
+def write_run(root: Path, dataset_dir: str, preset: str, lr: float, seed: int, params: int, valid, train=None):
+    """A run directory as the trainer leaves it: config.yaml and metrics.jsonl (train every 10, valid every 50)."""
+    import yaml
+
+    cell = CELLS[preset.rsplit("_", 1)[0]]
+    run = root / dataset_dir / preset / f"lr{lr:g}-seed{seed}"
+    run.mkdir(parents=True)
+    config = {"cell": {**cell, "hidden_size": 100}, "seed": seed, "num_parameters": params,
+              "dataset": {"name": "file", "path": "../shared/data/enwik8_head3M.xml"},
+              "trainer": {"max_steps": STEPS, "batch_size": 32, "seq_len": 100}, "optim": {"name": "adam", "lr": lr}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    train = train or (lambda c: valid(c) - 0.05)
+    records = []
+    for step in range(10, STEPS + 1, 10):
+        chars = step * CHARS_PER_STEP
+        records.append({"step": step, "chars": chars, "time": step * 0.1, "epoch": 0, "train/bpc": train(chars)})
+        if step % 50 == 0:
+            records.append({"step": step, "chars": chars, "time": step * 0.1, "valid/bpc": valid(chars)})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def exp_curve(floor: float, tau: float, start: float = 5.0):
+    return lambda c: floor + (start - floor) * math.exp(-c / tau)
+
+
+def make_finals(root: Path, seeds=(100, 101, 102)):
+    rng = np.random.default_rng(0)
+    for rung, params in RUNGS.items():
+        for seed in seeds:
+            jitter = 1 + 0.01 * rng.standard_normal()
+            tau = {"lstm": TAU_LSTM * jitter, "mlstm_paper": TAU_LSTM * PAPER_RATIO[rung] * jitter,
+                   "mlstm_seed_gated": TAU_LSTM * GATED_RATIO[rung] * jitter}
+            for cell, t in tau.items():
+                valid = exp_curve(FLOOR[rung], t)
+                train = None
+                if cell == "mlstm_seed_gated" and rung == "5m":  # overfits: validation rises after step 600
+                    base, turn = valid, 600 * CHARS_PER_STEP
+                    valid = lambda c, base=base, turn=turn: base(c) + (6e-7 * (c - turn) if c > turn else 0)
+                    train = lambda c, base=base: base(c) - 0.05
+                write_run(root, "enwik8_sample", f"{cell}_{rung}", 0.004, seed,
+                          int(params * (1.01 if cell != "lstm" else 1.0)), valid, train)
+
+
+def make_tuning(root: Path):
+    """A 3-rate grid per cell and rung whose best rate halves with each rung (8e-3, 4e-3, 2e-3); the LSTM's 5m
+    grid is shifted so that its best rate sits at the grid's top edge."""
+    best = {"300k": 0.008, "1m": 0.004, "5m": 0.002}
+    for rung, params in RUNGS.items():
+        for cell in CELLS:
+            grid = [best[rung] / 2, best[rung], best[rung] * 2]
+            if cell == "lstm" and rung == "5m":
+                grid = [best[rung] / 4, best[rung] / 2, best[rung]]
+            for lr in grid:
+                for seed in (0, 1):
+                    floor = FLOOR[rung] + 0.2 * math.log2(lr / best[rung]) ** 2 + 0.001 * seed
+                    write_run(root, "enwik8_sample", f"{cell}_{rung}", lr, seed, params, exp_curve(floor, TAU_LSTM))
+
+
+def test_known_trend_in_the_gap_table(tmp_path):
+    make_finals(tmp_path / "final")
+    study = scaling.analyse(load_runs([str(tmp_path / "final")]))
+    ds = study.datasets["enwik8_head3M"]
+    assert ds.rungs == ["300k", "1m", "5m"]  # in increasing parameter count
+    assert ds.params == {rung: float(count) for rung, count in RUNGS.items()}  # the LSTM's count is the x
+    rows = {(g.rung, g.variant): g for g in scaling.headline_rows(ds)}
+    for rung in RUNGS:
+        paper, gated = rows[(rung, "mlstm-paper")], rows[(rung, "mlstm-seed-gated")]
+        assert paper.ratio.value == pytest.approx(PAPER_RATIO[rung], rel=0.08)
+        assert paper.ratio.low <= paper.ratio.value <= paper.ratio.high and paper.paired
+        assert paper.n_seeds == 3 and paper.criterion == "lstm-best"
+        if rung != "5m":  # (at 5m the gated cell's rise changes its curve after step 600, not before)
+            assert gated.ratio.value == pytest.approx(GATED_RATIO[rung], rel=0.08)
+    paper = [rows[(r, "mlstm-paper")].ratio.value for r in RUNGS]
+    assert paper == sorted(paper, reverse=True)  # the paper form's ratio falls with size
+    sentences = scaling.gap_sentences(ds)
+    assert any("mlstm-paper" in s and "falls at every step" in s for s in sentences)
+    assert any("mlstm-seed-gated" in s and "rises at every step" in s for s in sentences)
+    # the final bpc per cell and rung, with its seed range, falls with size
+    for cell in ("lstm", "mlstm-paper"):
+        finals = [ds.cells[(r, cell)].stat("final_valid") for r in RUNGS]
+        assert [m for m, _, _ in finals] == sorted((m for m, _, _ in finals), reverse=True)
+        assert all(lo <= m <= hi for m, lo, hi in finals)
+    # overfitting: only the gated seed cell at the largest rung, lowest validation at step 600, the gap growing
+    overfit = ds.cells[("5m", "mlstm-seed-gated")]
+    assert overfit.n_rising == 3 and overfit.best_step == 600 and overfit.stat("rise")[0] > 0.1
+    assert overfit.onsets and min(overfit.onsets) > 600
+    assert all(c.n_rising == 0 and not c.onsets for k, c in ds.cells.items() if k != ("5m", "mlstm-seed-gated"))
+    words = " ".join(scaling.overfitting_sentences(ds))
+    assert "mlstm-seed-gated at 5m (4.85M; 3/3 seeds" in words and "lowest validation at step 600" in words
+
+
+def test_selection_per_rung(tmp_path):
+    make_tuning(tmp_path / "runs")
+    selections = {(s.rung, s.variant): s for s in scaling.select_by_rung(load_runs([str(tmp_path / "runs")]))}
+    assert len(selections) == 9  # 3 rungs x 3 cells: the rungs are never mixed into one grid
+    for (rung, variant), s in selections.items():
+        expected = {"300k": 0.008, "1m": 0.004, "5m": 0.002}[rung]
+        assert s.selection.chosen == pytest.approx(expected)
+        assert [r.lr for r in s.selection.rates] and len(s.selection.rates) == 3
+        assert s.preset == f"{variant.replace('-', '_')}_{rung}" and s.dataset_choice == "enwik8_sample"
+    edge = selections[("5m", "lstm")]
+    assert edge.selection.at_edge and edge.next_lr == pytest.approx(0.004)
+    inside = selections[("1m", "mlstm-paper")]
+    assert not inside.selection.at_edge and inside.next_lr is None
+    assert inside.as_dict()["final_command"] == ('make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample '
+                                                 '+variant=mlstm_paper_1m optim.lr=0.004"')
+
+
+def test_rungs_from_parameter_counts_without_presets():
+    from mlstm.runs import Run
+
+    def run(source, params):
+        return Run(source, {"num_parameters": params, "dataset": {"name": "enwik8"}}, [{"step": 1}])
+
+    runs = [run("a", 300_000), run("b", 305_000), run("c", 1_200_000), run("d", 1_190_000)]
+    rungs = scaling.assign_rungs(runs)
+    assert rungs["a"] == rungs["b"] != rungs["c"] == rungs["d"]
+    assert scaling.preset_of("x/enwik8_sample/mlstm_seed_gated_20m/lr0.001-seed0") == (
+        "enwik8_sample", "mlstm_seed_gated_20m", "20m")
+
+
+def test_report_script_writes_figure_table_and_selection(tmp_path):
+    make_finals(tmp_path / "final")
+    make_tuning(tmp_path / "runs")
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "scale_report.py"), "--final",
+                           str(tmp_path / "final"), "--tuning", str(tmp_path / "runs"), "--out", str(out),
+                           "--target", "enwik8_head3M=3.5"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figure = out / "enwik8_head3M_scale.png"
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "enwik8_head3M_scale.png" in report and "falls at every step" in report
+    assert "3.500 (fixed)" in report and "### Learning rates" in report
+    assert "chosen rate 0.008 → 0.004 → 0.002; it falls as size grows" in report  # mlstm-paper's row
+    rows = (out / "scale_summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 and rows[0].startswith("dataset,rung,variant,params")
+    selection = json.loads((out / "selection.json").read_text())
+    assert len(selection) == 9 and any(s["at_edge"] and s["next_lr"] == 0.004 for s in selection)
+    assert "report.md" in done.stdout
