@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from mlstm import convergence as cv  # noqa: E402
 from mlstm import tuning  # noqa: E402
+from mlstm.figures import variant_colour  # noqa: E402
 from mlstm.runs import Run, curves_by_seed, group_runs, lookup  # noqa: E402
 
 SENSITIVITY_COLUMNS = ("dataset", "variant", "lr", "n_seeds", "seeds", "score", "scored_seeds", "final_mean",
@@ -125,8 +126,8 @@ def sensitivity_figure(selections: Sequence[tuning.Selection], path: Path, title
     finite_all = [v for s in selections for r in s.rates for v in r.final_by_seed.values() if math.isfinite(v)]
     if finite_all:
         ceiling = max(finite_all + ([unigram_entropy] if unigram_entropy else [])) + 0.3
-    for i, sel in enumerate(selections):
-        colour = (colours or {}).get(sel.variant) or f"C{i}"
+    for sel in selections:
+        colour = (colours or {}).get(sel.variant) or variant_colour(sel.variant)
         lrs = np.array([r.lr for r in sel.rates])
         finals = [np.array(list(r.final_by_seed.values()), dtype=float) for r in sel.rates]
         mean = np.array([f.mean() if np.isfinite(f).all() else np.nan for f in finals])
@@ -321,7 +322,7 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
         figures = [sensitivity_figure(chosen, out / f"{dataset}_lr_sensitivity.png", textwrap.fill(
             f"{dataset}, {size}: validation bpc after {budget} steps of {batch[0]} x {batch[1]} characters against "
             f"the Adam learning rate; mean over tuning seeds, band min–max, ring: chosen, ✗: a diverged run", 110),
-            entropy, figures_colours()).name]
+            entropy).name]
         dataset_final = [r for r in final if r.dataset == dataset]
         dataset_shared = [r for r in shared if r.dataset == dataset and r.label in {s.variant for s in chosen}]
         ladder = list((targets or {}).get(dataset) or [])
@@ -339,8 +340,3 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
     (out / "report.md").write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     return selections
 
-
-def figures_colours() -> dict:
-    from mlstm.figures import VARIANT_COLOURS
-
-    return dict(VARIANT_COLOURS)
