@@ -3,9 +3,11 @@
 Stateful evaluation cuts a split into B contiguous streams, each starting from a zero state. A model trained with
 truncated BPTT sees a zero state only at the start of each epoch, and some trained models, started cold in the middle
 of a text, fall into a state they never leave. This script measures that: bpc for several B, and per-stream bpc for
-the largest B.
+the largest B; with --window W, also the bpc of every W characters along the split read as one stream, which shows
+where along a long stream a state blows up.
 
-    python scripts/eval_streams.py CHECKPOINT [--streams 1,4,32] [--split valid] [--max-chars N] [--out FILE.md]
+    python scripts/eval_streams.py CHECKPOINT [--streams 1,4,32] [--split valid] [--max-chars N] [--window W]
+                                   [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ def per_stream_bpc(model, tokens, batch_size: int, seq_len: int) -> list[float]:
     return (nats / count / math.log(2)).tolist()
 
 
+def window_bpc(model, tokens, seq_len: int, window: int) -> list[float]:
+    """bpc of each consecutive `window` characters of `tokens` read as ONE stream from a zero state (B=1)."""
+    state = model.init_state(1)
+    bits = []
+    with torch.no_grad():
+        for batch in StreamBatcher(tokens, 1, seq_len):
+            logits, state = model(batch.x, state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="none")
+            bits += (loss.double() / math.log(2)).tolist()
+    return [sum(bits[i:i + window]) / len(bits[i:i + window]) for i in range(0, len(bits), window)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -48,6 +62,7 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=100)
     parser.add_argument("--data-dir", default=None, help="token cache directory (default: the checkpoint's)")
+    parser.add_argument("--window", type=int, default=None, help="also bpc per WINDOW characters of one stream")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args()
@@ -70,6 +85,10 @@ def main() -> None:
         lines.append(f"| {B} | {bpc:.4f} |")
     worst = per_stream_bpc(model, tokens, max(streams), args.seq_len)
     lines += ["", f"per-stream bpc with B={max(streams)}: " + " ".join(f"{v:.1f}" for v in worst)]
+    if args.window:
+        windows = window_bpc(model, tokens, args.seq_len, args.window)
+        lines += ["", f"bpc of every {args.window:,} characters, one stream from a zero state: "
+                  + " ".join(f"{v:.2f}" for v in windows)]
     text = "\n".join(lines) + "\n"
     publish(text, args.out)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlstm import scaling
+from mlstm import scaling, scaling_report
 from mlstm.cli import exit_on_user_error
 from mlstm.errors import UserError
 from mlstm.runs import load_runs
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         targets.setdefault(name, []).append(level)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     study = scaling.analyse(final, tuning_runs, fixed_targets=targets, variants=variants)
-    written = scaling.write_report(study, args.out, title=args.title, figures=not args.no_figures)
+    written = scaling_report.write_report(study, args.out, title=args.title, figures=not args.no_figures)
     print((args.out / "report.md").read_text(), end="")
     for key in ("report", "summary", "selection"):
         print(f"wrote {written[key]}")

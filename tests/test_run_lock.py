@@ -95,17 +95,8 @@ def snapshot(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(enwik8_sample, tmp_path_factory) -> Path:
-    """The first 200,000 bytes of the enwik8 sample: real text, cached in milliseconds."""
-    path = tmp_path_factory.mktemp("corpus") / "enwik8_head200k.xml"
-    with open(enwik8_sample, "rb") as handle:
-        path.write_bytes(handle.read(200_000))
-    return path
-
-
-@pytest.fixture(scope="module")
-def args(corpus, tmp_path_factory) -> list[str]:
-    return ["dataset=file", f"dataset.path={corpus}", f"data_dir={tmp_path_factory.mktemp('data')}", *COMMON]
+def args(enwik8_head200k, tmp_path_factory) -> list[str]:
+    return ["dataset=file", f"dataset.path={enwik8_head200k}", f"data_dir={tmp_path_factory.mktemp('data')}", *COMMON]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The size-ladder analysis (mlstm.scaling, scripts/scale_report.py) on synthetic runs with a known trend.
+"""The size-ladder analysis and report (mlstm.scaling, mlstm.scaling_report, scripts/scale_report.py) on synthetic
+runs with a known trend.
 
 Learning curves are exponentials valid(c) = floor + (start - floor) exp(-c / tau): a cell whose tau is r times the
 LSTM's reaches every level in r times the LSTM's characters, so the ratio at each rung is known in advance. Here the
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlstm import scaling
+from mlstm import scaling, scaling_report
 from mlstm.runs import load_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_known_trend_in_the_gap_table(tmp_path):
     ds = study.datasets["enwik8_head3M"]
     assert ds.rungs == ["300k", "1m", "5m"]  # in increasing parameter count
     assert ds.params == {rung: float(count) for rung, count in RUNGS.items()}  # the LSTM's count is the x
-    rows = {(g.rung, g.variant): g for g in scaling.headline_rows(ds)}
+    rows = {(g.rung, g.variant): g for g in scaling_report.headline_rows(ds)}
     for rung in RUNGS:
         paper, gated = rows[(rung, "mlstm-paper")], rows[(rung, "mlstm-seed-gated")]
         assert paper.ratio.value == pytest.approx(PAPER_RATIO[rung], rel=0.08)
@@ -105,7 +106,7 @@ def test_known_trend_in_the_gap_table(tmp_path):
             assert gated.ratio.value == pytest.approx(GATED_RATIO[rung], rel=0.08)
     paper = [rows[(r, "mlstm-paper")].ratio.value for r in RUNGS]
     assert paper == sorted(paper, reverse=True)  # the paper form's ratio falls with size
-    sentences = scaling.gap_sentences(ds)
+    sentences = scaling_report.gap_sentences(ds)
     assert any("mlstm-paper" in s and "falls at every step" in s for s in sentences)
     assert any("mlstm-seed-gated" in s and "rises at every step" in s for s in sentences)
     # the final bpc per cell and rung, with its seed range, falls with size
@@ -118,7 +119,7 @@ def test_known_trend_in_the_gap_table(tmp_path):
     assert overfit.n_rising == 3 and overfit.best_step == 600 and overfit.stat("rise")[0] > 0.1
     assert overfit.onsets and min(overfit.onsets) > 600
     assert all(c.n_rising == 0 and not c.onsets for k, c in ds.cells.items() if k != ("5m", "mlstm-seed-gated"))
-    words = " ".join(scaling.overfitting_sentences(ds))
+    words = " ".join(scaling_report.overfitting_sentences(ds))
     assert "mlstm-seed-gated at 5m (4.85M; 3/3 seeds" in words and "lowest validation at step 600" in words
 
 

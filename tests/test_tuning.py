@@ -129,6 +129,17 @@ def test_unstable_runs_are_reported():
     assert rates[4e-3].unstable_seeds == [0, 1] and rates[2e-3].unstable_seeds == []
 
 
+def test_a_final_run_whose_test_bpc_blows_up_is_flagged_in_the_test_table():
+    finals = [synthetic_run(8e-3, seed, 2.6) for seed in (100, 101)]
+    finals += [synthetic_run(4e-3, seed, 2.5, variant="mlstm-paper") for seed in (100, 101)]
+    for run, test in zip(finals, (41.9, 2.65, 2.52, 2.50)):  # train bpc 2.6 / 2.5 at the end
+        run.records.append({"step": BUDGET, "chars": BUDGET * 3200, "time": 200.0, "test/bpc": test})
+    assert [tuning.unstable_on(r.records) for r in finals] == [True, False, False, False]
+    table = "\n".join(tuning_report.test_table(finals, "lstm", n_resamples=200))
+    assert "| 1 of 2 | 100: 41.900†, 101: 2.650 |" in table
+    assert "| 0 of 2 | 100: 2.520, 101: 2.500 |" in table
+
+
 def test_cells_and_datasets_are_selected_separately():
     runs = grid({1e-3: 3.0, 2e-3: 2.5, 4e-3: 2.8}) + grid({2e-3: 2.9, 4e-3: 2.2, 8e-3: 2.4}, variant="mlstm-paper")
     runs += grid({1e-3: 2.0, 2e-3: 1.8, 4e-3: 1.9}, dataset="other")

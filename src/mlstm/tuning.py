@@ -69,6 +69,15 @@ def unstable(records: list[Mapping], budget_steps: int, gap: float = UNSTABLE_GA
     return False
 
 
+def unstable_on(records: list[Mapping], key: str = "test/bpc", gap: float = UNSTABLE_GAP) -> bool:
+    """Rule 4 for a split evaluated once at the end (the final runs' test split): its bpc more than `gap` above the
+    last training bpc, or non-finite."""
+    value = next((_number(r.get(key)) for r in reversed(records) if _number(r.get(key)) is not None), None)
+    train = [_number(r.get("train/bpc")) for r in records if _number(r.get("train/bpc")) is not None]
+    return value is not None and bool(train) and math.isfinite(train[-1]) and (
+        not math.isfinite(value) or value > train[-1] + gap)
+
+
 # ------------------------------------------------------------------------------------------------- the grid, ruled
 def learning_rate(config: Mapping) -> float | None:
     value = (config.get("optim") or {}).get("lr")

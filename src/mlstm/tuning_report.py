@@ -215,9 +215,11 @@ def budget_table(runs: Sequence[Run], baseline: str, n_resamples: int = cv.N_RES
 
 
 def test_table(runs: Sequence[Run], baseline: str, n_resamples: int = cv.N_RESAMPLES) -> list[str]:
-    """Test-split bpc of the final runs (whole test split, one stream): mean (95% bootstrap CI) and per seed."""
+    """Test-split bpc of the final runs (whole test split, one stream): mean (95% bootstrap CI) and per seed; † marks
+    a run unstable on the test stream (rule 4: test bpc more than UNSTABLE_GAP above its last training bpc)."""
     groups = group_runs(runs)
-    lines = ["| cell | lr | test bpc | difference to " + baseline + " | per seed |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| cell | lr | test bpc | difference to " + baseline + " | unstable runs | per seed (†: unstable) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for variants in groups.values():
         base = {r.seed: r.final("test/bpc") for r in variants.get(baseline, [])}
         for variant, vruns in variants.items():
@@ -228,9 +230,10 @@ def test_table(runs: Sequence[Run], baseline: str, n_resamples: int = cv.N_RESAM
             if variant != baseline and base:
                 a, b, paired = cv.pair_by_seed(per_seed, base)
                 diff = interval_text(cv.bootstrap_difference_of_means(a, b, paired, n_resamples), 3)
-            seeds = ", ".join(f"{s}: {fmt(v)}" for s, v in per_seed.items())
+            flagged = {r.seed for r in vruns if tuning.unstable_on(r.records, "test/bpc")}
+            seeds = ", ".join(f"{s}: {fmt(v)}{'†' if s in flagged else ''}" for s, v in per_seed.items())
             lines.append(f"| {variant} | {', '.join(f'{lr:g}' for lr in lrs)} | {interval_text(mean, 3)} | {diff} | "
-                         f"{seeds} |")
+                         f"{len(flagged)} of {len(per_seed)} | {seeds} |")
     return lines
 
 
