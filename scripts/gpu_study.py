@@ -37,15 +37,14 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mlstm.train_pool import Pool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("lstm", "mlstm_paper", "mlstm_seed_gated")
@@ -119,132 +118,6 @@ def paper_overrides(args, preset: str, dataset: str) -> list[str]:
                          "trainer.seq_len=16", "trainer.eval_chars=400", "trainer.eval_batch_size=1"]
     return common + [f"trainer.device={args.device}", f"trainer.precision={args.precision}",
                      "trainer.eval_chars=50000", "trainer.eval_batch_size=100"]
-
-
-VARYING = ("optim.lr=", "seed=")  # what differs between the runs of one grid
-_COMPOSED: dict = {}
-
-
-def compose(overrides: list[str]):
-    """`load_config(overrides)`, composed once per worker for all runs that differ only in rate and seed (Hydra's
-    composition costs about as much CPU as a whole dry-run training): the cached config with those values set."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from mlstm.config import load_config
-
-    fixed = tuple(o for o in overrides if not o.startswith(VARYING))
-    if fixed not in _COMPOSED:
-        _COMPOSED[fixed] = load_config(list(fixed))
-    cfg = copy.deepcopy(_COMPOSED[fixed])
-    for override in overrides:
-        if override.startswith(VARYING):
-            key, value = override.split("=", 1)
-            OmegaConf.update(cfg, key, float(value) if key == "optim.lr" else int(value), merge=False)
-    return cfg
-
-
-def run_job(job: dict) -> dict:
-    """In a worker: train one run (the trainer's own `train`), its output in <run dir>/train.log; never raises."""
-    import gc
-
-    started = time.monotonic()
-    run_dir = Path(job["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = {"key": job["key"], "status": "done", "error": None, "score": None}
-    with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            from mlstm.trainer import train
-
-            result = train(compose(job["overrides"]), run_dir)
-            score = result.get("score")
-            out["score"] = score if isinstance(score, (int, float)) and math.isfinite(score) else None
-            out["diverged"] = bool(result.get("diverged"))
-        except BaseException as error:  # noqa: BLE001 - one bad run must not stop the study
-            traceback.print_exc()
-            out["status"], out["error"] = "failed", f"{type(error).__name__}: {error}".splitlines()[0][:300]
-    if out["status"] == "done" and job["kind"] != "paper":
-        for checkpoint in run_dir.glob("*.pt"):
-            checkpoint.unlink(missing_ok=True)  # finished: metrics.jsonl and config.yaml say all that is kept
-    gc.collect()
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    out["seconds"] = time.monotonic() - started
-    return out
-
-
-def worker(wid: int, tasks, results) -> None:
-    while True:
-        job = tasks.get()
-        if job is None:
-            return
-        results.put(("start", wid, job["key"]))
-        results.put(("done", wid, run_job(job)))
-
-
-class Pool:
-    """`n` spawned worker processes fed one job at a time (so the order of the queue is the order of the runs),
-    replaced when one dies, killed at the deadline."""
-
-    def __init__(self, n: int):
-        self.ctx = mp.get_context("spawn")
-        self.tasks, self.results = self.ctx.Queue(), self.ctx.Queue()
-        self.workers: dict[int, mp.Process] = {}
-        self.running: dict[int, str | None] = {}
-        self.next_id = 0
-        for _ in range(n):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        wid, self.next_id = self.next_id, self.next_id + 1
-        process = self.ctx.Process(target=worker, args=(wid, self.tasks, self.results), daemon=True)
-        process.start()
-        self.workers[wid], self.running[wid] = process, None
-
-    def submit(self, job: Job) -> None:
-        self.tasks.put({"key": job.key, "kind": job.kind, "overrides": job.overrides, "run_dir": job.run_dir})
-
-    def poll(self, timeout: float) -> list[tuple]:
-        """Messages that arrived (("start", wid, key), ("done", wid, result)), plus ("died", wid, key) for a worker
-        that died while running a job (it is replaced)."""
-        messages = []
-        try:
-            messages.append(self.results.get(timeout=timeout))
-            while True:
-                messages.append(self.results.get_nowait())
-        except queue.Empty:
-            pass
-        for kind, wid, payload in messages:
-            if kind == "start":
-                self.running[wid] = payload
-            elif kind == "done":
-                self.running[wid] = None
-        for wid, process in list(self.workers.items()):
-            if not process.is_alive():
-                key = self.running.pop(wid)
-                del self.workers[wid]
-                if key is not None:
-                    messages.append(("died", wid, key))
-                self._spawn()
-        return messages
-
-    def kill(self) -> list[str]:
-        """Kill every worker (at the deadline, or once every job is done); the keys of the jobs they were running."""
-        running = [key for key in self.running.values() if key]
-        for process in self.workers.values():
-            process.kill()
-        for process in self.workers.values():
-            process.join(timeout=10)
-        self.workers.clear()
-        for q in (self.tasks, self.results):
-            q.cancel_join_thread()
-            q.close()
-        return running
-
 
 
 # ---------------------------------------------------------------------------------------------------- the study
@@ -425,7 +298,7 @@ class Study:
                     if job.kind != "paper":
                         self.groups[(job.dataset, job.preset)].pending.discard(job.key)
                     continue
-                pool.submit(job)
+                pool.submit(job.key, job.overrides, job.run_dir, keep_checkpoints=job.kind == "paper")
                 in_flight.add(job.key)
             if not in_flight:
                 continue

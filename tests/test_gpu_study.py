@@ -69,14 +69,16 @@ def test_a_cached_composition_equals_the_composed_config():
 
     from mlstm.config import load_config
 
+    from mlstm.train_pool import compose
+
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import gpu_study
 
     args = gpu_study.parse_args(["--data", ".", "--out", ".", "--work", "."])
     for kind, lr, seed in (("tune", 0.004, 1), ("final", 0.0005, 101)):
         overrides = gpu_study.study_overrides(args, kind, "enwik8_sample", "mlstm_seed_gated_5m", lr, seed)
-        gpu_study.compose(gpu_study.study_overrides(args, kind, "enwik8_sample", "mlstm_seed_gated_5m", 0.1, 7))
-        cached = OmegaConf.to_container(gpu_study.compose(overrides), resolve=True)
+        compose(gpu_study.study_overrides(args, kind, "enwik8_sample", "mlstm_seed_gated_5m", 0.1, 7))
+        cached = OmegaConf.to_container(compose(overrides), resolve=True)
         assert cached == OmegaConf.to_container(load_config(overrides), resolve=True)
         assert (cached["optim"]["lr"], cached["seed"], cached["cell"]["hidden_size"]) == (lr, seed, 845)
         assert cached["trainer"]["max_steps"] == 800 and cached["trainer"]["precision"] == "bf16"
