@@ -37,21 +37,24 @@ def si(value: float, unit: str = "") -> str:
     return f"{value:.3g}{unit}"
 
 
-def ratio_text(interval: cv.Interval) -> str:
-    """"0.71× (95% CI 0.65–0.78)", or without the CI when there is none (one seed)."""
+def interval_words(interval: cv.Interval, spec: str, between: str, unit: str = "") -> str:
+    """"<value><unit> (95% CI <low><between><high>)", or without the CI when there is none (one seed)."""
     if not math.isfinite(interval.value):
         return "n/a"
+    value = f"{interval.value:{spec}}{unit}"
     if math.isfinite(interval.low):
-        return f"{interval.value:.2f}× (95% CI {interval.low:.2f}–{interval.high:.2f})"
-    return f"{interval.value:.2f}× (no CI: one seed)"
+        return f"{value} (95% CI {interval.low:{spec}}{between}{interval.high:{spec}})"
+    return f"{value} (no CI: one seed)"
+
+
+def ratio_text(interval: cv.Interval) -> str:
+    """"0.71× (95% CI 0.65–0.78)"."""
+    return interval_words(interval, ".2f", "–", "×")
 
 
 def diff_text(interval: cv.Interval) -> str:
-    if not math.isfinite(interval.value):
-        return "n/a"
-    if math.isfinite(interval.low):
-        return f"{interval.value:+.3f} (95% CI {interval.low:+.3f} to {interval.high:+.3f})"
-    return f"{interval.value:+.3f} (no CI: one seed)"
+    """"-0.123 (95% CI -0.150 to -0.100)"."""
+    return interval_words(interval, "+.3f", " to ")
 
 
 def speed_verdict(interval: cv.Interval) -> str:
