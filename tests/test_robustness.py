@@ -52,8 +52,8 @@ def tiny_args(corpus: Path, data_dir: Path, *overrides: str) -> list[str]:
     return ["dataset=file", f"dataset.path={corpus}", f"data_dir={data_dir}", *TINY, *overrides]
 
 
-def tiny_config(enwik8_head200k, data_dir, *overrides):
-    return load_config(tiny_args(enwik8_head200k, data_dir, *overrides))
+def tiny_config(corpus, data_dir, *overrides):
+    return load_config(tiny_args(corpus, data_dir, *overrides))
 
 
 # ------------------------------------------------------------------------------------------------ safe checkpoints
@@ -80,16 +80,16 @@ def _flip_a_weight(path: Path, payload: dict) -> None:
 def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_one_and_still_resumes_exactly(
         corpus, data_dir, tmp_path, capsys, damage, reported):
     common = ["optim=adam", "trainer.eval_every=4", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=3"]
-    straight = train(tiny_config(enwik8_head200k, data_dir, *common, "trainer.max_steps=12"), run_dir=tmp_path / "straight")
+    straight = train(tiny_config(corpus, data_dir, *common, "trainer.max_steps=12"), run_dir=tmp_path / "straight")
 
     run = tmp_path / "damaged"
-    train(tiny_config(enwik8_head200k, data_dir, *common, "trainer.max_steps=8"), run_dir=run)
+    train(tiny_config(corpus, data_dir, *common, "trainer.max_steps=8"), run_dir=run)
     newest = run / "ckpt-00000008.pt"
     assert os.path.samefile(newest, run / "last.pt")
     damage(newest, torch.load(newest, weights_only=True))
     capsys.readouterr()
 
-    resumed = train(tiny_config(enwik8_head200k, data_dir, *common, "trainer.max_steps=12"), run_dir=run)
+    resumed = train(tiny_config(corpus, data_dir, *common, "trainer.max_steps=12"), run_dir=run)
     err = capsys.readouterr().err
     assert f"checkpoint {run / 'last.pt'} {reported}" in err and "resumed from step 4" in err, err
     assert (run / "ckpt-00000008.pt.corrupt").exists()  # kept for inspection, never read again
@@ -98,29 +98,29 @@ def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_one_and_still_re
     assert resumed["test/bpc"] == straight["test/bpc"]
 
 
-def test_checkpoint_digest_covers_every_tensor_and_loads_without_pickle(enwik8_head200k, data_dir, tmp_path):
-    train(tiny_config(enwik8_head200k, data_dir, "trainer.max_steps=2"), run_dir=tmp_path)
+def test_checkpoint_digest_covers_every_tensor_and_loads_without_pickle(corpus, data_dir, tmp_path):
+    train(tiny_config(corpus, data_dir, "trainer.max_steps=2"), run_dir=tmp_path)
     payload = checkpoint.load_file(tmp_path / "last.pt")  # torch.load(weights_only=True) + digest check
     assert payload["digest"] == checkpoint.content_digest(payload)
     payload["optimizer"]["state"][0]["exp_avg"].view(-1)[0] += 1e-6  # one optimizer moment, slightly off
     assert payload["digest"] != checkpoint.content_digest(payload)
 
 
-def test_every_checkpoint_corrupted_is_one_clear_error_not_a_silent_fresh_start(enwik8_head200k, data_dir, tmp_path):
-    train(tiny_config(enwik8_head200k, data_dir, "trainer.max_steps=2"), run_dir=tmp_path)
+def test_every_checkpoint_corrupted_is_one_clear_error_not_a_silent_fresh_start(corpus, data_dir, tmp_path):
+    train(tiny_config(corpus, data_dir, "trainer.max_steps=2"), run_dir=tmp_path)
     for path in tmp_path.glob("*.pt"):
         path.write_bytes(b"not a checkpoint")
     for _ in range(2):  # the second time the corrupted files are already set aside: still an error
         with pytest.raises(UserError, match="every checkpoint file is corrupted"):
-            train(tiny_config(enwik8_head200k, data_dir, "trainer.max_steps=4"), run_dir=tmp_path)
+            train(tiny_config(corpus, data_dir, "trainer.max_steps=4"), run_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- divergence guards
 DIVERGING = ["optim=adam", "optim.lr=1e30", "optim.grad_clip=null"]  # Adam's first step moves weights by ~1e30
 
 
-def test_a_real_nan_is_skipped_counted_and_logged(enwik8_head200k, data_dir, tmp_path, capsys):
-    train(tiny_config(enwik8_head200k, data_dir, *DIVERGING, "trainer.max_steps=6", "trainer.max_nonfinite_in_row=100"),
+def test_a_real_nan_is_skipped_counted_and_logged(corpus, data_dir, tmp_path, capsys):
+    train(tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=6", "trainer.max_nonfinite_in_row=100"),
           run_dir=tmp_path)
     train_records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/nonfinite_steps" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]  # logged even when every step is skipped
@@ -133,8 +133,8 @@ def test_a_real_nan_is_skipped_counted_and_logged(enwik8_head200k, data_dir, tmp
     assert err.count("non-finite loss") == 1 and "step 2" in err  # told once per streak, not once per step
 
 
-def test_divergence_reload_goes_back_with_a_lower_learning_rate_and_recovers(enwik8_head200k, data_dir, tmp_path, capsys):
-    result = train(tiny_config(enwik8_head200k, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=3",
+def test_divergence_reload_goes_back_with_a_lower_learning_rate_and_recovers(corpus, data_dir, tmp_path, capsys):
+    result = train(tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=3",
                                "trainer.on_divergence=reload", "trainer.divergence_lr_factor=1e-33"),
                    run_dir=tmp_path)
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -152,8 +152,8 @@ def test_divergence_reload_goes_back_with_a_lower_learning_rate_and_recovers(enw
     assert "reloaded the checkpoint of step 0" in capsys.readouterr().err
 
 
-def test_divergence_stops_with_one_line_after_the_allowed_reloads(enwik8_head200k, data_dir, tmp_path):
-    cfg = tiny_config(enwik8_head200k, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=2",
+def test_divergence_stops_with_one_line_after_the_allowed_reloads(corpus, data_dir, tmp_path):
+    cfg = tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=2",
                       "trainer.on_divergence=reload", "trainer.max_divergence_reloads=2")  # lr halves: still 2.5e29
     with pytest.raises(UserError, match=r"after 2 reload\(s\) with a lower learning rate"):
         train(cfg, run_dir=tmp_path)
@@ -161,19 +161,19 @@ def test_divergence_stops_with_one_line_after_the_allowed_reloads(enwik8_head200
     assert [e["train/lr"] for e in events] == [5e29, 2.5e29]
 
 
-def test_divergence_with_on_divergence_stop_exits_2_with_one_line(enwik8_head200k, data_dir, tmp_path):
-    result = train_cli(tiny_args(enwik8_head200k, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=3",
+def test_divergence_with_on_divergence_stop_exits_2_with_one_line(corpus, data_dir, tmp_path):
+    result = train_cli(tiny_args(corpus, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=3",
                                  f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, "training diverged", "3 non-finite", "optim.lr", "on_divergence=reload")
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]  # nothing written is lost
 
 
 # ------------------------------------------------------------------------------------------------ resume and W&B
-def test_a_resumed_run_continues_the_same_wandb_run(enwik8_head200k, data_dir, tmp_path):
+def test_a_resumed_run_continues_the_same_wandb_run(corpus, data_dir, tmp_path):
     wandb = ["logger=wandb", "logger.mode=offline", "trainer.checkpoint_every=2"]
-    train(tiny_config(enwik8_head200k, data_dir, *wandb, "trainer.max_steps=2"), run_dir=tmp_path)
+    train(tiny_config(corpus, data_dir, *wandb, "trainer.max_steps=2"), run_dir=tmp_path)
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
-    train(tiny_config(enwik8_head200k, data_dir, *wandb, "trainer.max_steps=4"), run_dir=tmp_path)  # resumes at step 2
+    train(tiny_config(corpus, data_dir, *wandb, "trainer.max_steps=4"), run_dir=tmp_path)  # resumes at step 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/bpc" in r] == [1, 2, 3, 4]
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() == run_id
     # W&B names a run directory offline-run-<second>-<id>, with "-1" added when both starts fall in the same
@@ -191,7 +191,7 @@ def test_a_fresh_run_never_overwrites_earlier_metrics(tmp_path):
     assert (tmp_path / "metrics.jsonl.old1").read_text() == "second\n"
 
 
-def test_wandb_online_with_an_unreachable_server_keeps_training(enwik8_head200k, data_dir, tmp_path):
+def test_wandb_online_with_an_unreachable_server_keeps_training(corpus, data_dir, tmp_path):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -199,7 +199,7 @@ def test_wandb_online_with_an_unreachable_server_keeps_training(enwik8_head200k,
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
            "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
     run = tmp_path / "run"
-    result = train_cli(tiny_args(enwik8_head200k, data_dir, "logger=wandb", "logger.mode=online", "logger.init_timeout=5",
+    result = train_cli(tiny_args(corpus, data_dir, "logger=wandb", "logger.mode=online", "logger.init_timeout=5",
                                  "trainer.max_steps=4", f"hydra.run.dir={run}"), env=env)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -257,7 +257,7 @@ def test_dataset_path_not_given_is_one_line(tmp_path):
     assert_one_line_error(result, "dataset.path is required", "dataset.path=")
 
 
-def test_unreadable_data_path_is_one_line(enwik8_head200k, tmp_path):
+def test_unreadable_data_path_is_one_line(corpus, tmp_path):
     if not can_drop_file_permission_override():
         pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: every file is readable")
     path = tmp_path / "secret.txt"
@@ -274,12 +274,12 @@ def test_unreadable_data_path_is_one_line(enwik8_head200k, tmp_path):
     (["trainer.seq_len=500000"], ["'train' has", "smaller trainer.batch_size / trainer.seq_len"]),
     (["trainer.eval_chars=100"], ["valid evaluation", "trainer.eval_chars=100", "larger trainer.eval_chars"]),
 ], ids=["batch-larger-than-data", "sequence-larger-than-data", "eval-smaller-than-one-batch"])
-def test_batch_or_sequence_larger_than_the_data_is_one_line(enwik8_head200k, data_dir, tmp_path, overrides, fragments):
-    result = train_cli(tiny_args(enwik8_head200k, data_dir, *overrides, f"hydra.run.dir={tmp_path}"))
+def test_batch_or_sequence_larger_than_the_data_is_one_line(corpus, data_dir, tmp_path, overrides, fragments):
+    result = train_cli(tiny_args(corpus, data_dir, *overrides, f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, *fragments)
 
 
-def test_corpus_smaller_than_one_batch_is_one_line(enwik8_head200k, tmp_path):
+def test_corpus_smaller_than_one_batch_is_one_line(corpus, tmp_path):
     small = tmp_path / "small.txt"
     small.write_bytes(corpus.read_bytes()[:1000])  # 900 training characters < 16 streams x 101 characters
     result = train_cli(["dataset=file", f"dataset.path={small}", f"data_dir={tmp_path / 'data'}", *TINY,
@@ -294,8 +294,8 @@ def test_corpus_smaller_than_one_batch_is_one_line(enwik8_head200k, tmp_path):
     ("dataset.name=nope", ["unknown dataset name 'nope'", "file"]),
     ("trainer.on_divergence=maybe", ["trainer.on_divergence='maybe'", "stop, reload"]),
 ], ids=["cell", "form", "dataset-group", "dataset-name", "on-divergence"])
-def test_unknown_names_are_one_line(enwik8_head200k, data_dir, tmp_path, override, fragments):
-    result = train_cli(tiny_args(enwik8_head200k, data_dir, override, f"hydra.run.dir={tmp_path}"))
+def test_unknown_names_are_one_line(corpus, data_dir, tmp_path, override, fragments):
+    result = train_cli(tiny_args(corpus, data_dir, override, f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, *fragments)
 
 
@@ -321,41 +321,41 @@ def test_invalid_numbers_are_one_line_before_any_data_is_read(tmp_path, override
     ("trainer.batch_size=[", ["cannot parse the override 'trainer.batch_size=['", "key=value"]),
     ("trainer.max_steps=${nope}", ["Interpolation key 'nope' not found", "overrides"]),
 ], ids=["unknown-key", "unparsable", "bad-interpolation"])
-def test_hydra_config_errors_are_one_line(enwik8_head200k, data_dir, tmp_path, override, fragments):
-    result = train_cli(tiny_args(enwik8_head200k, data_dir, override, f"hydra.run.dir={tmp_path}"))
+def test_hydra_config_errors_are_one_line(corpus, data_dir, tmp_path, override, fragments):
+    result = train_cli(tiny_args(corpus, data_dir, override, f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, *fragments)
 
 
-def test_output_directory_under_a_file_is_one_line(enwik8_head200k, data_dir, tmp_path):
+def test_output_directory_under_a_file_is_one_line(corpus, data_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     run = tmp_path / "a_file" / "run"
-    result = train_cli(tiny_args(enwik8_head200k, data_dir, f"hydra.run.dir={run}"))
+    result = train_cli(tiny_args(corpus, data_dir, f"hydra.run.dir={run}"))
     assert_one_line_error(result, "cannot write the run directory", "Not a directory", "hydra.run.dir")
 
 
-def test_read_only_output_directory_is_one_line(enwik8_head200k, data_dir, tmp_path):
+def test_read_only_output_directory_is_one_line(corpus, data_dir, tmp_path):
     if not can_drop_file_permission_override():
         pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: every directory is writable")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        result = train_cli(tiny_args(enwik8_head200k, data_dir, f"hydra.run.dir={locked / 'run'}"),
+        result = train_cli(tiny_args(corpus, data_dir, f"hydra.run.dir={locked / 'run'}"),
                            preexec_fn=without_file_permission_override())
     finally:
         locked.chmod(0o755)
     assert_one_line_error(result, "cannot write the run directory", "Permission denied", "writable path")
 
 
-def test_the_trainer_itself_refuses_an_unwritable_run_dir(enwik8_head200k, data_dir, tmp_path):
+def test_the_trainer_itself_refuses_an_unwritable_run_dir(corpus, data_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="not writable.*hydra.run.dir"):
-        train(tiny_config(enwik8_head200k, data_dir), run_dir=tmp_path / "a_file" / "run")
+        train(tiny_config(corpus, data_dir), run_dir=tmp_path / "a_file" / "run")
 
 
-def test_resuming_with_an_incompatible_config_is_one_line_and_touches_nothing(enwik8_head200k, data_dir, tmp_path):
-    train(tiny_config(enwik8_head200k, data_dir, "trainer.max_steps=2"), run_dir=tmp_path)  # the run already there
-    args = tiny_args(enwik8_head200k, data_dir, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
+def test_resuming_with_an_incompatible_config_is_one_line_and_touches_nothing(corpus, data_dir, tmp_path):
+    train(tiny_config(corpus, data_dir, "trainer.max_steps=2"), run_dir=tmp_path)  # the run already there
+    args = tiny_args(corpus, data_dir, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
     kept = ["metrics.jsonl", "config.yaml", "last.pt", "ckpt-00000002.pt"]
     before = {name: (tmp_path / name).read_bytes() for name in kept}
     for override, fragments in [
@@ -367,9 +367,9 @@ def test_resuming_with_an_incompatible_config_is_one_line_and_touches_nothing(en
         assert {name: (tmp_path / name).read_bytes() for name in kept} == before, override
 
 
-def test_resuming_on_another_corpus_is_one_line(enwik8_head200k, data_dir, tmp_path):
-    train(tiny_config(enwik8_head200k, data_dir, "trainer.max_steps=2"), run_dir=tmp_path / "run")
-    args = tiny_args(enwik8_head200k, data_dir, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}")
+def test_resuming_on_another_corpus_is_one_line(corpus, data_dir, tmp_path):
+    train(tiny_config(corpus, data_dir, "trainer.max_steps=2"), run_dir=tmp_path / "run")
+    args = tiny_args(corpus, data_dir, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}")
     other = tmp_path / "other.xml"
     other.write_bytes(corpus.read_bytes() + corpus.read_bytes()[:50_000])  # same vocabulary, other splits
     result = train_cli([*args, f"dataset.path={other}"])
