@@ -140,6 +140,15 @@ def test_a_final_run_whose_test_bpc_blows_up_is_flagged_in_the_test_table():
     assert "| 0 of 2 | 100: 2.520, 101: 2.500 |" in table
 
 
+def test_the_target_ladder_extends_to_the_best_pair_with_the_baseline():
+    finals = [synthetic_run(8e-3, s, 2.60) for s in (100, 101)]
+    finals += [synthetic_run(4e-3, s, late, variant="mlstm-paper") for s, late in ((100, 2.64), (101, 2.67))]
+    finals += [synthetic_run(2e-3, s, 3.15, variant="mlstm-seed") for s in (100, 101)]  # learns slowly: no limit
+    assert tuning_report.pair_floor(finals, "lstm") == pytest.approx(2.67)
+    assert tuning_report.extend_targets([4.5, 4.0, 3.6, 3.4], 2.67) == [4.5, 4.0, 3.6, 3.4, 3.2, 3.0, 2.8]
+    assert tuning_report.extend_targets([3.0], 2.1) == [3.0, 2.6, 2.2]
+
+
 def test_cells_and_datasets_are_selected_separately():
     runs = grid({1e-3: 3.0, 2e-3: 2.5, 4e-3: 2.8}) + grid({2e-3: 2.9, 4e-3: 2.2, 8e-3: 2.4}, variant="mlstm-paper")
     runs += grid({1e-3: 2.0, 2e-3: 1.8, 4e-3: 1.9}, dataset="other")

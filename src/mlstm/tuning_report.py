@@ -160,15 +160,28 @@ def sensitivity_figure(selections: Sequence[tuning.Selection], path: Path, title
 
 
 # --------------------------------------------------------------------------------------- best against best, shared
-def extend_targets(base: Sequence[float], floor: float, step: float = 0.4) -> list[float]:
-    """The shared-rate study's ladder of target levels, extended downwards in `step`s while every compared cell's
-    final validation bpc (`floor`: the highest of them) is still below the level, so each level is reached by all."""
+def extend_targets(base: Sequence[float], floor: float, step: float | None = None) -> list[float]:
+    """The shared-rate study's ladder of target levels, extended downwards in `step`s (default: the ladder's last
+    step) while `floor` is still below the level, so that each added level is reached by the runs `floor` stands for."""
     targets = sorted(set(base), reverse=True)
+    step = step or (round(targets[-2] - targets[-1], 6) if len(targets) > 1 else 0.4)
     level = round(targets[-1] - step, 6)
     while level >= floor:
         targets.append(level)
         level = round(level - step, 6)
     return targets
+
+
+def pair_floor(runs: Sequence[Run], baseline: str) -> float:
+    """The level down to which the report's ladder goes: for every cell, the worst final validation bpc of it and
+    the baseline (the level every seed of both reaches); the lowest of these over the cells. Levels below a cell's
+    own pair floor show `–` for it (not every seed got there)."""
+    final = {}
+    for run in runs:
+        final.setdefault(run.label, []).append(run.final("valid/bpc"))
+    base = max(final.get(baseline, [math.inf]))
+    pairs = [max(base, max(values)) for label, values in final.items() if label != baseline]
+    return min(pairs) if pairs else base
 
 
 def valid_curves(runs: Sequence[Run]) -> dict:
@@ -330,7 +343,7 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
         dataset_shared = [r for r in shared if r.dataset == dataset and r.label in {s.variant for s in chosen}]
         ladder = list((targets or {}).get(dataset) or [])
         if dataset_final:
-            floor = max(r.final("valid/bpc") for r in dataset_final)
+            floor = pair_floor(dataset_final, baseline)
             ladder = extend_targets(ladder or [round(floor + 1.2, 1)], floor)
             options = study.StudyOptions(baseline=baseline, targets=ladder, bootstrap=n_resamples,
                                          title=f"Best against best on {dataset}: each cell at its own rate",
