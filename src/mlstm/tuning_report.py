@@ -178,7 +178,8 @@ def pair_floor(runs: Sequence[Run], baseline: str) -> float:
     own pair floor show `–` for it (not every seed got there)."""
     final = {}
     for run in runs:
-        final.setdefault(run.label, []).append(run.final("valid/bpc"))
+        value = run.final("valid/bpc")  # None or non-finite for a diverged run: it reaches no level
+        final.setdefault(run.label, []).append(value if value is not None and math.isfinite(value) else math.inf)
     base = max(final.get(baseline, [math.inf]))
     pairs = [max(base, max(values)) for label, values in final.items() if label != baseline]
     return min(pairs) if pairs else base
