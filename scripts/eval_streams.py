@@ -28,30 +28,26 @@ from mlstm.evaluate import evaluate_bpc
 from mlstm.trained import load_model
 
 
-def per_stream_bpc(model, tokens, batch_size: int, seq_len: int) -> list[float]:
-    batches = StreamBatcher(tokens, batch_size, seq_len)
+def bits_per_position(model, tokens, batch_size: int, seq_len: int) -> torch.Tensor:
+    """(characters per stream, B) bits of every predicted character, the split cut into B streams from zero states."""
     state = model.init_state(batch_size)
-    nats = torch.zeros(batch_size, dtype=torch.float64)
-    count = 0
+    bits = []
     with torch.no_grad():
-        for batch in batches:
+        for batch in StreamBatcher(tokens, batch_size, seq_len):
             logits, state = model(batch.x, state)  # (T, B, V)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="none")
-            nats += loss.view(batch.y.shape).sum(0).double()
-            count += batch.y.shape[0]
-    return (nats / count / math.log(2)).tolist()
+            bits.append(loss.view(batch.y.shape).double() / math.log(2))
+    return torch.cat(bits)
+
+
+def per_stream_bpc(model, tokens, batch_size: int, seq_len: int) -> list[float]:
+    return bits_per_position(model, tokens, batch_size, seq_len).mean(0).tolist()
 
 
 def window_bpc(model, tokens, seq_len: int, window: int) -> list[float]:
     """bpc of each consecutive `window` characters of `tokens` read as ONE stream from a zero state (B=1)."""
-    state = model.init_state(1)
-    bits = []
-    with torch.no_grad():
-        for batch in StreamBatcher(tokens, 1, seq_len):
-            logits, state = model(batch.x, state)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="none")
-            bits += (loss.double() / math.log(2)).tolist()
-    return [sum(bits[i:i + window]) / len(bits[i:i + window]) for i in range(0, len(bits), window)]
+    bits = bits_per_position(model, tokens, 1, seq_len)[:, 0]
+    return [chunk.mean().item() for chunk in bits.split(window)]
 
 
 def main() -> None:
