@@ -13,40 +13,26 @@ where along a long stream a state blows up.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from omegaconf import OmegaConf
 
 from mlstm.cli import publish
-from mlstm.data import StreamBatcher, load_corpus
+from mlstm.data import load_corpus
 from mlstm.errors import UserError
-from mlstm.evaluate import evaluate_bpc
+from mlstm.evaluate import bits_per_position, evaluate_bpc
 from mlstm.trained import load_model
 
 
-def bits_per_position(model, tokens, batch_size: int, seq_len: int) -> torch.Tensor:
-    """(characters per stream, B) bits of every predicted character, the split cut into B streams from zero states."""
-    state = model.init_state(batch_size)
-    bits = []
-    with torch.no_grad():
-        for batch in StreamBatcher(tokens, batch_size, seq_len):
-            logits, state = model(batch.x, state)  # (T, B, V)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="none")
-            bits.append(loss.view(batch.y.shape).double() / math.log(2))
-    return torch.cat(bits)
-
-
 def per_stream_bpc(model, tokens, batch_size: int, seq_len: int) -> list[float]:
-    return bits_per_position(model, tokens, batch_size, seq_len).mean(0).tolist()
+    return bits_per_position(model, tokens, batch_size=batch_size, seq_len=seq_len).mean(0).tolist()
 
 
 def window_bpc(model, tokens, seq_len: int, window: int) -> list[float]:
     """bpc of each consecutive `window` characters of `tokens` read as ONE stream from a zero state (B=1)."""
-    bits = bits_per_position(model, tokens, 1, seq_len)[:, 0]
+    bits = bits_per_position(model, tokens, batch_size=1, seq_len=seq_len)[:, 0]
     return [chunk.mean().item() for chunk in bits.split(window)]
 
 
