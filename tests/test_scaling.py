@@ -173,3 +173,87 @@ def test_report_script_writes_figure_table_and_selection(tmp_path):
     selection = json.loads((out / "selection.json").read_text())
     assert len(selection) == 9 and any(s["at_edge"] and s["next_lr"] == 0.004 for s in selection)
     assert "report.md" in done.stdout
+
+
+# ------------------------------------------------------------------------------------- the CPU ladder's plan
+def grid_runs(root: Path, preset: str, rates, best: float, seeds=(0, 1), params=300_000):
+    """A grid of one preset whose score is lowest at `best` (the floor rises with log2 distance from it)."""
+    for lr in rates:
+        for seed in seeds:
+            floor = 2.8 + 0.2 * math.log2(lr / best) ** 2 + 0.001 * seed
+            write_run(root, "enwik8_sample", preset, lr, seed, params, exp_curve(floor, TAU_LSTM))
+
+
+def test_plan_centres_new_grids_on_the_tuned_choice_then_extends_then_runs_the_seeds(tmp_path):
+    from mlstm import scale_plan, tuning
+
+    tuned, runs = tmp_path / "tuned", tmp_path / "runs"
+    grid_runs(tuned, "lstm_1m", [0.004, 0.008, 0.016], best=0.008, params=1_200_000)
+    grid_runs(tuned, "mlstm_paper_1m", [0.002, 0.004, 0.008], best=0.004, params=1_200_000)
+    grid_runs(tuned, "mlstm_seed_gated_1m", [0.001, 0.002], best=0.001, params=1_200_000)  # still at an edge
+    centres = scale_plan.centres_from(tuning.select(load_runs([str(tuned)])), "enwik8_head3M")
+    assert centres == {"lstm": 0.008, "mlstm-paper": 0.004}  # an edge choice centres nothing
+
+    def commands(cells_by_rung):
+        selections = scaling.select_by_rung(load_runs([str(runs)])) if runs.exists() else []
+        return [s.command() for s in scale_plan.plan("enwik8_sample", "enwik8_head3M", cells_by_rung, centres,
+                                                     selections)]
+
+    tune = 'make sweep SWEEP=scale_tune_cpu ARGS="dataset=enwik8_sample +variant='
+    # nothing run yet: 0.3M one step up from the 1.2M choice, 4.8M one step down
+    assert commands({"300k": ["lstm", "mlstm_paper"], "5m": ["lstm"]}) == [
+        tune + 'lstm_300k optim.lr=0.008,0.016,0.032 seed=0,1"',
+        tune + 'mlstm_paper_300k optim.lr=0.004,0.008,0.016 seed=0,1"',
+        tune + 'lstm_5m optim.lr=0.002,0.004,0.008 seed=0,1"']
+    with pytest.raises(scale_plan.UserError, match="mlstm-seed-gated has no tuned 1.2M choice"):
+        commands({"300k": ["mlstm_seed_gated"]})
+
+    # the grids ran: the LSTM's best is at its top edge, the paper form's inside, so it gets its fresh seeds
+    grid_runs(runs, "lstm_300k", [0.008, 0.016, 0.032], best=0.064)
+    grid_runs(runs, "mlstm_paper_300k", [0.004, 0.008, 0.016], best=0.008)
+    assert commands({"300k": ["lstm", "mlstm_paper"]}) == [
+        tune + 'lstm_300k optim.lr=0.064 seed=0,1"',
+        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=mlstm_paper_300k optim.lr=0.008"']
+    # the extension runs and the LSTM's best is inside: seeds for both
+    grid_runs(runs, "lstm_300k", [0.064], best=0.032)
+    assert commands({"300k": ["lstm"]}) == [
+        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=lstm_300k optim.lr=0.032"']
+
+    # a grid with a run cut short (the study was stopped) is run again, rate for rate, to finish it
+    grid_runs(runs, "lstm_5m", [0.002, 0.004, 0.008], best=0.004, params=4_800_000)
+    cut = runs / "enwik8_sample" / "lstm_5m" / "lr0.008-seed1" / "metrics.jsonl"
+    cut.write_text("".join(cut.read_text().splitlines(keepends=True)[:40]))
+    assert commands({"5m": ["lstm"]}) == [tune + 'lstm_5m optim.lr=0.002,0.004,0.008 seed=0,1"']
+
+
+def test_plan_below_a_grid_that_diverged_everywhere_and_exact_rate_names(tmp_path):
+    from mlstm import scale_plan
+
+    grid_runs(tmp_path, "mlstm_paper_5m", [0.001, 0.002, 0.004], best=0.002, params=4_800_000)
+    for metrics in tmp_path.rglob("metrics.jsonl"):  # every run ends on a divergence (trainer.on_divergence=end)
+        metrics.write_text(metrics.read_text() + json.dumps({"step": 800, "event": "diverged"}) + "\n")
+    selections = scaling.select_by_rung(load_runs([str(tmp_path)]))
+    (step,) = scale_plan.plan("enwik8_sample", "enwik8_head3M", {"5m": ["mlstm_paper"]}, {}, selections)
+    assert (step.kind, step.rates) == ("extend", (0.0005,))
+    assert scale_plan.rate_text(0.004 / 2) == "0.002" and scale_plan.rate_text(0.1 * 3) == "0.3"
+    assert scale_plan.initial_grid(0.004, "5m") == [0.001, 0.002, 0.004]
+    with pytest.raises(scale_plan.UserError, match="no grid is defined for rung '20m'"):
+        scale_plan.initial_grid(0.004, "20m")
+
+
+def test_plan_script_prints_the_commands_and_refuses_bad_input_in_one_line(tmp_path):
+    tuned = tmp_path / "tuned"
+    grid_runs(tuned, "lstm_1m", [0.004, 0.008, 0.016], best=0.008, params=1_200_000)
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "scale_plan.py"), "enwik8_sample", "--tuned", str(tuned),
+              "--runs", str(tmp_path / "runs")]
+    done = subprocess.run(script + ["--rung", "300k=lstm"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ('make sweep SWEEP=scale_tune_cpu ARGS="dataset=enwik8_sample +variant=lstm_300k '
+                           'optim.lr=0.008,0.016,0.032 seed=0,1"\n')
+    for bad, message in ((["--rung", "300k"], "expected RUNG=CELL,CELL"),
+                         (["--rung", "300k=mlstm_paper"], "mlstm-paper has no tuned 1.2M choice"),
+                         (["--rung", "300k=lstm", "--tuning-seeds", "a"], "--tuning-seeds must be integers")):
+        done = subprocess.run(script + bad, capture_output=True, text=True, timeout=120)
+        # one line says what is wrong (argparse puts its usage above it), never a traceback
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and message in last and "Traceback" not in done.stderr, done.stderr
