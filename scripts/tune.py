@@ -3,7 +3,8 @@
     python scripts/tune.py select results/convergence/tuned/runs [--json selection.json]
     python scripts/tune.py plan results/convergence/tuned/runs/enwik8_sample       # what to run next
     python scripts/tune.py report --tuning results/convergence/tuned/runs --final results/convergence/tuned/final \\
-        --shared results/convergence/rerun/runs --out results/convergence/tuned
+        --shared results/convergence/rerun/runs [--posthoc results/convergence/tuned/posthoc] \\
+        --out results/convergence/tuned
 
 `select` prints, per dataset and cell, every rate's score under the rule (mlstm.tuning), the chosen rate, what needs
 doing (a grid to extend), and the command that runs the final seeds at the chosen rate. `plan` prints only the
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     report.add_argument("--tuning", nargs="+", required=True, help="tuning runs")
     report.add_argument("--final", nargs="*", default=[], help="final runs (each cell at its chosen rate)")
     report.add_argument("--shared", nargs="*", default=[], help="shared-rate runs to compare with")
+    report.add_argument("--posthoc", nargs="*", default=[], help="runs at rates the rule did not choose (a labelled "
+                                                                 "check beside the final runs)")
     report.add_argument("--out", required=True, help="output directory")
     report.add_argument("--targets", action="append", default=[], metavar="DATASET=L1,L2,...",
                         help="the shared-rate study's target ladder for a dataset (extended to the tuned levels)")
@@ -126,9 +129,10 @@ def main(argv=None) -> None:
         except ValueError:
             raise UserError(f"--targets {spec!r} is not DATASET=LEVEL,LEVEL,...") from None
     final = [p for p in args.final if Path(p).exists()]  # the final seeds may not have started yet
+    posthoc = [p for p in args.posthoc if Path(p).exists()]
     tuning_report.write_tuned_study(load_runs(args.tuning), load_runs(final) if final else [],
                                     load_runs(args.shared) if args.shared else [], args.out, targets,
-                                    n_resamples=args.bootstrap)
+                                    n_resamples=args.bootstrap, posthoc=load_runs(posthoc) if posthoc else [])
 
 
 if __name__ == "__main__":

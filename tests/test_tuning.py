@@ -140,6 +140,32 @@ def test_a_final_run_whose_test_bpc_blows_up_is_flagged_in_the_test_table():
     assert "| 0 of 2 | 100: 2.520, 101: 2.500 |" in table
 
 
+def test_posthoc_check_sets_other_rates_beside_the_finals_relative_to_the_baseline_at_its_own():
+    def with_test(run, test):
+        run.records.append({"step": BUDGET, "chars": BUDGET * 3200, "time": 200.0, "test/bpc": test})
+        return run
+
+    finals = [with_test(synthetic_run(8e-3, s, 2.6), t) for s, t in ((100, 41.9), (101, 2.61))]
+    finals += [with_test(synthetic_run(4e-3, s, 2.5, variant="mlstm-paper"), 2.52) for s in (100, 101)]
+    finals += [with_test(synthetic_run(4e-3, s, 5.2, variant="mlstm-seed"), 5.1) for s in (100, 101)]
+    posthoc = [with_test(synthetic_run(4e-3, s, 2.7), 2.68) for s in (100, 101)]
+    posthoc += [with_test(synthetic_run(2e-3, s, 2.9, variant="mlstm-paper"), 2.85) for s in (100, 101)]
+    text = "\n".join(tuning_report.posthoc_lines(finals, posthoc, [3.4, 3.0], "lstm", n_resamples=200))
+    assert "not part of the rule" in text and "Ratios and differences are to lstm @ 0.004." in text
+    assert "mlstm-seed" not in text  # a cell without post-hoc runs stays out of the check
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in text.splitlines()
+            if line.startswith("| ")}
+    # the paper form at its chosen rate reaches 3.4 before the LSTM at 4e-3 (late 2.5 against 2.7), at 2e-3 after
+    ratio = lambda key: float(rows[key].split("|")[3].split("×")[0])
+    assert ratio(("mlstm-paper @ 0.004", "3.4")) < 1 < ratio(("mlstm-paper @ 0.002", "3.4"))
+    assert ("lstm @ 0.004", "3.4") not in rows  # the baseline has no ratio to itself
+    # the test table: the blow-up at the chosen rate, none at the post-hoc one; differences to the post-hoc LSTM
+    assert "| lstm @ 0.008 | 0.008 |" in text and "| 1 of 2 | 100: 41.900†, 101: 2.610 |" in text
+    assert "| lstm @ 0.004 | 0.004 | 2.680" in text and "| 0 of 2 | 100: 2.680, 101: 2.680 |" in text
+    paper = next(line for line in text.splitlines() if line.startswith("| mlstm-paper @ 0.004 | 0.004 |"))
+    assert paper.split("|")[4].strip().startswith("-0.160")  # 2.52 - 2.68
+
+
 def test_the_target_ladder_extends_to_the_best_pair_with_the_baseline():
     finals = [synthetic_run(8e-3, s, 2.60) for s in (100, 101)]
     finals += [synthetic_run(4e-3, s, late, variant="mlstm-paper") for s, late in ((100, 2.64), (101, 2.67))]

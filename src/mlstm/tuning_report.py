@@ -4,6 +4,7 @@ best beside the shared rate.
     tuning runs ─► select() ─► grid table, chosen rates, unstable/diverged runs, sensitivity figure
     final runs (each cell at its chosen rate, fresh seeds) ─► ratios to the LSTM with bootstrap CIs (mlstm.convergence)
     shared-rate runs (every cell at one rate) ─► the same ratios, side by side: what tuning changed
+    post-hoc runs (cells at rates the rule did not choose, fresh seeds) ─► a labelled check beside the finals
 
 Everything here reads runs (mlstm.runs.Run); `scripts/tune.py report` is the command-line entry point.
 """
@@ -14,6 +15,7 @@ import csv
 import math
 import textwrap
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -251,6 +253,39 @@ def test_table(runs: Sequence[Run], baseline: str, n_resamples: int = cv.N_RESAM
     return lines
 
 
+def at_rate(runs: Sequence[Run]) -> list[Run]:
+    """Copies labelled with their rate ("lstm @ 0.004"), so one cell at two rates is two groups of a table."""
+    return [replace(r, label=f"{r.label} @ {tuning.learning_rate(r.config):g}") for r in runs]
+
+
+def posthoc_lines(final: Sequence[Run], posthoc: Sequence[Run], targets: Sequence[float], baseline: str,
+                  n_resamples: int = cv.N_RESAMPLES) -> list[str]:
+    """A check outside the rule, labelled as one: cells run with fresh seeds at rates the rule did not choose,
+    beside their final runs at the chosen rate. Every table is relative to the baseline cell at its post-hoc rate."""
+    cells = {r.label for r in posthoc}
+    runs = at_rate([r for r in final if r.label in cells]) + at_rate(posthoc)
+    base_lrs = sorted({tuning.learning_rate(r.config) for r in posthoc if r.label == baseline})
+    base = f"{baseline} @ {base_lrs[0]:g}" if base_lrs else baseline
+    groups = {label: sorted({r.seed for r in runs if r.label == label}, key=str) for label in
+              sorted({r.label for r in runs})}
+    lines = ["### Post-hoc check: other rates (not part of the rule)", "",
+             "Chosen after the final runs had been seen, so it cannot change the answer above; it says what that "
+             "answer depends on. Runs: " + "; ".join(f"{label} (seeds {seeds_text(seeds)})"
+                                                      for label, seeds in groups.items())
+             + f". Ratios and differences are to {base}.", "",
+             "| cell | target bpc | chars ratio | steps ratio |", "| --- | --- | --- | --- |"]
+    reach = {(row.variant, row.target, row.axis): row
+             for row in cv.compare_reach(valid_curves(runs), targets, base, axes=("chars", "steps"),
+                                         n_resamples=n_resamples)}
+    for label in groups:
+        if label == base:
+            continue
+        for target in targets:
+            ratios = [interval_text(reach[(label, target, axis)].ratio, suffix="×") for axis in ("chars", "steps")]
+            lines.append(f"| {label} | {target:g} | {ratios[0]} | {ratios[1]} |")
+    return lines + ["", *budget_table(runs, base, n_resamples), "", *test_table(runs, base, n_resamples), ""]
+
+
 # ------------------------------------------------------------------------------------------------------ the report
 def posted_cell_text(sel: tuning.Selection, entropy: float | None) -> str:
     """Whether any rate made a cell learn: its best end-of-budget validation bpc against the unigram entropy."""
@@ -268,7 +303,7 @@ def posted_cell_text(sel: tuning.Selection, entropy: float | None) -> str:
 
 def dataset_report(dataset: str, selections: Sequence[tuning.Selection], final: Sequence[Run],
                    shared: Sequence[Run], targets: Sequence[float], entropy: float | None, figures: Sequence[str],
-                   baseline: str, n_resamples: int) -> list[str]:
+                   baseline: str, n_resamples: int, posthoc: Sequence[Run] = ()) -> list[str]:
     lines = [f"## {dataset}", "", "### The grid", "",
              "Score of every rate under the rule (mean validation bpc over the last quarter of the budget, over the "
              "common tuning seeds); **bold**: chosen; †: a run was unstable; ✗: a run diverged; inf: diverged or "
@@ -302,6 +337,8 @@ def dataset_report(dataset: str, selections: Sequence[tuning.Selection], final: 
               "Test-split bpc of the final runs (the whole test split as one stream):", "",
               *test_table(final, baseline, n_resamples), ""]
     lines += [f"![best against best]({name})" for name in figures[1:]] + [""]
+    if posthoc:
+        lines += posthoc_lines(final, posthoc, targets, baseline, n_resamples)
     return lines
 
 
@@ -315,9 +352,10 @@ def shared_rate_text(shared: Sequence[Run]) -> str:
 
 def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: Sequence[Run], out: str | Path,
                       targets: dict | None = None, baseline: str = "lstm",
-                      n_resamples: int = cv.N_RESAMPLES) -> list[tuning.Selection]:
+                      n_resamples: int = cv.N_RESAMPLES, posthoc: Sequence[Run] = ()) -> list[tuning.Selection]:
     """report.md, summary.csv (the grid), <dataset>_lr_sensitivity.png and, where final runs exist, the convergence
-    study of the final runs (mlstm.study.write_study) in <out>/<dataset>_final/."""
+    study of the final runs (mlstm.study.write_study) in <out>/<dataset>_final/; post-hoc runs, when given, get their
+    labelled section after the final runs'."""
     from mlstm import study
 
     out = Path(out)
@@ -353,7 +391,7 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
             (analysis,) = study.write_study(dataset_final, sub, options)
             figures += [f"{sub.name}/{name}" for name in analysis.figures if name.endswith("_convergence.png")]
         lines += dataset_report(dataset, chosen, dataset_final, dataset_shared, ladder, entropy, figures, baseline,
-                                n_resamples)
+                                n_resamples, [r for r in posthoc if r.dataset == dataset])
     (out / "report.md").write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     return selections
 
