@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mlstm.config import load_config
+from mlstm.errors import UserError
 from mlstm.tracking import read_metrics
 from mlstm.trainer import train
 
@@ -53,6 +54,21 @@ def test_wandb_offline_run_holds_the_logged_keys(enwik8_sample, tmp_path):
     for key in (b"train/bpc", b"valid/bpc", b"test/bpc", b"train/lr", b"perf/chars_per_s", b"chars"):
         assert key in content, key
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() in runs[0].name
+
+
+def test_cold_start_check_reads_the_test_split_as_streams_from_zero_states(enwik8_sample, tmp_path):
+    """With as many cold-start streams as test streams, the check is the test pass itself, stream by stream."""
+    cfg = small_config(enwik8_sample, "trainer.max_steps=30", "trainer.eval_every=30",
+                       "trainer.cold_start_streams=8")  # SMALL tests on 20k characters as 8 streams
+    result = train(cfg, run_dir=tmp_path)
+    (last,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "test/bpc" in r]
+    assert last["step"] == 30 and len(last["test/cold_start_stream_bpc"]) == 8
+    assert last["test/cold_start_bpc"] == pytest.approx(result["test/bpc"], rel=1e-6)
+    assert sum(last["test/cold_start_stream_bpc"]) / 8 == pytest.approx(result["test/bpc"], abs=1e-4)
+    # more streams than the test characters hold: refused before any training, in one line
+    with pytest.raises(UserError, match="trainer.cold_start_streams=1000 streams"):
+        train(small_config(enwik8_sample, "trainer.cold_start_streams=1000"), run_dir=tmp_path / "short")
+    assert not (tmp_path / "short" / "metrics.jsonl").exists()
 
 
 def test_checkpoint_loads_without_pickle_and_holds_the_run_state(enwik8_sample, tmp_path):

@@ -166,6 +166,20 @@ def test_posthoc_check_sets_other_rates_beside_the_finals_relative_to_the_baseli
     assert paper.split("|")[4].strip().startswith("-0.160")  # 2.52 - 2.68
 
 
+def test_cold_start_blow_ups_are_counted_per_stream_and_tabled():
+    lstm = [synthetic_run(8e-3, seed, 2.6) for seed in (100, 101)]  # last train bpc 2.6: blown above 3.6
+    paper = [synthetic_run(4e-3, 100, 2.5, variant="mlstm-paper")]
+    for run, streams in zip(lstm + paper, ([2.5, 36.7, 2.6, float("nan")], [2.4, 2.7, 3.5, 2.6], [2.4] * 4)):
+        run.records.append({"step": BUDGET, "chars": BUDGET * 3200, "time": 200.0, "test/bpc": 2.6,
+                            "test/cold_start_stream_bpc": streams})
+    assert [tuning.blown_streams(r.records) for r in lstm + paper] == [(2, 4), (0, 4), (0, 4)]
+    assert tuning.blown_streams(synthetic_run(1e-3, 0, 3.0).records) is None  # no check in this run
+    text = "\n".join(tuning_report.cold_start_lines(lstm + paper))
+    assert "| lstm | 0.008 | 2 of 8 (25%) | 1 of 2 | 100: 2 of 4, 101: 0 of 4 |" in text
+    assert "| mlstm-paper | 0.004 | 0 of 4 (0%) | 0 of 1 | 100: 0 of 4 |" in text
+    assert tuning_report.cold_start_lines([synthetic_run(1e-3, 0, 3.0)]) == []  # runs without it: no table
+
+
 def test_the_target_ladder_extends_to_the_best_pair_with_the_baseline():
     finals = [synthetic_run(8e-3, s, 2.60) for s in (100, 101)]
     finals += [synthetic_run(4e-3, s, late, variant="mlstm-paper") for s, late in ((100, 2.64), (101, 2.67))]

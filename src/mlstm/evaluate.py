@@ -64,16 +64,18 @@ def evaluate_nats(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, d
 
 @torch.no_grad()
 def bits_per_position(model, tokens: np.ndarray, *, batch_size: int, seq_len: int,
-                      device: torch.device = torch.device("cpu")) -> torch.Tensor:
+                      device: torch.device = torch.device("cpu"), precision: str = "fp32") -> torch.Tensor:
     """(characters per stream, B) float64 bits of every predicted character, the split cut into B streams from zero
     states as in `evaluate_nats`: its mean is the split's bpc, and a column read in windows shows where along a
-    stream its state goes wrong (scripts/eval_streams.py)."""
+    stream its state goes wrong (scripts/eval_streams.py), and its column means are the per-stream bpc of the
+    trainer's cold-start check."""
     was_training = model.training
     model.eval()
     state = model.init_state(batch_size, device)
     bits = []
     for batch in StreamBatcher(tokens, batch_size, seq_len, device=device):
-        logits, state = model(batch.x, state)
+        with autocast(device, precision):
+            logits, state = model(batch.x, state)
         bits.append(cross_entropy_nats(logits, batch.y, reduction="none").view(batch.y.shape).double() / LN2)
     model.train(was_training)
     return torch.cat(bits)

@@ -142,7 +142,9 @@ class WandbSink:
         if self.run is None:
             return
         try:
-            clean = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
+            # NaN is "not measured"; lists (the per-stream bpc of the cold-start check) stay in metrics.jsonl
+            clean = {k: v for k, v in record.items()
+                     if not (isinstance(v, float) and math.isnan(v)) and not isinstance(v, (list, tuple))}
             self.run.log(clean, step=int(record["step"]))
         except Exception as error:  # noqa: BLE001
             self._warn(f"W&B logging failed ({first_line(error)}); metrics.jsonl keeps every metric")

@@ -27,7 +27,7 @@ from mlstm.cells import CellConfig
 from mlstm.data import StreamBatcher, load_corpus
 from mlstm.data.corpus import SPLITS
 from mlstm.errors import UserError
-from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc, evaluate_nats
+from mlstm.evaluate import LN2, autocast, bits_per_position, cross_entropy_nats, evaluate_bpc, evaluate_nats
 from mlstm.model import ModelConfig, build_model, detach_state, num_parameters
 from mlstm.optim import build_optimizer
 from mlstm.optim import check as check_optim
@@ -253,6 +253,11 @@ class Trainer:
                 raise UserError(f"the {split} evaluation reads {where} characters of split {split!r}, fewer than "
                                 f"eval_batch_size*(seq_len+1)={B * (T + 1)}; use a smaller trainer.eval_batch_size "
                                 f"/ trainer.seq_len, a larger trainer.{limit_key} or a bigger corpus")
+            streams = self.tcfg.get("cold_start_streams")
+            if split == "test" and streams and n < int(streams) * (T + 1):
+                raise UserError(f"the cold-start check cuts the {n} test characters into trainer.cold_start_streams="
+                                f"{streams} streams, fewer than cold_start_streams*(seq_len+1)="
+                                f"{int(streams) * (T + 1)}; use fewer streams (null: no check) or more test characters")
 
     def _wrap_ddp(self, model):
         if not self.ctx.distributed:
@@ -460,6 +465,22 @@ class Trainer:
         bpc = evaluate_bpc(self.model, self.corpus.split(split), **kwargs) if self.ctx.is_main else None
         return distributed.broadcast_object(bpc, self.ctx)
 
+    def cold_starts(self, split: str, streams: int) -> dict:
+        """The split (its first `test_chars` / `eval_chars`) cut into `streams` streams, each read from a zero state:
+        their bpc, and each stream's. One stream from the split's start is one draw of where a model starts cold;
+        this is 32 draws, and a state that falls into a regime it never leaves shows as a stream far above the rest
+        (mlstm.tuning.blown_streams). On rank 0, the others wait for its result."""
+        limit = self.tcfg.get("eval_chars") if split == "valid" else self.tcfg.get("test_chars")
+        tokens = self.corpus.split(split)
+        tokens = tokens[: int(limit)] if limit else tokens
+        measured = None
+        if self.ctx.is_main:
+            bits = bits_per_position(self.model, tokens, batch_size=streams, seq_len=int(self.tcfg.seq_len),
+                                     device=self.ctx.device, precision=self.precision)
+            measured = {f"{split}/cold_start_bpc": bits.mean().item(),
+                        f"{split}/cold_start_stream_bpc": [round(v, 4) for v in bits.mean(0).tolist()]}
+        return distributed.broadcast_object(measured, self.ctx)
+
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
@@ -612,8 +633,11 @@ class Trainer:
                   "run_dir": str(self.run_dir)}
         if self.tcfg.get("test_at_end", True):
             result["test/bpc"] = self.evaluate("test")
-            self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
-                            "test/bpc": result["test/bpc"]})
+            record = {"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
+                      "test/bpc": result["test/bpc"]}
+            if self.tcfg.get("cold_start_streams"):
+                record.update(self.cold_starts("test", int(self.tcfg.cold_start_streams)))
+            self.sinks.log(record)  # one record: a run counted as finished has its cold-start check too
         self.sinks.summary({k: v for k, v in result.items() if k != "run_dir"})
         self.sinks.close()
         return result

@@ -253,6 +253,31 @@ def test_table(runs: Sequence[Run], baseline: str, n_resamples: int = cv.N_RESAM
     return lines
 
 
+def cold_start_lines(runs: Sequence[Run]) -> list[str]:
+    """The cold-start check of the final runs (the test split as N streams, each from a zero state; the trainer's
+    `cold_start_streams`): how many streams blew up (rule 4 per stream), per cell and seed. [] when no run has it."""
+    counted = {id(r): tuning.blown_streams(r.records) for r in runs}
+    if not any(counted.values()):
+        return []
+    lines = ["Cold starts: the test split read again as streams that each start from a zero state; a stream more than "
+             f"{tuning.UNSTABLE_GAP:g} bpc above the run's last training bpc has blown up (its state fell into a "
+             "regime it never left).", "",
+             "| cell | lr | streams blown up | runs with a blow-up | per seed (blown of streams) |",
+             "| --- | --- | --- | --- | --- |"]
+    for variants in group_runs(runs).values():
+        for variant, vruns in variants.items():
+            checked = [(r.seed, counted[id(r)]) for r in sorted(vruns, key=lambda r: r.seed) if counted[id(r)]]
+            if not checked:
+                continue
+            lrs = sorted({tuning.learning_rate(r.config) for r in vruns})
+            blown, total = sum(b for _, (b, _) in checked), sum(n for _, (_, n) in checked)
+            seeds = ", ".join(f"{seed}: {b} of {n}" for seed, (b, n) in checked)
+            lines.append(f"| {variant} | {', '.join(f'{lr:g}' for lr in lrs)} | {blown} of {total} "
+                         f"({blown / total:.0%}) | {sum(b > 0 for _, (b, _) in checked)} of {len(checked)} | "
+                         f"{seeds} |")
+    return lines + [""]
+
+
 def at_rate(runs: Sequence[Run]) -> list[Run]:
     """Copies labelled with their rate ("lstm @ 0.004"), so one cell at two rates is two groups of a table."""
     return [replace(r, label=f"{r.label} @ {tuning.learning_rate(r.config):g}") for r in runs]
@@ -283,7 +308,8 @@ def posthoc_lines(final: Sequence[Run], posthoc: Sequence[Run], targets: Sequenc
         for target in targets:
             ratios = [interval_text(reach[(label, target, axis)].ratio, suffix="×") for axis in ("chars", "steps")]
             lines.append(f"| {label} | {target:g} | {ratios[0]} | {ratios[1]} |")
-    return lines + ["", *budget_table(runs, base, n_resamples), "", *test_table(runs, base, n_resamples), ""]
+    return lines + ["", *budget_table(runs, base, n_resamples), "", *test_table(runs, base, n_resamples), "",
+                    *cold_start_lines(runs)]
 
 
 # ------------------------------------------------------------------------------------------------------ the report
@@ -335,7 +361,7 @@ def dataset_report(dataset: str, selections: Sequence[tuning.Selection], final: 
               "Validation bpc at equal budgets (the largest number of characters / training seconds every final run "
               "reached):", "", *budget_table(final, baseline, n_resamples), "",
               "Test-split bpc of the final runs (the whole test split as one stream):", "",
-              *test_table(final, baseline, n_resamples), ""]
+              *test_table(final, baseline, n_resamples), "", *cold_start_lines(final)]
     lines += [f"![best against best]({name})" for name in figures[1:]] + [""]
     if posthoc:
         lines += posthoc_lines(final, posthoc, targets, baseline, n_resamples)
