@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 LAST_FRACTION = 0.25  # the last quarter of the budget
-UNSTABLE_GAP = 1.0  # bpc: validation this far above training, late in the run, is a state blow-up on the long stream
+UNSTABLE_GAP = 1.0  # bpc: evaluation this far above training is a state blow-up (a cold start it never recovers from)
 TIE_TOLERANCE = 1e-9
 
 
