@@ -164,6 +164,11 @@ def test_posthoc_check_sets_other_rates_beside_the_finals_relative_to_the_baseli
     assert "| lstm @ 0.004 | 0.004 | 2.680" in text and "| 0 of 2 | 100: 2.680, 101: 2.680 |" in text
     paper = next(line for line in text.splitlines() if line.startswith("| mlstm-paper @ 0.004 | 0.004 |"))
     assert paper.split("|")[4].strip().startswith("-0.160")  # 2.52 - 2.68
+    # the LSTM rerun at its chosen rate among the post-hoc runs replaces its final runs there, seed for seed
+    rerun = [with_test(synthetic_run(8e-3, s, 2.6), 2.62) for s in (100, 101)]
+    text = "\n".join(tuning_report.posthoc_lines(finals, posthoc + rerun, [3.4], "lstm", n_resamples=200))
+    assert "| lstm @ 0.008 | 0.008 |" in text and "| 0 of 2 | 100: 2.620, 101: 2.620 |" in text
+    assert "41.900" not in text
 
 
 def test_cold_start_blow_ups_are_counted_per_stream_and_tabled():

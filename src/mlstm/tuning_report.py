@@ -286,10 +286,14 @@ def at_rate(runs: Sequence[Run]) -> list[Run]:
 def posthoc_lines(final: Sequence[Run], posthoc: Sequence[Run], targets: Sequence[float], baseline: str,
                   n_resamples: int = cv.N_RESAMPLES) -> list[str]:
     """A check outside the rule, labelled as one: cells run with fresh seeds at rates the rule did not choose,
-    beside their final runs at the chosen rate. Every table is relative to the baseline cell at its post-hoc rate."""
-    cells = {r.label for r in posthoc}
-    runs = at_rate([r for r in final if r.label in cells]) + at_rate(posthoc)
-    base_lrs = sorted({tuning.learning_rate(r.config) for r in posthoc if r.label == baseline})
+    beside their final runs at the chosen rate (a cell rerun at its chosen rate among the post-hoc runs, e.g. to add
+    the cold-start check, is read from the post-hoc runs instead). Every table is relative to the baseline cell at
+    its lowest post-hoc rate."""
+    posthoc = at_rate(posthoc)
+    cells = {r.label.split(" @ ")[0] for r in posthoc}
+    runs = [r for r in at_rate([r for r in final if r.label in cells]) if r.label not in {p.label for p in posthoc}]
+    runs += posthoc
+    base_lrs = sorted({tuning.learning_rate(r.config) for r in posthoc if r.label.split(" @ ")[0] == baseline})
     base = f"{baseline} @ {base_lrs[0]:g}" if base_lrs else baseline
     groups = {label: sorted({r.seed for r in runs if r.label == label}, key=str) for label in
               sorted({r.label for r in runs})}
