@@ -101,7 +101,7 @@ def study_overrides(args, kind: str, dataset: str, preset: str, lr: float, seed:
         return common + ["trainer.device=cpu", "trainer.precision=fp32", f"cell.hidden_size={DRY_HIDDEN[rung]}",
                          "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2", "trainer.batch_size=4",
                          "trainer.seq_len=16", "trainer.eval_chars=400", "trainer.test_chars=400",
-                         "trainer.eval_batch_size=1", "trainer.checkpoint_every=4"]
+                         "trainer.eval_batch_size=1", "trainer.checkpoint_every=4", "trainer.cold_start_streams=4"]
     return common + [f"trainer.device={args.device}", f"trainer.precision={args.precision}",
                      f"trainer.eval_every={args.eval_every}", f"trainer.eval_batch_size={args.eval_streams}",
                      "trainer.checkpoint_every=800"]

@@ -257,3 +257,31 @@ def test_plan_script_prints_the_commands_and_refuses_bad_input_in_one_line(tmp_p
         # one line says what is wrong (argparse puts its usage above it), never a traceback
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 2 and message in last and "Traceback" not in done.stderr, done.stderr
+
+
+def test_test_split_and_cold_starts_per_cell_and_rung(tmp_path):
+    make_finals(tmp_path / "final")
+    for metrics in (tmp_path / "final").rglob("metrics.jsonl"):  # the test pass and the cold-start check
+        preset, run = metrics.parts[-3], metrics.parts[-2]
+        blown = preset == "lstm_5m" and run.endswith("seed100")
+        last_train = [json.loads(line) for line in metrics.read_text().splitlines()][-2]["train/bpc"]
+        record = {"step": STEPS, "chars": STEPS * CHARS_PER_STEP, "time": 80.0,
+                  "test/bpc": 40.0 if blown else last_train + 0.1,
+                  "test/cold_start_stream_bpc": [40.0, 39.0] + [last_train + 0.1] * 30 if blown else
+                  [last_train + 0.1] * 32}
+        metrics.write_text(metrics.read_text() + json.dumps(record) + "\n")
+    study = scaling.analyse(load_runs([str(tmp_path / "final")]))
+    cells = study.datasets["enwik8_head3M"].cells
+    assert cells[("5m", "lstm")].n_test_unstable == 1 and cells[("5m", "lstm")].cold_starts == (2, 96)
+    assert cells[("1m", "mlstm-paper")].n_test_unstable == 0 and cells[("1m", "mlstm-paper")].cold_starts == (0, 96)
+    report = scaling_report.report_markdown(study, {})
+    assert "### Test split" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 5m | lstm |") and "of 3 |" in line)
+    assert row.endswith("| 1 of 3 | 2 of 96 |")
+    csv_rows = {(r["rung"], r["variant"]): r for r in scaling_report.summary_rows(study)}
+    assert csv_rows[("5m", "lstm")]["n_test_unstable"] == 1 and csv_rows[("5m", "lstm")]["cold_start_blown"] == 2
+    assert csv_rows[("5m", "lstm")]["test_max"] == pytest.approx(40.0)
+    # runs without a test pass: no test table (older runs, or a study stopped before its test passes)
+    make_finals(tmp_path / "untested")
+    assert "### Test split" not in scaling_report.report_markdown(
+        scaling.analyse(load_runs([str(tmp_path / "untested")])), {})

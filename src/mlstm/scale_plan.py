@@ -33,7 +33,8 @@ def label_of(cell: str) -> str:
 
 
 def rate_text(lr: float) -> str:
-    """A rate as Hydra gets it and the run directory names it (lr0.002): 4e-3 / 2 is 0.002, not 0.0020000000000000005."""
+    """A rate as Hydra gets it and the run directory names it (lr0.002): 4e-3 / 2 gives 0.002, never
+    0.0020000000000000005."""
     return f"{float(f'{lr:.6g}'):g}"
 
 

@@ -190,6 +190,9 @@ class RunEnd:
     gap_onset_step: float  # NaN: no growing gap
     second_pass_step: float  # NaN: the run never started a second pass over the training text
     last_chars: float
+    test: float = math.nan  # the test split as one stream (NaN: not measured)
+    test_unstable: bool = False  # rule 4 on it (mlstm.tuning.unstable_on): a cold start that never recovered
+    cold_starts: tuple[int, int] | None = None  # (streams blown up, streams) of the cold-start check
 
 
 def train_at_evaluations(records: Sequence[Mapping]) -> list[tuple[int, float, float, float]]:
@@ -225,8 +228,12 @@ def run_end(run: Run, seed) -> RunEnd:
     second = next((float(r["step"]) for r in sorted(run.records, key=lambda r: r["step"])
                    if isinstance(r.get("epoch"), (int, float)) and r["epoch"] >= 1), math.nan)
     last_chars = run.last("chars")
+    test = run.final("test/bpc")
+    tested = dict(test=test if test is not None else math.nan, test_unstable=tuning.unstable_on(run.records),
+                  cold_starts=tuning.blown_streams(run.records))
     if not points:
-        return RunEnd(seed, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, second, last_chars)
+        return RunEnd(seed, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, second, last_chars,
+                      **tested)
     steps, _, valid, train = (np.array(c, dtype=float) for c in zip(*points))
     best = int(np.argmin(valid))
     gaps = valid - train
@@ -236,7 +243,7 @@ def run_end(run: Run, seed) -> RunEnd:
     onset = gap_onset(list(gaps[finite])) if finite.any() else None
     onset_step = float(steps[finite][onset]) if onset is not None else math.nan
     return RunEnd(seed, float(valid[-1]), float(train[-1]), float(valid[best]), float(steps[best]),
-                  float(valid[-1] - valid[best]), float(gaps[-1]), onset_step, second, last_chars)
+                  float(valid[-1] - valid[best]), float(gaps[-1]), onset_step, second, last_chars, **tested)
 
 
 # ---------------------------------------------------------------------------------------------- the analysis
@@ -269,6 +276,16 @@ class CellSummary:
     @property
     def onsets(self) -> list[float]:
         return [e.gap_onset_step for e in self.ends if math.isfinite(e.gap_onset_step)]
+
+    @property
+    def n_test_unstable(self) -> int:
+        return sum(e.test_unstable for e in self.ends)
+
+    @property
+    def cold_starts(self) -> tuple[int, int] | None:
+        """(streams blown up, streams) over the seeds that have the cold-start check; None when none has it."""
+        checked = [e.cold_starts for e in self.ends if e.cold_starts]
+        return (sum(b for b, _ in checked), sum(n for _, n in checked)) if checked else None
 
     @property
     def best_step(self) -> float:

@@ -167,6 +167,10 @@ def summary_rows(study: ScaleStudy) -> list[dict]:
                     "valid_minus_lstm": g.valid_difference.value if g else math.nan,
                     "valid_minus_lstm_low": g.valid_difference.low if g else math.nan,
                     "valid_minus_lstm_high": g.valid_difference.high if g else math.nan,
+                    "test_mean": cell.stat("test")[0], "test_min": cell.stat("test")[1],
+                    "test_max": cell.stat("test")[2], "n_test_unstable": cell.n_test_unstable,
+                    "cold_start_blown": cell.cold_starts[0] if cell.cold_starts else math.nan,
+                    "cold_start_streams": cell.cold_starts[1] if cell.cold_starts else math.nan,
                     "note": "; ".join(x for x in (cell.note, g.note if g else "") if x),
                 })
     return rows
@@ -323,6 +327,21 @@ def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | 
                              f"{_range(cell.stat('final_train'))} | {_fmt(cell.stat('gap_end')[0])} | "
                              f"{_fmt(cell.best_step, '.0f')} | {rise} | {onset} | {cell.note} |")
         lines += [""] + ["- " + s for s in overfitting_sentences(ds)] + [""]
+        tested = [(rung, variant, cell) for rung in ds.rungs for (r, variant), cell in sorted(ds.cells.items())
+                  if r == rung and any(math.isfinite(e.test) for e in cell.ends)]
+        if tested:
+            lines += ["### Test split", "",
+                      "The whole test split read once as one stream from a zero state (mean [seed range]); unstable: "
+                      "runs more than 1 bpc above their last training bpc there; cold starts: the test split read "
+                      "again as streams that each start from a zero state, the streams that blew up.", "",
+                      "| rung | cell | lr | seeds | test bpc | unstable runs | cold starts blown up |",
+                      "| --- | --- | ---: | ---: | --- | --- | --- |"]
+            for rung, variant, cell in tested:
+                cold = cell.cold_starts
+                cold_text = f"{cold[0]} of {cold[1]}" if cold else "not measured"
+                lines.append(f"| {rung} | {variant} | {_lr(cell.lr)} | {len(cell.ends)} | {_range(cell.stat('test'))} "
+                             f"| {cell.n_test_unstable} of {len(cell.ends)} | {cold_text} |")
+            lines.append("")
         lines += [f"- {note}" for note in ds.notes]
         if ds.notes:
             lines.append("")
