@@ -92,7 +92,9 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     path, cache = text
     common = ["dataset=file", f"dataset.path={path}", *SMALL]
     straight, chain = tmp_path / "straight", tmp_path / "chain"
-    single([*common, "logger=none", "trainer.max_steps=6", f"hydra.run.dir={straight}"], cache, tmp_path)
+    # the finished runs also read the test split as 4 cold-started streams (on rank 0 under DDP)
+    single([*common, "logger=none", "trainer.max_steps=6", "trainer.cold_start_streams=4",
+            f"hydra.run.dir={straight}"], cache, tmp_path)
 
     # each rank's Hydra gets its own run dir (as ${now:...} can give); the trainer must settle on rank 0's
     per_rank_dir = "hydra.run.dir=" + str(tmp_path / "chain${oc.env:RANK}")
@@ -126,13 +128,17 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     assert_same_training_state(checkpoint(chain, 4), checkpoint(straight, 4))
 
     # and a single-process checkpoint resumes under DDP
-    out = ddp([*common, "logger=none", "trainer.max_steps=6", f"hydra.run.dir={chain}"], cache, tmp_path)
+    out = ddp([*common, "logger=none", "trainer.max_steps=6", "trainer.cold_start_streams=4",
+               f"hydra.run.dir={chain}"], cache, tmp_path)
     assert "resumed from step 4" in out.stderr
     assert_same_training_state(checkpoint(chain, 6), checkpoint(straight, 6))
 
     # every logged number (timings aside) matches the uninterrupted single-process run, evaluation included
     got, expected = comparable(read_metrics(chain / "metrics.jsonl")), comparable(read_metrics(straight / "metrics.jsonl"))
     assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    streams = "test/cold_start_stream_bpc"
+    (cold,) = [(g.pop(streams), e.pop(streams)) for g, e in zip(got, expected) if streams in g]
+    assert len(cold[0]) == 4 and cold[0] == pytest.approx(cold[1], rel=1e-4, abs=1e-4)
     for g, e in zip(got, expected):
         assert g == pytest.approx(e, rel=1e-4, abs=1e-5)
     assert any("test/bpc" in r for r in got) and sum("valid/bpc" in r for r in got) == 3
