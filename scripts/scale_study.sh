@@ -8,7 +8,7 @@
 #   3. four fresh seeds (100-103) of every cell at its chosen rate, with the test split (scale_final_cpu);
 #   4. the report over every rung done so far, the 1.2M rung being the tuned study's (scripts/scale_report.py).
 # Every run is a Hydra job of the joblib launcher, two at a time; a rerun skips every finished run.
-#   bash scripts/scale_study.sh enwik8_sample            # 0.3M then 4.8M: ~45 min + ~9 h of a 2-core machine
+#   bash scripts/scale_study.sh enwik8_sample            # 0.3M then 4.8M: ~45 min + ~6 h of a 2-core machine
 #   bash scripts/scale_study.sh enwik8_sample 300k       # one rung
 set -euo pipefail
 DATASET=${1:?usage: scripts/scale_study.sh enwik8_sample|text8_sample [300k|5m ...]}

@@ -468,8 +468,8 @@ class Trainer:
     def cold_starts(self, split: str, streams: int) -> dict:
         """The split (its first `test_chars` / `eval_chars`) cut into `streams` streams, each read from a zero state:
         their bpc, and each stream's. One stream from the split's start is one draw of where a model starts cold;
-        this is 32 draws, and a state that falls into a regime it never leaves shows as a stream far above the rest
-        (mlstm.tuning.blown_streams). On rank 0, the others wait for its result."""
+        this is `streams` draws, and a state that falls into a regime it never leaves shows as a stream far above
+        the rest (mlstm.tuning.blown_streams). On rank 0, the others wait for its result."""
         limit = self.tcfg.get("eval_chars") if split == "valid" else self.tcfg.get("test_chars")
         tokens = self.corpus.split(split)
         tokens = tokens[: int(limit)] if limit else tokens
