@@ -10,6 +10,9 @@
 # Every run is a Hydra job of the joblib launcher, two at a time; a rerun skips every finished run.
 #   bash scripts/scale_study.sh enwik8_sample            # 0.3M then 4.8M: ~45 min + ~6 h of a 2-core machine
 #   bash scripts/scale_study.sh enwik8_sample 300k       # one rung
+# Environment: VENV; SCALE (default results/convergence/scale: runs/, final/ and the report go there); TUNED (default
+# results/convergence/tuned: the 1.2M rung, whose choices centre the grids); RUN_ARGS (extra Hydra overrides for every
+# run, e.g. the test's tiny models); CELLS_300k, CELLS_5m (the cells of a rung, comma-separated).
 set -euo pipefail
 DATASET=${1:?usage: scripts/scale_study.sh enwik8_sample|text8_sample [300k|5m ...]}
 shift
@@ -17,18 +20,24 @@ RUNGS=("$@")
 [ ${#RUNGS[@]} -gt 0 ] || RUNGS=(300k 5m)
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
-declare -A CELLS=([300k]=lstm,mlstm_paper,mlstm_seed_gated [5m]=lstm,mlstm_paper)
+SCALE=${SCALE:-results/convergence/scale}
+TUNED=${TUNED:-results/convergence/tuned}
+RUN_ARGS=${RUN_ARGS:-}
+declare -A CELLS=([300k]=${CELLS_300k:-lstm,mlstm_paper,mlstm_seed_gated} [5m]=${CELLS_5m:-lstm,mlstm_paper})
 
 run() { echo "+ $*" >&2; make VENV="$VENV" "$@"; }
-run_planned() { # a `make sweep ...` line printed by scripts/scale_plan.py
-    local line=$1
+run_planned() { # a `make sweep SWEEP=... ARGS="..."` line printed by scripts/scale_plan.py, into $SCALE
+    local line=$1 dir=runs
+    grep -q "SWEEP=scale_final_cpu" <<<"$line" && dir=final
+    line="${line%\"} hydra.sweep.dir=$SCALE/$dir $RUN_ARGS\""
     eval "run ${line#make }"
 }
 
 for rung in "${RUNGS[@]}"; do
     [ -n "${CELLS[$rung]:-}" ] || { echo "error: unknown rung $rung (known: ${!CELLS[*]})" >&2; exit 2; }
     for _ in 1 2 3 4 5 6 7; do  # round 1 runs the grids; each later round extends every edge choice by one rate
-        plan=$("$PY" scripts/scale_plan.py "$DATASET" --rung "$rung=${CELLS[$rung]}")
+        plan=$("$PY" scripts/scale_plan.py "$DATASET" --rung "$rung=${CELLS[$rung]}" --tuned "$TUNED/runs" \
+               --runs "$SCALE/runs")
         grep -q "SWEEP=scale_tune_cpu" <<<"$plan" || break
         while IFS= read -r line; do
             grep -q "SWEEP=scale_tune_cpu" <<<"$line" && run_planned "$line"
@@ -41,7 +50,5 @@ for rung in "${RUNGS[@]}"; do
     while IFS= read -r line; do [ -n "$line" ] && run_planned "$line"; done <<<"$plan"
 done
 
-"$PY" scripts/scale_report.py \
-    --final results/convergence/scale/final results/convergence/tuned/final \
-    --tuning results/convergence/scale/runs results/convergence/tuned/runs \
-    --variants mlstm-paper,mlstm-seed-gated --out results/convergence/scale
+"$PY" scripts/scale_report.py --final "$SCALE/final" "$TUNED/final" --tuning "$SCALE/runs" "$TUNED/runs" \
+    --variants mlstm-paper,mlstm-seed-gated --out "$SCALE"

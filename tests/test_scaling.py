@@ -9,6 +9,7 @@ paper form's r falls with size (0.6, 0.45, 0.3: its advantage grows) and the gat
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -285,3 +286,38 @@ def test_test_split_and_cold_starts_per_cell_and_rung(tmp_path):
     make_finals(tmp_path / "untested")
     assert "### Test split" not in scaling_report.report_markdown(
         scaling.analyse(load_runs([str(tmp_path / "untested")])), {})
+
+
+@pytest.mark.slow
+def test_scale_study_runs_a_rung_from_grid_to_report_and_a_rerun_trains_nothing(enwik8_sample, tmp_path):
+    """scripts/scale_study.sh on one rung and one cell, tiny models through the real sweeps: the grid centred on the
+    committed 1.2M choice, extensions until the choice is inside, four fresh seeds with the cold-start check, the
+    report; then the same command again finds everything finished."""
+    tuned = REPO_ROOT / "results" / "convergence" / "tuned"
+    if not (tuned / "runs" / "enwik8_sample" / "lstm_1m").is_dir():
+        pytest.skip("the tuned study's enwik8 runs are not in this checkout")
+    scale = tmp_path / "scale"
+    tiny = ("logger=none cell.hidden_size=16 model.embedding_size=8 trainer.batch_size=4 trainer.seq_len=20 "
+            "trainer.max_steps=4 trainer.eval_every=2 trainer.log_every=2 trainer.eval_chars=2000 "
+            "trainer.test_chars=2000 trainer.cold_start_streams=4 trainer.checkpoint_every=4")
+    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1]), "SCALE": str(scale),
+           "TUNED": str(tuned), "RUN_ARGS": tiny, "CELLS_300k": "lstm", "MLSTM_SHARED_DATA": str(enwik8_sample.parent)}
+    command = ["bash", "scripts/scale_study.sh", "enwik8_sample", "300k"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "optim.lr=0.008,0.016,0.032 seed=0,1" in done.stderr  # centred on the LSTM's 1.2M choice, 8e-3
+    (selection,) = [s for s in json.loads((scale / "selection.json").read_text()) if s["rung"] == "300k"]
+    rates = sorted(float(r) for r in selection["rates"])
+    assert len(rates) >= 3 and rates[0] < selection["chosen_lr"] < rates[-1] and not selection["at_edge"]
+    finals = sorted((scale / "final" / "enwik8_sample" / "lstm_300k").glob("*/metrics.jsonl"))
+    assert [p.parent.name for p in finals] == [f"lr{selection['chosen_lr']:g}-seed{s}" for s in (100, 101, 102, 103)]
+    for metrics in finals:
+        (last,) = [json.loads(line) for line in metrics.read_text().splitlines() if '"test/bpc"' in line]
+        assert len(last["test/cold_start_stream_bpc"]) == 4
+    report = (scale / "report.md").read_text()
+    assert "| 300k | lstm |" in report and "### Test split" in report
+    before = {p: p.read_bytes() for p in scale.rglob("metrics.jsonl")}
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" in again.stderr and "parameters:" not in again.stderr  # no run trained again
+    assert {p: p.read_bytes() for p in scale.rglob("metrics.jsonl")} == before
