@@ -469,17 +469,15 @@ class Trainer:
         """The split (its first `test_chars` / `eval_chars`) cut into `streams` streams, each read from a zero state:
         their bpc, and each stream's. One stream from the split's start is one draw of where a model starts cold;
         this is `streams` draws, and a state that falls into a regime it never leaves shows as a stream far above
-        the rest (mlstm.tuning.blown_streams). On rank 0, the others wait for its result."""
+        the rest (mlstm.tuning.blown_streams). Under DDP every rank computes it on its own copy of the (identical)
+        parameters: no collective, so no rank waits on another at the end of a run."""
         limit = self.tcfg.get("eval_chars") if split == "valid" else self.tcfg.get("test_chars")
         tokens = self.corpus.split(split)
         tokens = tokens[: int(limit)] if limit else tokens
-        measured = None
-        if self.ctx.is_main:
-            bits = bits_per_position(self.model, tokens, batch_size=streams, seq_len=int(self.tcfg.seq_len),
-                                     device=self.ctx.device, precision=self.precision)
-            measured = {f"{split}/cold_start_bpc": bits.mean().item(),
-                        f"{split}/cold_start_stream_bpc": [round(v, 4) for v in bits.mean(0).tolist()]}
-        return distributed.broadcast_object(measured, self.ctx)
+        bits = bits_per_position(self.model, tokens, batch_size=streams, seq_len=int(self.tcfg.seq_len),
+                                 device=self.ctx.device, precision=self.precision)
+        return {f"{split}/cold_start_bpc": bits.mean().item(),
+                f"{split}/cold_start_stream_bpc": [round(v, 4) for v in bits.mean(0).tolist()]}
 
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
