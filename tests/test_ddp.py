@@ -7,6 +7,7 @@ the same up to fp32 summation order), and checkpoints move freely between DDP an
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,25 @@ def text(enwik8_sample, tmp_path_factory):
 
 
 def run(command, cache, cwd, timeout=240):
-    env = dict(os.environ, MLSTM_DATA_DIR=str(cache), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    """Run a command in its own process group. If it is still running after `timeout` s, every process in the group
+    gets SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER) prints each one's stack: a hang then fails the
+    test with where every rank was stuck, instead of a bare timeout."""
+    env = dict(os.environ, MLSTM_DATA_DIR=str(cache), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1",
+               PYTHONFAULTHANDLER="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(f"still running after {timeout} s: {' '.join(map(str, command))}\nstacks:\n{stderr[-12000:]}")
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert done.returncode == 0, f"{' '.join(map(str, command))}\n{done.stderr[-4000:]}"
     return done
 
