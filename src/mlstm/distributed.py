@@ -139,6 +139,12 @@ def secondary_rank_overrides() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
+def flushes_denormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal floats to zero (torch.set_flush_denormal): measured, not
+    assumed, with a float32 subnormal times one."""
+    return (torch.tensor(1e-39, dtype=torch.float32) * 1.0).item() == 0.0
+
+
 def runtime_info(ctx: Context) -> dict:
     """What the numbers of a run also depend on, logged once (config.yaml `runtime:` and the W&B config)."""
     matmul = torch.backends.cuda.matmul
@@ -153,6 +159,7 @@ def runtime_info(ctx: Context) -> dict:
         "tf32_matmul": bool(matmul.allow_tf32),
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "flush_denormal": flushes_denormals(),
         **fast_mlstm.kernel_status(ctx.device),  # what the fast mLSTM runs on (its kernels, graphs)
     }
     return info
