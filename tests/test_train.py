@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mlstm.config import load_config
 from mlstm.errors import UserError
@@ -69,6 +70,21 @@ def test_cold_start_check_reads_the_test_split_as_streams_from_zero_states(enwik
     with pytest.raises(UserError, match="trainer.cold_start_streams=1000 streams"):
         train(small_config(enwik8_sample, "trainer.cold_start_streams=1000"), run_dir=tmp_path / "short")
     assert not (tmp_path / "short" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_subnormal_floats_are_flushed_as_configured_and_logged(enwik8_sample, tmp_path, flush):
+    """trainer.flush_denormal sets the CPU's flush-to-zero mode either way (never inherited from an earlier run in
+    the same process), and config.yaml's runtime says what the arithmetic then does, measured."""
+    torch.set_flush_denormal(not flush)  # the opposite of what the run asks for
+    try:
+        train(small_config(enwik8_sample, "trainer.max_steps=2", "trainer.eval_every=2",
+                           f"trainer.flush_denormal={str(flush).lower()}"), run_dir=tmp_path)
+        subnormal = torch.tensor(1e-39, dtype=torch.float32)
+        assert ((subnormal * 1.0).item() == 0.0) is flush
+        assert OmegaConf.load(tmp_path / "config.yaml").runtime.flush_denormal is flush
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_checkpoint_loads_without_pickle_and_holds_the_run_state(enwik8_sample, tmp_path):
