@@ -152,3 +152,25 @@ def test_markdown_states_the_rounding_rule():
         assert rows[0]["lstm_hidden_closest_params"] == 2294
         header = bench.markdown(rows).split("| cell |")[0]
         assert rule in header
+
+
+def test_run_seconds_table_lists_runs_slowest_first_with_their_last_valid_bpc(tmp_path):
+    from mlstm.bench_denormal import run_seconds_table
+
+    for name, seconds, bpc in (("fast", 200.0, 2.1), ("slow", 4000.0, 4.4), ("diverged", 90.0, float("inf"))):
+        run = tmp_path / "cell" / name
+        run.mkdir(parents=True)
+        records = [{"step": 10, "time": seconds / 2, "train/bpc": 3.0}, {"step": 20, "valid/bpc": bpc},
+                   {"step": 20, "time": seconds, "train/bpc": 2.0}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "cell" / "empty").mkdir()  # no metrics: not a run
+    lines = run_seconds_table(tmp_path).splitlines()[2:]
+    assert lines == ["| cell/slow | 20 | 4000 | 4.400 |", "| cell/fast | 20 | 200 | 2.100 |",
+                     "| cell/diverged | 20 | 90 | non-finite |"]
+
+
+def test_denormal_script_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_denormal.py"), "--checkpoint",
+                           str(tmp_path / "none.pt")], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pt'} does not exist"]
+    assert done.stdout == ""
