@@ -55,11 +55,12 @@ def run(command, cache, cwd, timeout=240):
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)
         try:
+            os.killpg(process.pid, signal.SIGABRT)
             stdout, stderr = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, subprocess.TimeoutExpired):  # gone meanwhile, or deaf to SIGABRT
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
             stdout, stderr = process.communicate()
         pytest.fail(f"still running after {timeout} s: {' '.join(map(str, command))}\nstacks:\n{stderr[-12000:]}")
     done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

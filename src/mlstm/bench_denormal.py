@@ -1,10 +1,10 @@
 """What subnormal floats cost a CPU run, and what flushing them to zero (`trainer.flush_denormal`) saves.
 
 Subnormal (denormal) floats are the magnitudes below float32's smallest normal number, 1.2e-38. x86 cores handle
-arithmetic on them in microcode, many times slower than on normal numbers. A training run whose state saturates or
-blows up fills its activations, gradients and optimizer moments with them, and its steps slow down by an order of
-magnitude: in the tuned study, runs that ended far above their cell's best bpc took 2,000-4,700 s of one core for 800
-steps where healthy runs of the same size took 200-300 s. Three measurements, each a markdown table:
+operations that produce them many times slower than those on normal numbers. A training run whose state saturates
+or blows up fills its activations, gradients and optimizer moments with them, and its steps slow down by an order of
+magnitude: in the tuned study, runs that ended far above their cell's best bpc took 1,300-4,800 s of one core for 800
+steps where healthy runs of the same size took 180-300 s. Three measurements, each a markdown table:
   - `operation_table`: element-wise and matrix products with normal and with subnormal results, flushing off and on;
   - `train_step_table`: training steps from a checkpoint of such a run, flushing off and on;
   - `run_seconds_table`: the training seconds of committed runs beside their final validation bpc.

@@ -216,10 +216,10 @@ class Trainer:
         allow_tf32 = bool(self.tcfg.get("allow_tf32", False))
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
-        # Subnormal floats (magnitudes below 1.2e-38) cost an x86 core 10-20x per operation. A run whose state
-        # saturates or blows up fills its activations and gradients with them: such tuning runs took 2,000-4,700 s of
-        # one core for 800 steps where healthy ones took 200-300 s (results/bench/denormal.md). Flushing them to zero
-        # changes only values below 1.2e-38. Set explicitly either way, and logged, like TF32.
+        # Producing subnormal floats (magnitudes below 1.2e-38) costs an x86 core 10-100x per operation. A run whose
+        # state saturates or blows up makes many: such tuning runs took 1,300-4,800 s of one core for 800 steps where
+        # healthy ones took 180-300 s (results/bench/denormal.md). Flushing them to zero changes only values below
+        # 1.2e-38. Set explicitly either way, and logged, like TF32.
         torch.set_flush_denormal(bool(self.tcfg.get("flush_denormal", False)))
         if self.precision == "bf16" and self.ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 is not supported on this GPU; use fp16 or fp32")
