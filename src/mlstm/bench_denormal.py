@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from mlstm.bench import time_steps
 from mlstm.distributed import flushes_denormals
 from mlstm.tracking import read_metrics
 
@@ -29,14 +29,7 @@ SUBNORMAL = 1e-39  # float32: below 1.1755e-38, the smallest normal number
 def _seconds(fn, repeats: int) -> float:
     """Fastest of `repeats` calls in seconds (the least disturbed by other work on the machine), after three warm-up
     calls (the first ones also pay for fresh memory pages)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(time_steps(fn, torch.device("cpu"), iters=repeats, warmup=3))
 
 
 def operation_table(repeats: int = 5) -> str:
