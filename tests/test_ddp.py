@@ -176,7 +176,10 @@ during = threads()
 trainer.fit()
 distributed.teardown(trainer.ctx, finished=True)
 del trainer
-print(f"rank {os.environ['RANK']} during={during} after={threads()}")
+# one write per rank, newline included: print() writes the text and its end separately, and the two ranks share the
+# pipe, so their lines could run together
+sys.stdout.write(f"rank {os.environ['RANK']} during={during} after={threads()}\\n")
+sys.stdout.flush()
 """
 
 
