@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mlstm.cells import cpu_kernel
 from mlstm.config import load_config
 from mlstm.errors import UserError
 from mlstm.tracking import read_metrics
@@ -72,19 +73,34 @@ def test_cold_start_check_reads_the_test_split_as_streams_from_zero_states(enwik
     assert not (tmp_path / "short" / "metrics.jsonl").exists()
 
 
+def unflushed_products(threads: int) -> int:
+    """How many of float32 subnormals times one stay nonzero, over enough elements (64k per thread) that PyTorch
+    splits the product over its threads. Written as bits: a float 1e-39 converted on a flushing thread is already 0."""
+    subnormals = torch.full((65536 * threads,), 0x000FFFFF, dtype=torch.int32).view(torch.float32)
+    return int(((subnormals * 1.0) != 0).sum())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("flush", [True, False])
-def test_subnormal_floats_are_flushed_as_configured_and_logged(enwik8_sample, tmp_path, flush):
+def test_subnormal_floats_are_flushed_as_configured_and_logged(enwik8_sample, tmp_path, flush, threads):
     """trainer.flush_denormal sets the CPU's flush-to-zero mode either way (never inherited from an earlier run in
-    the same process), and config.yaml's runtime says what the arithmetic then does, measured."""
-    torch.set_flush_denormal(not flush)  # the opposite of what the run asks for
+    the same process) on every intra-op thread, and config.yaml's runtime says what the arithmetic then does,
+    measured. At 2 threads the pool exists before the run sets the flag (as in any process that computed before):
+    torch.set_flush_denormal alone leaves the worker thread's half of the products subnormal."""
+    if threads > 1 and cpu_kernel.load() is None:
+        pytest.skip("the flag reaches PyTorch's worker threads through the fused CPU kernel library, not built here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cpu_kernel.set_flush_denormal(not flush)  # the opposite of what the run asks for, on every thread
+    assert unflushed_products(threads) == (0 if not flush else 65536 * threads)  # the pool is up, set the other way
     try:
-        train(small_config(enwik8_sample, "trainer.max_steps=2", "trainer.eval_every=2",
+        train(small_config(enwik8_sample, "trainer.max_steps=2", "trainer.eval_every=2", f"trainer.threads={threads}",
                            f"trainer.flush_denormal={str(flush).lower()}"), run_dir=tmp_path)
-        subnormal = torch.tensor(1e-39, dtype=torch.float32)
-        assert ((subnormal * 1.0).item() == 0.0) is flush
+        assert unflushed_products(threads) == (0 if flush else 65536 * threads)
         assert OmegaConf.load(tmp_path / "config.yaml").runtime.flush_denormal is flush
     finally:
-        torch.set_flush_denormal(False)
+        cpu_kernel.set_flush_denormal(False)
+        torch.set_num_threads(before)
 
 
 def test_checkpoint_loads_without_pickle_and_holds_the_run_state(enwik8_sample, tmp_path):

@@ -20,11 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mlstm.bench import time_steps
+from mlstm.cells.cpu_kernel import set_flush_denormal
 from mlstm.distributed import flushes_denormals
 from mlstm.tracking import read_metrics
-
-SUBNORMAL = 1e-39  # float32: below 1.1755e-38, the smallest normal number
-
 
 def _seconds(fn, repeats: int) -> float:
     """Fastest of `repeats` calls in seconds (the least disturbed by other work on the machine), after three warm-up
@@ -45,11 +43,11 @@ def operation_table(repeats: int = 5) -> str:
             for name, fn in (("x * x", lambda: vector * vector), ("A @ B", lambda: matrix @ matrix)):
                 cells = []
                 for flush in (False, True):
-                    torch.set_flush_denormal(flush)
+                    set_flush_denormal(flush)
                     cells.append(f"{1000 * _seconds(fn, repeats):.2f}")
                 rows.append(f"| {name} | {value:g} (products {products}) | {cells[0]} | {cells[1]} |")
     finally:
-        torch.set_flush_denormal(before)
+        set_flush_denormal(before)
     return "\n".join(rows)
 
 
@@ -83,10 +81,10 @@ def train_step_table(checkpoint: Path, steps: int = 3) -> str:
         for flush in (False, True, False):
             model.load_state_dict(weights)
             optimizer.load_state_dict(moments)
-            torch.set_flush_denormal(flush)
+            set_flush_denormal(flush)
             rows.append(f"| {'on' if flush else 'off'} | {_seconds(step, steps):.3f} |")
     finally:
-        torch.set_flush_denormal(before)
+        set_flush_denormal(before)
     return "\n".join(rows)
 
 

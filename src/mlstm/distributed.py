@@ -140,9 +140,12 @@ def secondary_rank_overrides() -> list[str]:
 
 
 def flushes_denormals() -> bool:
-    """Whether this thread's CPU arithmetic flushes subnormal floats to zero (torch.set_flush_denormal): measured, not
-    assumed, with a float32 subnormal times one."""
-    return (torch.tensor(1e-39, dtype=torch.float32) * 1.0).item() == 0.0
+    """Whether the CPU arithmetic of every intra-op thread flushes subnormal floats to zero (trainer.flush_denormal):
+    measured, not assumed, with float32 subnormals times one, enough of them (64k per thread) that PyTorch splits the
+    product over all its threads (its grain is 32k elements). The subnormals are written as bits (0x000fffff, about
+    1.5e-39): converting 1e-39 to float32 would itself be flushed on the calling thread and leave only zeros."""
+    bits = torch.full((65536 * torch.get_num_threads(),), 0x000FFFFF, dtype=torch.int32)
+    return not bool((bits.view(torch.float32) * 1.0).any())
 
 
 def runtime_info(ctx: Context) -> dict:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mlstm import checkpoint, distributed
-from mlstm.cells import CellConfig
+from mlstm.cells import CellConfig, cpu_kernel
 from mlstm.data import StreamBatcher, load_corpus
 from mlstm.data.corpus import SPLITS
 from mlstm.errors import UserError
@@ -219,8 +219,8 @@ class Trainer:
         # Producing subnormal floats (magnitudes below 1.2e-38) costs an x86 core 10-100x per operation. A run whose
         # state saturates or blows up makes many: such tuning runs took 1,300-4,800 s of one core for 800 steps where
         # healthy ones took 180-300 s (results/bench/denormal.md). Flushing them to zero changes only values below
-        # 1.2e-38. Set explicitly either way, and logged, like TF32.
-        torch.set_flush_denormal(bool(self.tcfg.get("flush_denormal", False)))
+        # 1.2e-38. Set explicitly either way, on every intra-op thread, and logged (measured), like TF32.
+        cpu_kernel.set_flush_denormal(bool(self.tcfg.get("flush_denormal", False)))
         if self.precision == "bf16" and self.ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 is not supported on this GPU; use fp16 or fp32")
 

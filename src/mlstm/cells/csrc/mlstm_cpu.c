@@ -101,6 +101,30 @@ static inline void mlstm_rows(int64_t B, int64_t *b0, int64_t *b1) {
 /* The struct layout, checked by the loader against its ctypes mirror. */
 int64_t mlstm_segment_size(void) { return (int64_t)sizeof(mlstm_segment); }
 
+/* Flush subnormal floats to zero (MXCSR FTZ and DAZ) on every thread of the OpenMP team, or stop flushing: 1 for
+ * done, 0 where the CPU has no MXCSR. Why here: torch.set_flush_denormal sets the calling thread alone, and PyTorch's
+ * intra-op workers are this same libgomp's threads (threads created later inherit the creator's setting, but the pool
+ * usually exists by the time a run sets its flags). The team is omp_get_max_threads() wide, what torch.set_num_threads
+ * set, so each of its threads runs this once. */
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define MLSTM_MXCSR_FLUSH 0x8040u /* FTZ (bit 15): subnormal results become 0; DAZ (bit 6): subnormal inputs read as 0 */
+static void mlstm_set_mxcsr_flush(int32_t on) {
+    unsigned csr = _mm_getcsr();
+    _mm_setcsr(on ? (csr | MLSTM_MXCSR_FLUSH) : (csr & ~MLSTM_MXCSR_FLUSH));
+}
+int32_t mlstm_set_flush_denormal(int32_t on) {
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+    mlstm_set_mxcsr_flush(on);
+    mlstm_set_mxcsr_flush(on); /* the calling thread, also when it is not in the team (no OpenMP) */
+    return 1;
+}
+#else
+int32_t mlstm_set_flush_denormal(int32_t on) { (void)on; return 0; }
+#endif
+
 /* 1 when built with OpenMP (rows split over threads), for the run metadata */
 int32_t mlstm_threaded(void) {
 #ifdef _OPENMP
