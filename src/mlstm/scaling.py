@@ -13,6 +13,10 @@ seeds):
     ratio           characters a cell needs to reach that level, mean over seeds, over the LSTM's (< 1: faster),
                     with the percentile bootstrap CI of mlstm.convergence (paired by seed when the seeds match);
                     a cell with a seed that never gets there has no ratio, only a lower bound (its budget counted)
+    common level    the level both cells reach: the higher of the two cells' best levels (every seed of both
+                    reaches it within the budget), so its ratio is always defined. Where the mLSTM ends below the
+                    LSTM it is the LSTM's best level; where it ends above, it is the mLSTM's own best level, and the
+                    ratio says how much longer the mLSTM takes to get where it ends (the figure's line)
     ladder          the ratio at five levels between the first validation point and the worst best level
                     (mlstm.convergence.default_targets), as a min-max range
     final bpc       validation and training bpc at the end of the budget, mean and seed range; the difference of
@@ -305,7 +309,7 @@ class GapRow:
     n_seeds: int
     paired: bool
     target: float
-    criterion: str  # "lstm-best" (the LSTM's best level) or "fixed"
+    criterion: str  # "lstm-best" (the LSTM's best level), "common" (the level both reach) or "fixed"
     chars: Interval  # the cell's mean characters to the target
     lstm_chars: Interval
     ratio: Interval
@@ -429,13 +433,15 @@ def _analyse_dataset(dataset: str, by_rung: Mapping[str, Mapping[str, list[Run]]
         for variant in sorted(v for (r, v) in picked if r == rung and v != baseline):
             runs = picked[(rung, variant)]
             curves = curves_by_seed(runs, METRIC)
+            best = [c.y.min() for c in curves.values() if len(c.y)]
+            common = [(_level_up(float(max(base_best + best))), "common")] if len(best) == len(curves) else []
             groups = {variant: curves, baseline: base_curves}
             ends = {e.seed: e.final_valid for e in cells[(rung, variant)].ends}
             base_ends = {e.seed: e.final_valid for e in cells[(rung, baseline)].ends}
             a, b, paired_valid = pair_by_seed(ends, base_ends)
             difference = bootstrap_difference_of_means(a, b, paired_valid)
             ladder = _ladder(groups, variant, baseline)
-            for target, criterion in targets:
+            for target, criterion in targets + common:
                 rows = {row.variant: row for row in compare_reach(groups, [target], baseline, axes=("chars",))}
                 row, base_row = rows[variant], rows[baseline]
                 bound = math.nan

@@ -2,8 +2,9 @@
 scale_summary.csv and selection.json.
 
 `write_report` draws the figure (per dataset, two panels: the ratio against parameters, log x, one line per mLSTM
-form with CI bars and a dashed line at 1; final validation bpc against parameters for every cell, training bpc
-dotted) and writes the files. `scripts/scale_report.py` is its command line.
+form at the level both cells reach with CI bars, its ratio at the LSTM's best level as open markers (triangles: a
+lower bound, not every seed got there) and a dashed line at 1; final validation bpc against parameters for every
+cell, training bpc dotted) and writes the files. `scripts/scale_report.py` is its command line.
 """
 
 from __future__ import annotations
@@ -42,24 +43,32 @@ def trend(values: Sequence[tuple[float, float]]) -> str:
     return "mixed"
 
 
-def headline_rows(study: DatasetStudy) -> list[GapRow]:
-    return [g for g in study.gaps if g.criterion == "lstm-best"]
+CRITERIA = {"lstm-best": "the LSTM's best level", "common": "the level both reach"}
+
+
+def headline_rows(study: DatasetStudy, criterion: str = "lstm-best") -> list[GapRow]:
+    return [g for g in study.gaps if g.criterion == criterion]
 
 
 def gap_sentences(study: DatasetStudy) -> list[str]:
-    """One sentence per mLSTM form: its ratio along the ladder and what the smallest and largest rungs' CIs say."""
+    """Per mLSTM form, a sentence at the LSTM's best level and one at the level both reach: its ratio along the
+    ladder and what the smallest and largest rungs' CIs say."""
+    return [sentence for criterion in CRITERIA for sentence in _gap_sentences(study, criterion)]
+
+
+def _gap_sentences(study: DatasetStudy, criterion: str) -> list[str]:
     out = []
-    rows = headline_rows(study)
+    rows = headline_rows(study, criterion)
     for variant in sorted({g.variant for g in rows}):
         mine = sorted((g for g in rows if g.variant == variant), key=lambda g: size_key(g.params, g.rung))
         path = " → ".join(f"{_ratio_text(g)} ({format_params(g.params)})" for g in mine)
         direction = trend([(g.params, g.ratio.value) for g in mine])
-        words = {"falls": "falls at every step: its advantage grows with size",
-                 "rises": "rises at every step: its advantage shrinks with size",
+        words = {"falls": "falls at every step: it gains on the LSTM as size grows",
+                 "rises": "rises at every step: it loses ground to the LSTM as size grows",
                  "flat": "does not change with size", "mixed": "has no monotone trend with size",
                  "one point": "is defined at one rung only",
-                 "none": "is defined at no rung (no level reached by every seed of both)"}[direction]
-        sentence = f"**{variant}** × LSTM characters to the LSTM's best level: {path}; the ratio {words}"
+                 "none": "is defined at no rung (at none does every seed of both reach it)"}[direction]
+        sentence = f"**{variant}** × LSTM characters to {CRITERIA[criterion]}: {path}; the ratio {words}"
         ends = [g for g in mine if math.isfinite(g.ratio.value)]
         if len(ends) >= 2 and all(math.isfinite(x) for g in (ends[0], ends[-1]) for x in (g.ratio.low, g.ratio.high)):
             small, large = ends[0].ratio, ends[-1].ratio
@@ -143,11 +152,12 @@ def summary_rows(study: ScaleStudy) -> list[dict]:
     rows = []
     for dataset, ds in study.datasets.items():
         headline = {(g.rung, g.variant): g for g in headline_rows(ds)}
+        common = {(g.rung, g.variant): g for g in headline_rows(ds, "common")}
         for rung in ds.rungs:
             for (r, variant), cell in sorted(ds.cells.items()):
                 if r != rung:
                     continue
-                g = headline.get((rung, variant))
+                g, both = headline.get((rung, variant)), common.get((rung, variant))
                 valid, train, gap = cell.stat("final_valid"), cell.stat("final_train"), cell.stat("gap_end")
                 rows.append({
                     "dataset": dataset, "rung": rung, "variant": variant, "params": int_or_none(cell.params),
@@ -162,6 +172,10 @@ def summary_rows(study: ScaleStudy) -> list[dict]:
                     "ratio_to_lstm": g.ratio.value if g else (1.0 if variant == study.baseline else math.nan),
                     "ratio_low": g.ratio.low if g else math.nan, "ratio_high": g.ratio.high if g else math.nan,
                     "ratio_lower_bound": g.ratio_lower_bound if g else math.nan,
+                    "common_target_bpc": both.target if both else math.nan,
+                    "common_ratio_to_lstm": both.ratio.value if both else math.nan,
+                    "common_ratio_low": both.ratio.low if both else math.nan,
+                    "common_ratio_high": both.ratio.high if both else math.nan,
                     "ladder_ratio_min": g.ladder[0] if g else math.nan,
                     "ladder_ratio_max": g.ladder[1] if g else math.nan,
                     "valid_minus_lstm": g.valid_difference.value if g else math.nan,
@@ -185,26 +199,33 @@ def plot_dataset(ds: DatasetStudy, path: Path, baseline: str = BASELINE) -> Path
     import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4))
-    rows = headline_rows(ds)
-    for i, variant in enumerate(sorted({g.variant for g in rows})):
-        mine = sorted((g for g in rows if g.variant == variant), key=lambda g: size_key(g.params, g.rung))
+    rows, common = headline_rows(ds), headline_rows(ds, "common")
+    for i, variant in enumerate(sorted({g.variant for g in rows + common})):
         color = COLORS.get(variant, f"C{i}")
-        shown = [g for g in mine if finite(g.ratio.value)]
+        shown = sorted((g for g in common if g.variant == variant and finite(g.ratio.value)),
+                       key=lambda g: size_key(g.params, g.rung))
         if shown:
             x = np.array([g.params for g in shown])
             y = np.array([g.ratio.value for g in shown])
             low = np.array([g.ratio.low if finite(g.ratio.low) else g.ratio.value for g in shown])
             high = np.array([g.ratio.high if finite(g.ratio.high) else g.ratio.value for g in shown])
-            left.errorbar(x, y, yerr=[y - low, high - y], marker="o", capsize=3, color=color, label=variant)
+            left.errorbar(x, y, yerr=[y - low, high - y], marker="o", capsize=3, color=color,
+                          label=f"{variant}: to the level both reach")
+        mine = [g for g in rows if g.variant == variant]
+        reached = [g for g in mine if finite(g.ratio.value)]
+        if reached:
+            left.scatter([g.params for g in reached], [g.ratio.value for g in reached], marker="s",
+                         facecolors="none", edgecolors=color, label=f"{variant}: to the {baseline}'s best level")
         bounds = [g for g in mine if not finite(g.ratio.value) and finite(g.ratio_lower_bound)]
         if bounds:
             left.scatter([g.params for g in bounds], [g.ratio_lower_bound for g in bounds], marker="^",
-                         facecolors="none", edgecolors=color, label=f"{variant}: not reached (lower bound)")
+                         facecolors="none", edgecolors=color,
+                         label=f"{variant}: {baseline}'s best level not reached (lower bound)")
     left.axhline(1.0, color="gray", linestyle="--", linewidth=1, label=f"{baseline} (= 1)")
     left.set_xscale("log")
     left.set_xlabel("parameters")
-    left.set_ylabel(f"characters to the {baseline}'s best level, × {baseline}")
-    left.set_title("best against best: characters to the same level")
+    left.set_ylabel(f"characters to the same level, × {baseline}")
+    left.set_title("best against best: characters to the same level (95% CI)")
     left.legend(fontsize=8)
     for i, variant in enumerate(sorted({v for (_, v) in ds.cells})):
         color = COLORS.get(variant, f"C{i}")
@@ -293,17 +314,19 @@ def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | 
             lines += ["No final runs yet.", ""]
             continue
         lines += ["### Best against best: characters to a level", "",
-                  "Target: the LSTM's best level at that rung (the highest of its seeds' lowest validation bpc) "
-                  "unless marked fixed. × LSTM: mean characters over the LSTM's, 95% bootstrap CI over seeds; "
+                  "Target: the LSTM's best level at that rung (the highest of its seeds' lowest validation bpc), "
+                  "then the level both reach (the higher of the two cells' best levels: where the mLSTM ends "
+                  "above the LSTM, its own best level), and any fixed level. × LSTM: mean characters over the LSTM's, 95% bootstrap CI over seeds; "
                   "ladder: the ratio at five levels from the first validation point down. Δ valid: final "
                   "validation bpc minus the LSTM's.", "",
                   "| rung | LSTM params | cell | lr | seeds | target bpc | chars to target | × LSTM | ladder | "
                   "Δ valid vs LSTM | note |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
-        for g in sorted(ds.gaps, key=lambda g: (size_key(g.params, g.rung), g.variant, g.criterion != "lstm-best",
+        order = {"lstm-best": 0, "common": 1, "fixed": 2}
+        for g in sorted(ds.gaps, key=lambda g: (size_key(g.params, g.rung), g.variant, order[g.criterion],
                                                  -g.target)):
             ladder = f"{g.ladder[0]:.2f}–{g.ladder[1]:.2f} ({g.ladder[2]})" if g.ladder[2] else "–"
-            target = f"{g.target:.3f}" + (" (fixed)" if g.criterion == "fixed" else "")
+            target = f"{g.target:.3f}" + {"fixed": " (fixed)", "common": " (both reach)"}.get(g.criterion, "")
             chars = f"{g.chars.value:,.0f}" if finite(g.chars.value) else f"{g.fraction_reached:.0%} reached"
             ratio = _interval(g.ratio) if finite(g.ratio.value) else _ratio_text(g)
             lines.append(f"| {g.rung} | {int_or_none(g.params) or 0:,} | {g.variant} | {_lr(g.lr)} | {g.n_seeds} | "
