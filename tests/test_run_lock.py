@@ -271,3 +271,84 @@ def test_a_checkpoint_write_failing_with_efbig_keeps_the_previous_checkpoint(arg
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {FIRST_EVAL}" in resumed.stderr
     assert without_timing(read_metrics(tmp_path / "metrics.jsonl")) == straight
+
+
+def process_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet (a container's PID 1 may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exactly(args, tmp_path):
+    """The multirun's parent alone is killed (SIGKILL: nothing of it runs again, as after `kill PID` or an OOM
+    kill): its loky workers must notice, stop each job after a step with last.pt saved and the lock released, and
+    exit instead of waiting for the dead parent. The same multirun then resumes both jobs, and their metrics equal
+    those of an uninterrupted multirun."""
+    # 192 units, 16 x 50 characters, 200 steps: about 10 s a job (50 ms a step here), long enough to be caught mid-run
+    # however the two workers' starts are staggered
+    steps = 200
+    sweep = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
+             "hydra.sweep.subdir=seed${seed}", f"trainer.max_steps={steps}",
+             *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50")]
+    straight = run([*sweep, f"hydra.sweep.dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = {p.parent.name: without_timing(read_metrics(p)) for p in (tmp_path / "straight").rglob("metrics.jsonl")}
+    assert len(expected) == 2
+
+    command = [*sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    parent = start(command, preexec_fn=os.setsid)  # its own process group, the workers in it: killable on failure
+    deadline = time.time() + 120
+    while len(run_dirs := sorted(p.parent for p in (tmp_path / "sweep").rglob("metrics.jsonl"))) < 2 or \
+            min(logged_step(d) for d in run_dirs) < 3:
+        assert parent.poll() is None and time.time() < deadline, "both jobs should be training by now"
+        time.sleep(0.01)
+    assert max(logged_step(d) for d in run_dirs) < steps - 20, "a job nearly finished: too fast to test here"
+    workers = [lock_holder(d)["pid"] for d in run_dirs]
+    assert parent.pid not in workers and len(set(workers)) == 2  # the jobs train in two worker processes
+    parent.send_signal(signal.SIGKILL)
+    try:  # the pipes close when the workers, which inherited them, are gone
+        out, err = parent.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGKILL)
+        pytest.fail(f"the workers outlived their parent by a minute:\n{parent.communicate()[1][-3000:]}")
+    stopped = subprocess.CompletedProcess(parent.args, parent.returncode, out, err)
+    assert all(process_gone(pid) for pid in workers), "a worker outlived its parent"
+    assert stopped.stderr.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 2
+    for run_dir in run_dirs:
+        step = checkpoint.load_file(run_dir / "last.pt")["step"]
+        assert 3 <= step < steps and logged_step(run_dir) == step  # saved at the step it reached, nothing after
+        assert f"stopped by SIGTERM at step {step}; last.pt saved in" in stopped.stderr
+        assert lock_holder(run_dir) == {}  # released on the way out, not left to the kernel
+
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("resumed from step") == 2
+    assert {d.name: without_timing(read_metrics(d / "metrics.jsonl")) for d in run_dirs} == expected
+
+
+def test_a_joblib_worker_between_jobs_exits_when_its_parent_is_killed(args, tmp_path):
+    """One job of 3 steps, one of 200: once the short one is done its worker waits for the next job. Its parent
+    killed, that worker must exit (nothing of a run is held then), and the busy one stop gracefully."""
+    command = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_steps=3,200",
+               "hydra.sweep.subdir=steps${trainer.max_steps}", f"hydra.sweep.dir={tmp_path}",
+               *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50")]
+    parent = start(command, preexec_fn=os.setsid)
+    short, long = tmp_path / "steps3", tmp_path / "steps200"
+    deadline = time.time() + 120
+    while not ((short / "config.yaml").exists() and lock_holder(short) == {} and logged_step(long) >= 3):
+        assert parent.poll() is None and time.time() < deadline, "the short job should be done by now"
+        time.sleep(0.01)
+    assert logged_step(long) < 180, "the long job nearly finished: too fast to test here"
+    busy = lock_holder(long)["pid"]
+    parent.send_signal(signal.SIGKILL)
+    try:
+        out, err = parent.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGKILL)
+        pytest.fail(f"a worker outlived its parent by a minute:\n{parent.communicate()[1][-3000:]}")
+    assert process_gone(busy)
+    assert err.count(f"the parent process {parent.pid} is gone: exiting") == 1  # the idle worker
+    assert err.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 1  # the busy one
+    assert checkpoint.load_file(long / "last.pt")["step"] == logged_step(long) < 200

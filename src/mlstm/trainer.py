@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -47,9 +48,10 @@ STOPPED_STATUS = 3  # exit status of a run stopped by a signal with last.pt save
 class TrainingStopped(Exception):
     """A signal stopped the run after a completed step, with last.pt saved: the same command resumes it."""
 
-    def __init__(self, message: str, signum: int | None):
+    def __init__(self, message: str, signum: int | None, orphaned: bool = False):
         super().__init__(message)
         self.signum = signum
+        self.orphaned = orphaned  # the stop came from the parent's death (GracefulStop's parent watch)
 
 
 class GracefulStop:
@@ -59,7 +61,9 @@ class GracefulStop:
     back on exit; a Python one among them (e.g. submitit's, which requeues a SLURM job) is called after the save.
 
     Signals within `SAME_REQUEST_S` of the first count as the same request: Ctrl-C reaches torchrun and its workers
-    alike, and torchrun passes it on, so each worker gets it twice within milliseconds."""
+    alike, and torchrun passes it on, so each worker gets it twice within milliseconds.
+
+    A run in a worker process whose parent has died is stopped the same way (see `ParentWatch`)."""
 
     SAME_REQUEST_S = 1.0
 
@@ -72,9 +76,11 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
             self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            ParentWatch.start(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        ParentWatch.stopping = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -100,6 +106,40 @@ class GracefulStop:
         previous = self.previous.get(self.signum)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
+
+
+class ParentWatch:
+    """A worker process of a Python parent (the joblib launcher's loky workers, any multiprocessing child) has nobody
+    to report to once that parent dies, yet a signal to the parent alone (`kill PID`, an OOM kill) does not reach it:
+    it would train on, and a worker between jobs waits for the dead parent forever (both seen). One thread per such
+    process checks every `POLL_S` whether the parent is still the one it started under. When not: during a run, it
+    sends the process SIGTERM, the graceful stop (last.pt saved, the lock released; the command line then exits at
+    once, see mlstm.cli.train); between runs, when nothing is held, it exits the process. A run started from a shell
+    (`nohup`, `setsid`, make) is no such child and is not watched: it keeps training, as asked."""
+
+    POLL_S = 1.0
+    stopping: "GracefulStop | None" = None  # the run's graceful stop while a run is in `fit`
+    orphaned = threading.Event()
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, stop: "GracefulStop") -> None:
+        cls.stopping = stop
+        if cls._thread is None and multiprocessing.parent_process() is not None:
+            cls._thread = threading.Thread(target=cls._watch, args=(os.getppid(),), name="mlstm-parent-watch",
+                                           daemon=True)
+            cls._thread.start()
+
+    @classmethod
+    def _watch(cls, parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(cls.POLL_S)
+        cls.orphaned.set()
+        if cls.stopping is None:  # between runs: nothing to save
+            os.write(2, f"the parent process {parent} is gone: exiting\n".encode())
+            os._exit(STOPPED_STATUS)
+        os.write(2, f"the parent process {parent} is gone: stopping as on SIGTERM\n".encode())
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_trainer(tcfg) -> None:
@@ -613,7 +653,7 @@ class Trainer:
         if self.ctx.is_main:
             print(message, file=sys.stderr, flush=True)
         self.stop.chain()
-        raise TrainingStopped(message, self.stop.signum)
+        raise TrainingStopped(message, self.stop.signum, ParentWatch.orphaned.is_set())
 
     def _end_diverged(self) -> dict:
         """on_divergence=end: the run ends here as a diverged run (`event: diverged`; no test pass). A tuning sweep

@@ -6,6 +6,7 @@ Exit status: 0 done, 2 bad input (one `error:` line; a run directory in use by a
 """
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,10 @@ from mlstm.trainer import STOPPED_STATUS, TrainingStopped, train
 def task(cfg: DictConfig) -> float:
     try:
         result = train(cfg)
-    except TrainingStopped:
+    except TrainingStopped as stopped:
+        if stopped.orphaned:  # a launcher worker whose parent died: nobody waits for the job's result, and the
+            sys.stderr.flush()  # worker would wait for that parent forever; last.pt is saved, the lock released
+            os._exit(STOPPED_STATUS)
         sys.exit(STOPPED_STATUS)  # the trainer has said how to resume; a multirun stops here too
     # the return value is what Hydra's sweepers optimise: the tuning rule's score (mlstm.tuning.run_score), the mean
     # validation bpc over the last quarter of the budget, +inf for a diverged run
