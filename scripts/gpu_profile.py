@@ -71,7 +71,7 @@ def profile_step(cell: str, hidden: int, batch: int, seq_len: int, graphs: bool)
     os.environ["MLSTM_CUDA_GRAPH"] = "auto" if graphs else "0"
     settings = bench.Settings(device=torch.device("cuda"), dtype="bf16", init="torch")
     bench.apply_settings(settings)
-    step = bench.TrainStep(bench.CellSpec.parse(cell), bench.Shape(hidden, batch, seq_len, 128, 205), settings)
+    step = bench.TrainStep.for_row(bench.CellSpec.parse(cell), bench.Shape(hidden, batch, seq_len, 128, 205), settings)
     for _ in range(4):
         step()
     torch.cuda.synchronize()

@@ -308,26 +308,36 @@ def synchronize(device: torch.device) -> None:
 
 
 class TrainStep:
-    """The trainer's step on fixed random tokens, state carried (and detached) from one call to the next."""
+    """The trainer's step (forward, loss, backward, clip, optimizer and schedule) on fixed tokens, state carried (and
+    detached) from one call to the next: a benchmark row's fresh model (`for_row`), or any model and optimizer
+    (mlstm.bench_denormal times a checkpoint's)."""
 
-    def __init__(self, spec: CellSpec, shape: Shape, settings: Settings):
+    def __init__(self, model, optimizer, tokens: torch.Tensor, device: torch.device, precision: str = "fp32",
+                 clip: float = math.inf, scheduler=None):
         from mlstm.model import detach_state
-        from mlstm.optim import build_optimizer
 
         self._detach = detach_state
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device, self.precision, self.clip = device, precision, clip
+        self.model.train()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.x, self.y = tokens[:-1].to(device), tokens[1:].to(device)  # (T, B) inputs and next-character targets
+        self.state = model.init_state(self.x.shape[1], device)
+
+    @classmethod
+    def for_row(cls, spec: CellSpec, shape: Shape, settings: Settings) -> "TrainStep":
+        from mlstm.optim import build_optimizer
+
         torch.manual_seed(settings.seed)
         cfg = row_config(spec, shape.hidden, shape.embedding, settings.optim, settings.init)
-        self.device, self.precision = settings.device, settings.dtype
-        self.model = build_row_model(spec, shape, settings.optim, settings.init).to(self.device)
-        self.model.train()
-        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters())
+        model = build_row_model(spec, shape, settings.optim, settings.init).to(settings.device)
+        optimizer, scheduler = build_optimizer(cfg.optim, model.parameters())
         clip = cfg.optim.get("grad_clip")
-        self.clip = float(clip) if clip else math.inf  # the trainer computes the norm even without clipping
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         generator = torch.Generator().manual_seed(settings.seed)
         tokens = torch.randint(shape.vocab, (shape.seq_len + 1, shape.batch), generator=generator)
-        self.x, self.y = tokens[:-1].to(self.device), tokens[1:].to(self.device)  # (T, B)
-        self.state = self.model.init_state(shape.batch, self.device)
+        # the trainer computes the gradient norm even without clipping: so does the step (clip = inf)
+        return cls(model, optimizer, tokens, settings.device, settings.dtype, float(clip) if clip else math.inf,
+                   scheduler)
 
     def __call__(self) -> None:
         from mlstm.evaluate import autocast, cross_entropy_nats
@@ -341,7 +351,8 @@ class TrainStep:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.state = self._detach(state)
 
 
@@ -395,7 +406,7 @@ def measure(row: Row, settings: Settings) -> dict:
     """Build, warm up and time one row; returns its measured fields (ms, chars/s, memory, FLOP/s, params)."""
     spec, shape = row.spec, row.shape
     memory = PeakMemory(settings.device)
-    step = TrainStep(spec, shape, settings)
+    step = TrainStep.for_row(spec, shape, settings)
     try:
         seconds = time_steps(step, settings.device, settings.iters, settings.warmup)
         peak = memory.peak_mib()

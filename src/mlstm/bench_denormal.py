@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.bench import time_steps
+from mlstm.bench import TrainStep, time_steps
 from mlstm.cells.cpu_kernel import set_flush_denormal
 from mlstm.distributed import flushes_denormals
 from mlstm.tracking import read_metrics
@@ -52,28 +52,19 @@ def operation_table(repeats: int = 5) -> str:
 
 
 def train_step_table(checkpoint: Path, steps: int = 3) -> str:
-    """Seconds per training step (forward, backward, Adam) of the checkpoint's model and optimizer state on one
-    random batch of its training shape, flush-to-zero off, on, and off again (the same weights each time)."""
+    """Seconds per training step (mlstm.bench.TrainStep: forward, backward, Adam) of the checkpoint's model and
+    optimizer state on one random batch of its training shape, flush-to-zero off, on, and off again (the same weights,
+    moments and zero state each time)."""
     from mlstm.trained import load_model  # the model package is only needed here
 
     model, payload = load_model(checkpoint)
-    model.train()
     trainer = OmegaConf.create(payload["config"]).trainer
     batch, length, vocab = int(trainer.batch_size), int(trainer.seq_len), int(payload["vocab_size"])
     optimizer = torch.optim.Adam(model.parameters())
     optimizer.load_state_dict(payload["optimizer"])
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (length, batch), generator=generator)
-    y = torch.randint(0, vocab, (length, batch), generator=generator)
+    tokens = torch.randint(0, vocab, (length + 1, batch), generator=torch.Generator().manual_seed(0))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = copy.deepcopy(optimizer.state_dict())  # state_dict() holds references to the live moments
-
-    def step():
-        logits, _ = model(x, model.init_state(batch))
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
     rows = ["| flush-to-zero | s / step |", "| --- | --- |"]
     before = flushes_denormals()
@@ -81,6 +72,7 @@ def train_step_table(checkpoint: Path, steps: int = 3) -> str:
         for flush in (False, True, False):
             model.load_state_dict(weights)
             optimizer.load_state_dict(moments)
+            step = TrainStep(model, optimizer, tokens, torch.device("cpu"))
             set_flush_denormal(flush)
             rows.append(f"| {'on' if flush else 'off'} | {_seconds(step, steps):.3f} |")
     finally:
