@@ -24,6 +24,7 @@ from mlstm.cells.cpu_kernel import set_flush_denormal
 from mlstm.distributed import flushes_denormals
 from mlstm.tracking import read_metrics
 
+
 def _seconds(fn, repeats: int) -> float:
     """Fastest of `repeats` calls in seconds (the least disturbed by other work on the machine), after three warm-up
     calls (the first ones also pay for fresh memory pages)."""

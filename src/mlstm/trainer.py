@@ -51,7 +51,7 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, signum: int | None, orphaned: bool = False):
         super().__init__(message)
         self.signum = signum
-        self.orphaned = orphaned  # the stop came from the parent's death (GracefulStop's parent watch)
+        self.orphaned = orphaned  # the stop came from the parent's death (ParentWatch)
 
 
 class GracefulStop:
