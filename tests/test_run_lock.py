@@ -281,6 +281,19 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def kill_parent_alone(parent: subprocess.Popen) -> subprocess.CompletedProcess:
+    """SIGKILL to a multirun's parent (started in its own process group), then its output: the pipes close when its
+    workers, which inherited them, are gone. Workers still there after a minute fail the test, killed with their
+    group first so that nothing outlives it."""
+    parent.send_signal(signal.SIGKILL)
+    try:
+        out, err = parent.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGKILL)
+        pytest.fail(f"a worker outlived its parent by a minute:\n{parent.communicate()[1][-3000:]}")
+    return subprocess.CompletedProcess(parent.args, parent.returncode, out, err)
+
+
 def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exactly(args, tmp_path):
     """The multirun's parent alone is killed (SIGKILL: nothing of it runs again, as after `kill PID` or an OOM
     kill): its loky workers must notice, stop each job after a step with last.pt saved and the lock released, and
@@ -307,13 +320,7 @@ def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exac
     assert max(logged_step(d) for d in run_dirs) < steps - 20, "a job nearly finished: too fast to test here"
     workers = [lock_holder(d)["pid"] for d in run_dirs]
     assert parent.pid not in workers and len(set(workers)) == 2  # the jobs train in two worker processes
-    parent.send_signal(signal.SIGKILL)
-    try:  # the pipes close when the workers, which inherited them, are gone
-        out, err = parent.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(parent.pid, signal.SIGKILL)
-        pytest.fail(f"the workers outlived their parent by a minute:\n{parent.communicate()[1][-3000:]}")
-    stopped = subprocess.CompletedProcess(parent.args, parent.returncode, out, err)
+    stopped = kill_parent_alone(parent)
     assert all(process_gone(pid) for pid in workers), "a worker outlived its parent"
     assert stopped.stderr.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 2
     for run_dir in run_dirs:
@@ -342,12 +349,7 @@ def test_a_joblib_worker_between_jobs_exits_when_its_parent_is_killed(args, tmp_
         time.sleep(0.01)
     assert logged_step(long) < 180, "the long job nearly finished: too fast to test here"
     busy = lock_holder(long)["pid"]
-    parent.send_signal(signal.SIGKILL)
-    try:
-        out, err = parent.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(parent.pid, signal.SIGKILL)
-        pytest.fail(f"a worker outlived its parent by a minute:\n{parent.communicate()[1][-3000:]}")
+    err = kill_parent_alone(parent).stderr
     assert process_gone(busy)
     assert err.count(f"the parent process {parent.pid} is gone: exiting") == 1  # the idle worker
     assert err.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 1  # the busy one
