@@ -354,3 +354,49 @@ def test_a_joblib_worker_between_jobs_exits_when_its_parent_is_killed(args, tmp_
     assert err.count(f"the parent process {parent.pid} is gone: exiting") == 1  # the idle worker
     assert err.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 1  # the busy one
     assert checkpoint.load_file(long / "last.pt")["step"] == logged_step(long) < 200
+
+
+# The child of ORPHANED_RUN: a run asked to stop too late to stop (during its last step or final evaluation; the
+# loop ignores it there) finishes, and the worker then waits for its dead parent's next job
+ORPHANED_RUN = """
+import multiprocessing, os, sys, time
+from mlstm.trainer import GracefulStop
+
+def worker(ready):
+    with GracefulStop() as stop:  # in the child's main thread: the parent watch starts
+        ready.set()
+        while not stop.requested:  # the run's last step: the parent dies meanwhile
+            time.sleep(0.01)
+    print(os.getpid(), flush=True)
+    time.sleep(float(sys.argv[1]))  # between runs, waiting for a job that never comes
+    print("still waiting", flush=True)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    context.Process(target=worker, args=(ready,)).start()
+    ready.wait(60)
+    os._exit(0)  # the parent dies; its child has been told nothing
+"""
+
+
+def test_a_worker_whose_run_ends_after_its_parent_died_exits_instead_of_waiting(tmp_path):
+    """The parent watch must keep watching after it has asked the run to stop: a run that ends anyway (asked
+    during its last step) leaves a worker between runs, which has to exit, not wait for the dead parent's next job.
+    The parent exits at once; its child inherits its pipes, so the output is complete only when the child is gone."""
+    waiting = 300  # far longer than the test allows (a third of it: a busy machine imports torch slowly)
+    script = tmp_path / "orphaned_run.py"  # a file: a spawned child imports its parent's main module
+    script.write_text(ORPHANED_RUN)
+    parent = subprocess.Popen([sys.executable, str(script), str(waiting)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ(),
+                              preexec_fn=os.setsid)
+    try:
+        out, err = parent.communicate(timeout=waiting / 3)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGKILL)
+        pytest.fail(f"the worker waited for its dead parent:\n{parent.communicate()[1][-3000:]}")
+    assert parent.returncode == 0, err
+    assert "still waiting" not in out
+    assert err.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 1
+    assert err.count(f"the parent process {parent.pid} is gone: exiting") == 1
+    assert process_gone(int(out.split()[0]))

@@ -80,7 +80,8 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> None:
-        ParentWatch.stopping = None
+        with ParentWatch.lock:  # the watch then sees "between runs" and no longer asks this run to stop
+            ParentWatch.stopping = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -95,10 +96,14 @@ class GracefulStop:
                 return
             os.write(2, f"{name} again: exiting at once (status {128 + signum}) without saving\n".encode())
             os._exit(128 + signum)
-        self.signum, self.since = signum, time.monotonic()
+        self.ask(signum)
         if self.announce:  # os.write: a handler may interrupt a print, and print is not reentrant
             os.write(2, f"received {name}: saving last.pt after the current step (a second signal exits at "
                         f"once)\n".encode())
+
+    def ask(self, signum: int) -> None:
+        """Raise the flag the loop checks after each step, as the first `signum` does."""
+        self.signum, self.since = signum, time.monotonic()
 
     def chain(self) -> None:
         """Call the handler this one replaced, if it was a Python function (not the default, nor Python's own
@@ -112,19 +117,24 @@ class ParentWatch:
     """A worker process of a Python parent (the joblib launcher's loky workers, any multiprocessing child) has nobody
     to report to once that parent dies, yet a signal to the parent alone (`kill PID`, an OOM kill) does not reach it:
     it would train on, and a worker between jobs waits for the dead parent forever (both seen). One thread per such
-    process checks every `POLL_S` whether the parent is still the one it started under. When not: during a run, it
-    sends the process SIGTERM, the graceful stop (last.pt saved, the lock released; the command line then exits at
-    once, see mlstm.cli.train); between runs, when nothing is held, it exits the process. A run started from a shell
-    (`nohup`, `setsid`, make) is no such child and is not watched: it keeps training, as asked."""
+    process checks every `POLL_S` whether the parent is still the one it started under. Once it is not, at every
+    check: during a run, it asks the run to stop as SIGTERM does (last.pt saved after the step, the lock released;
+    the command line then exits at once, see mlstm.cli.train); between runs, when nothing is held, it exits the
+    process. It keeps checking after asking: a run asked during its last step (or its final evaluation) finishes
+    instead, and its worker must exit after it. The flag is raised under `lock`, not by a signal, so that a run
+    ending at that moment cannot meet a SIGTERM with the default handler back. A run started from a shell (`nohup`,
+    `setsid`, make) is no such child and is not watched: it keeps training, as asked."""
 
     POLL_S = 1.0
     stopping: "GracefulStop | None" = None  # the run's graceful stop while a run is in `fit`
+    lock = threading.Lock()  # held to change or act on `stopping`
     orphaned = threading.Event()
     _thread: threading.Thread | None = None
 
     @classmethod
     def start(cls, stop: "GracefulStop") -> None:
-        cls.stopping = stop
+        with cls.lock:
+            cls.stopping = stop
         if cls._thread is None and multiprocessing.parent_process() is not None:
             cls._thread = threading.Thread(target=cls._watch, args=(os.getppid(),), name="mlstm-parent-watch",
                                            daemon=True)
@@ -135,11 +145,15 @@ class ParentWatch:
         while os.getppid() == parent:
             time.sleep(cls.POLL_S)
         cls.orphaned.set()
-        if cls.stopping is None:  # between runs: nothing to save
-            os.write(2, f"the parent process {parent} is gone: exiting\n".encode())
-            os._exit(STOPPED_STATUS)
-        os.write(2, f"the parent process {parent} is gone: stopping as on SIGTERM\n".encode())
-        os.kill(os.getpid(), signal.SIGTERM)
+        while True:
+            with cls.lock:
+                if cls.stopping is None:  # between runs: nothing to save
+                    os.write(2, f"the parent process {parent} is gone: exiting\n".encode())
+                    os._exit(STOPPED_STATUS)
+                if not cls.stopping.requested:
+                    os.write(2, f"the parent process {parent} is gone: stopping as on SIGTERM\n".encode())
+                    cls.stopping.ask(signal.SIGTERM)
+            time.sleep(cls.POLL_S)
 
 
 def check_trainer(tcfg) -> None:
