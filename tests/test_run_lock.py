@@ -281,17 +281,22 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def kill_parent_alone(parent: subprocess.Popen) -> subprocess.CompletedProcess:
-    """SIGKILL to a multirun's parent (started in its own process group), then its output: the pipes close when its
-    workers, which inherited them, are gone. Workers still there after a minute fail the test, killed with their
-    group first so that nothing outlives it."""
-    parent.send_signal(signal.SIGKILL)
+def output_when_children_gone(parent: subprocess.Popen, timeout: float, failure: str) -> subprocess.CompletedProcess:
+    """The output of a parent started in its own process group: its pipes close when its children, which inherited
+    them, are gone too. Children still there after `timeout` fail the test, killed with their group first so that
+    nothing outlives it."""
     try:
-        out, err = parent.communicate(timeout=60)
+        out, err = parent.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(parent.pid, signal.SIGKILL)
-        pytest.fail(f"a worker outlived its parent by a minute:\n{parent.communicate()[1][-3000:]}")
+        pytest.fail(f"{failure}:\n{parent.communicate()[1][-3000:]}")
     return subprocess.CompletedProcess(parent.args, parent.returncode, out, err)
+
+
+def kill_parent_alone(parent: subprocess.Popen) -> subprocess.CompletedProcess:
+    """SIGKILL to a multirun's parent, then its output once its workers are gone (a minute at most)."""
+    parent.send_signal(signal.SIGKILL)
+    return output_when_children_gone(parent, 60, "a worker outlived its parent by a minute")
 
 
 def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exactly(args, tmp_path):
@@ -390,12 +395,9 @@ def test_a_worker_whose_run_ends_after_its_parent_died_exits_instead_of_waiting(
     parent = subprocess.Popen([sys.executable, str(script), str(waiting)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ(),
                               preexec_fn=os.setsid)
-    try:
-        out, err = parent.communicate(timeout=waiting / 3)
-    except subprocess.TimeoutExpired:
-        os.killpg(parent.pid, signal.SIGKILL)
-        pytest.fail(f"the worker waited for its dead parent:\n{parent.communicate()[1][-3000:]}")
-    assert parent.returncode == 0, err
+    done = output_when_children_gone(parent, waiting / 3, "the worker waited for its dead parent")
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, err
     assert "still waiting" not in out
     assert err.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 1
     assert err.count(f"the parent process {parent.pid} is gone: exiting") == 1
