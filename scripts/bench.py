@@ -7,7 +7,7 @@
 A cell spec is name[-form]:impl: lstm:cudnn (torch.nn.LSTM), lstm:loop, mlstm-{paper,matlab,seed}:{fast,reference}.
 Every row is also compared with nn.LSTM at the same hidden size and at the same parameter count (those baselines are
 timed too; on CUDA the equal-parameter hidden size is rounded to a multiple of 64, where cuDNN uses tensor cores). The markdown table goes to stdout; --json writes a list of row objects, rewritten after every row.
-What is timed, the FLOP formula and the memory measure: `mlstm.bench` and results/bench/README.md.
+What is timed, the FLOP formula and the memory measure: `mlstm.bench.steps` and results/bench/README.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from mlstm import bench
+from mlstm.bench import steps as bench
 from mlstm.cli import exit_on_user_error, write_atomic
 from mlstm.errors import UserError
 

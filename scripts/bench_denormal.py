@@ -1,4 +1,4 @@
-"""What subnormal floats cost a CPU run, and what trainer.flush_denormal saves (mlstm.bench_denormal), as markdown.
+"""What subnormal floats cost a CPU run, and what trainer.flush_denormal saves (mlstm.bench.denormal), as markdown.
   python scripts/bench_denormal.py                                   # the operations only
   python scripts/bench_denormal.py --checkpoint RUN/last.pt --runs results/convergence/tuned/runs/text8_sample
   python scripts/bench_denormal.py --threads 2                       # the flag on PyTorch's worker threads too
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mlstm.bench_denormal import operation_table, run_seconds_table, train_step_table
+from mlstm.bench.denormal import operation_table, run_seconds_table, train_step_table
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Per-step products of the fast mLSTM on CPU: torch.mm against MKL's packed GEMM (`mlstm.cells.packed_gemm`).
+"""Per-step products of the fast mLSTM on CPU: torch.mm against MKL's packed GEMM (`mlstm.cells.kernels.packed_gemm`).
 
     python scripts/bench_products.py --batch 32 --hidden 256,512 --threads 2 --markdown results/bench/products.md
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mlstm.cells import packed_gemm
+from mlstm.cells.kernels import packed_gemm
 from mlstm.cli import exit_on_user_error, publish
 from mlstm.errors import UserError
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mlstm.runs import variant_label
+from mlstm.studies.runs import variant_label
 
 KEPT = ("metrics.jsonl", "config.yaml")
 
 
 def run_name(config_path: Path) -> str:
-    """`<variant label>-h<hidden>-seed<k>`: the label the plots use (mlstm.runs.variant_label), so that two variants
+    """`<variant label>-h<hidden>-seed<k>`: the label the plots use (mlstm.studies.runs.variant_label), so that two variants
     of a sweep never share a directory (e.g. lstm-h500-seed0 and lstm-loop-h500-seed0)."""
     cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     return f"{variant_label(cfg)}-h{cfg['cell']['hidden_size']}-seed{cfg['seed']}"

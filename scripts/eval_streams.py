@@ -23,7 +23,7 @@ from mlstm.cli import publish
 from mlstm.data import load_corpus
 from mlstm.errors import UserError
 from mlstm.evaluate import bits_per_position, evaluate_bpc
-from mlstm.trained import load_model
+from mlstm.training.trained import load_model
 
 
 def per_stream_bpc(model, tokens, batch_size: int, seq_len: int) -> list[float]:

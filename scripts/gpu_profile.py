@@ -66,7 +66,7 @@ def gemm_table(hidden: list[int], batch: int) -> None:
 def profile_step(cell: str, hidden: int, batch: int, seq_len: int, graphs: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from mlstm import bench
+    from mlstm.bench import steps as bench
 
     os.environ["MLSTM_CUDA_GRAPH"] = "auto" if graphs else "0"
     settings = bench.Settings(device=torch.device("cuda"), dtype="bf16", init="torch")

@@ -23,7 +23,9 @@ import time
 
 import torch
 
-from mlstm.cells import build_layer, cuda_graph, triton_kernel
+from mlstm.cells import build_layer
+
+from mlstm.cells.kernels import cuda_graph, triton_kernel
 
 FORMS = ("paper", "matlab", "seed", "seed-gated")
 VARIANTS = {

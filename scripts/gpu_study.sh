@@ -2,7 +2,7 @@
 # The size ladder on one GPU, in at most 8 minutes on one H200: does the mLSTM's advantage over the LSTM grow with
 # model size? For the LSTM, the paper-form mLSTM and the seed cell with the gated output at about 0.3M, 1.2M, 4.8M and
 # 20M parameters (configs/variant/*_300k|_1m|_5m|_20m), on the enwik8 and text8 samples: a factor-2 grid of 3 learning
-# rates per cell and size, the rule of mlstm.tuning (one extension when the choice sits at the grid's edge), then 3
+# rates per cell and size, the rule of mlstm.studies.tuning (one extension when the choice sits at the grid's edge), then 3
 # fresh seeds at the chosen rate; every run the recipe of the CPU study (configs/sweep/convergence_cpu: 800 steps of
 # 32 x 100 characters, about one epoch of the enwik8 sample) in bf16 with the fast kernels. Before that, 20 timed
 # training steps of each paper preset (bf16, its own batch and segment size) -> measured GPU-hours per paper row.

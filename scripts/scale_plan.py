@@ -4,7 +4,7 @@
     python scripts/scale_plan.py enwik8_sample --rung 5m=lstm,mlstm_paper
 
 Prints one `make sweep ...` line per cell of each --rung: its grid, the rate that extends it, or its fresh seeds
-(mlstm.scale_plan says which, and why). scripts/scale_study.sh runs them until every choice is inside its grid.
+(mlstm.studies.scale_plan says which, and why). scripts/scale_study.sh runs them until every choice is inside its grid.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlstm import scale_plan, scaling, tuning
+from mlstm.studies import scale_plan, scaling, tuning
 from mlstm.cli import exit_on_user_error
 from mlstm.errors import UserError
-from mlstm.runs import load_runs
+from mlstm.studies.runs import load_runs
 
 
 def parse_rung(text: str) -> tuple[str, list[str]]:

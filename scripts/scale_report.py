@@ -8,7 +8,7 @@ variant preset in its path (`<dataset>/<preset>/lr<rate>-seed<seed>`, e.g. lstm_
 Writes to --out: report.md, scale_summary.csv, selection.json (the tuning rule per cell and rung: the rate to run the
 fresh seeds at, or the rate to extend a grid to) and <dataset>_scale.png (characters to the LSTM's best level as a
 ratio to the LSTM against parameters; final validation and training bpc against parameters). With --tuning alone,
-only the selection is reported. The analysis: `mlstm.scaling`.
+only the selection is reported. The analysis: `mlstm.studies.scaling`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlstm import scaling, scaling_report
+from mlstm.studies import scaling, scaling_report
 from mlstm.cli import exit_on_user_error
 from mlstm.errors import UserError
-from mlstm.runs import load_runs
+from mlstm.studies.runs import load_runs
 
 
 def parse_target(text: str) -> tuple[str, float]:

@@ -3,7 +3,7 @@
 # time, so a stopped study has whole rungs to show (0.3M: the LSTM, the paper-form mLSTM and the gated seed cell;
 # 4.8M: the LSTM and the paper form, what a 2-core machine affords):
 #   1. each cell's grid of 3 factor-2 rates centred on its tuned 1.2M choice, tuning seeds 0 and 1
-#      (scripts/scale_plan.py, the rule of mlstm.scale_plan; sweep scale_tune_cpu);
+#      (scripts/scale_plan.py, the rule of mlstm.studies.scale_plan; sweep scale_tune_cpu);
 #   2. every extension the rule asks for (a choice at a grid's edge), until each choice is strictly inside;
 #   3. four fresh seeds (100-103) of every cell at its chosen rate, with the test split (scale_final_cpu);
 #   4. the report over every rung done so far, the 1.2M rung being the tuned study's (scripts/scale_report.py).

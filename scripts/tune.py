@@ -6,10 +6,10 @@
         --shared results/convergence/rerun/runs [--posthoc results/convergence/tuned/posthoc] \\
         --out results/convergence/tuned
 
-`select` prints, per dataset and cell, every rate's score under the rule (mlstm.tuning), the chosen rate, what needs
+`select` prints, per dataset and cell, every rate's score under the rule (mlstm.studies.tuning), the chosen rate, what needs
 doing (a grid to extend), and the command that runs the final seeds at the chosen rate. `plan` prints only the
 commands: grid extensions while a choice sits at a grid's edge, else the final seeds. `report` writes report.md,
-summary.csv, the sensitivity figures and the best-against-best convergence figures (mlstm.tuning_report).
+summary.csv, the sensitivity figures and the best-against-best convergence figures (mlstm.studies.tuning_report).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
-from mlstm import tuning, tuning_report
+from mlstm.studies import tuning, tuning_report
 from mlstm.cli import exit_on_user_error, publish, write_atomic
 from mlstm.errors import UserError
-from mlstm.runs import load_runs
+from mlstm.studies.runs import load_runs
 
 # the sweep configs' names for the variants the runs' labels come from (configs/variant/*_1m.yaml)
 VARIANT_PRESETS = {"lstm": "lstm_1m", "mlstm-paper": "mlstm_paper_1m", "mlstm-seed": "mlstm_seed_1m",

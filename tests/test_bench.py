@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mlstm import bench
-from mlstm.bench import CellSpec, Row, Shape
+from mlstm.bench import steps as bench
+from mlstm.bench.steps import CellSpec, Row, Shape
 from mlstm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_markdown_states_the_rounding_rule():
 
 
 def test_run_seconds_table_lists_runs_slowest_first_with_their_last_valid_bpc(tmp_path):
-    from mlstm.bench_denormal import run_seconds_table
+    from mlstm.bench.denormal import run_seconds_table
 
     for name, seconds, bpc in (("fast", 200.0, 2.1), ("slow", 4000.0, 4.4), ("diverged", 90.0, float("inf"))):
         run = tmp_path / "cell" / name

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mlstm.cli import CONFIG_DIR
-from mlstm.cli.params import count_parameters
+from mlstm.model import count_parameters
 from mlstm.config import load_config
 from mlstm.errors import UserError
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from mlstm import convergence as cv
-from mlstm.runs import dataset_label, find_run_dirs, load_runs, variant_label
+from mlstm.studies import convergence as cv
+from mlstm.studies.runs import dataset_label, find_run_dirs, load_runs, variant_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "plot_convergence.py"

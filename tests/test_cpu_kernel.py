@@ -1,6 +1,6 @@
-"""The fused C pointwise steps of the fast mLSTM (`mlstm.cells.cpu_kernel`): its build and cache (OpenMP, or the
+"""The fused C pointwise steps of the fast mLSTM (`mlstm.cells.kernels.cpu_kernel`): its build and cache (OpenMP, or the
 single-threaded fallback), its switch and its one-line errors, its float64 precision against the autograd reference,
-and saturated and NaN inputs; and the packed products (`mlstm.cells.packed_gemm`).
+and saturated and NaN inputs; and the packed products (`mlstm.cells.kernels.packed_gemm`).
 (test_fast_mlstm.py runs every form and option through both pointwise paths and both kinds of product.)"""
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlstm.cells import cpu_kernel, packed_gemm
+from mlstm.cells.kernels import cpu_kernel, packed_gemm
 from mlstm.cells.fast_mlstm import _Products
 from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, assert_close, inputs_for, pair, run

@@ -20,8 +20,8 @@ from mlstm.cli import CONFIG_DIR
 from mlstm.config import load_config
 from mlstm.evaluate import LN2, evaluate_bpc, evaluate_nats
 from mlstm.model import build_model
-from mlstm.tracking import read_metrics
-from mlstm.trainer import train
+from mlstm.training.tracking import read_metrics
+from mlstm.training.trainer import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -164,9 +164,9 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
 
 THREADS_AFTER_TEARDOWN = """
 import os, sys
-from mlstm import distributed
+from mlstm.training import distributed
 from mlstm.config import load_config
-from mlstm.trainer import Trainer
+from mlstm.training.trainer import Trainer
 
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))

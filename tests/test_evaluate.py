@@ -12,8 +12,8 @@ import torch
 from mlstm.config import load_config
 from mlstm.data import load_corpus
 from mlstm.evaluate import bits_per_position, evaluate_bpc
-from mlstm.trained import load_model
-from mlstm.trainer import train
+from mlstm.training.trained import load_model
+from mlstm.training.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

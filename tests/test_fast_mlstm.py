@@ -1,7 +1,7 @@
 """cell.impl=fast (`mlstm.cells.fast_mlstm`) against autograd: gradcheck in float64, and the reference layer
 (impl=reference, the autograd loop) on the same weights for every form and option, in float32 and under bf16 autocast.
-Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.cpu_kernel`) and float32 products on
-MKL's packed weights where they gain (`mlstm.cells.packed_gemm`: weights above 2^16 elements, where this build has
+Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.kernels.cpu_kernel`) and float32 products on
+MKL's packed weights where they gain (`mlstm.cells.kernels.packed_gemm`: weights above 2^16 elements, where this build has
 them), and with PyTorch ops and torch.mm. At the small sizes of most tests every product is torch.mm's; every pairing
 of pointwise path and product is tested at H=256, where W_m is packed, W_mh is not, and the C loops split the batch
 over threads."""
@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from mlstm.cells import build_layer, cpu_kernel, packed_gemm
+from mlstm.cells import build_layer
+
+from mlstm.cells.kernels import cpu_kernel, packed_gemm
 from mlstm.cells.fast_mlstm import (
     FAST_MLSTM_FORMS,
     FastMatlabMultiplicativeLSTM,

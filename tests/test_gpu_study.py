@@ -63,16 +63,14 @@ def test_dry_run_writes_the_results_folder_and_report(enwik8_sample, text8_sampl
 
 def test_a_cached_composition_equals_the_composed_config():
     """The driver composes a grid's config once and sets rate and seed: the same config as composing each run."""
-    import sys
 
     from omegaconf import OmegaConf
 
     from mlstm.config import load_config
 
-    from mlstm.train_pool import compose
+    from mlstm.training.pool import compose
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import gpu_study
+    from mlstm.studies import gpu_study
 
     args = gpu_study.parse_args(["--data", ".", "--out", ".", "--work", "."])
     for kind, lr, seed in (("tune", 0.004, 1), ("final", 0.0005, 101)):

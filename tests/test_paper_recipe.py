@@ -18,10 +18,10 @@ from mlstm.config import load_config
 from mlstm.data import load_corpus
 from mlstm.dynamic_eval import dynamic_evaluate
 from mlstm.errors import UserError
-from mlstm.optim import RMSpropNorm, build_optimizer, linear_decay, norm_threshold
+from mlstm.training.optim import RMSpropNorm, build_optimizer, linear_decay, norm_threshold
 from mlstm.sampling import sample
-from mlstm.trained import load_model
-from mlstm.trainer import train
+from mlstm.training.trained import load_model
+from mlstm.training.trainer import train
 
 
 # ------------------------------------------------------------------------------------------ optimizers and schedules

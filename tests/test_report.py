@@ -1,10 +1,10 @@
-"""A committed convergence report regenerates byte for byte from its committed runs through `mlstm.study`."""
+"""A committed convergence report regenerates byte for byte from its committed runs through `mlstm.studies.study`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mlstm.study import StudyOptions, load_study_runs, write_study
+from mlstm.studies.study import StudyOptions, load_study_runs, write_study
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDY = Path("results/convergence/rerun")  # relative: report.md lists the run directories relative to the cwd

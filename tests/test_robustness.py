@@ -25,11 +25,11 @@ import torch
 
 from cli_helpers import (REPO_ROOT, TINY, assert_one_line_error, can_drop_file_permission_override, train_cli,
                          without_file_permission_override)
-from mlstm import checkpoint
+from mlstm.training import checkpoint
 from mlstm.config import load_config
 from mlstm.errors import UserError
-from mlstm.tracking import JsonlSink, read_metrics
-from mlstm.trainer import train
+from mlstm.training.tracking import JsonlSink, read_metrics
+from mlstm.training.trainer import train
 
 TIMING_KEYS = {"time", "perf/chars_per_s", "perf/chars_per_s_per_rank"}
 

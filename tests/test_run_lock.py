@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import REPO_ROOT, assert_one_line_error
-from mlstm import checkpoint
-from mlstm.tracking import read_metrics
-from mlstm.trainer import STOPPED_STATUS, GracefulStop
+from mlstm.training import checkpoint
+from mlstm.training.tracking import read_metrics
+from mlstm.training.stopping import STOPPED_STATUS, GracefulStop
 
 # 4 streams x 20 characters, 16 units, one thread; validation at step 25 only, no periodic checkpoint (so a stop
 # before step 25 has no checkpoint to fall back on but the one it writes)
@@ -365,7 +365,7 @@ def test_a_joblib_worker_between_jobs_exits_when_its_parent_is_killed(args, tmp_
 # loop ignores it there) finishes, and the worker then waits for its dead parent's next job
 ORPHANED_RUN = """
 import multiprocessing, os, sys, time
-from mlstm.trainer import GracefulStop
+from mlstm.training.stopping import GracefulStop
 
 def worker(ready):
     with GracefulStop() as stop:  # in the child's main thread: the parent watch starts

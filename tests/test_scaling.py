@@ -1,4 +1,4 @@
-"""The size-ladder analysis and report (mlstm.scaling, mlstm.scaling_report, scripts/scale_report.py) on synthetic
+"""The size-ladder analysis and report (mlstm.studies.scaling, mlstm.studies.scaling_report, scripts/scale_report.py) on synthetic
 runs with a known trend.
 
 Learning curves are exponentials valid(c) = floor + (start - floor) exp(-c / tau): a cell whose tau is r times the
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlstm import scaling, scaling_report
-from mlstm.runs import load_runs
+from mlstm.studies import scaling, scaling_report
+from mlstm.studies.runs import load_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS, CHARS_PER_STEP = 800, 3200
@@ -169,7 +169,7 @@ def test_selection_per_rung(tmp_path):
 
 
 def test_rungs_from_parameter_counts_without_presets():
-    from mlstm.runs import Run
+    from mlstm.studies.runs import Run
 
     def run(source, params):
         return Run(source, {"num_parameters": params, "dataset": {"name": "enwik8"}}, [{"step": 1}])
@@ -213,7 +213,7 @@ def grid_runs(root: Path, preset: str, rates, best: float, seeds=(0, 1), params=
 
 
 def test_plan_centres_new_grids_on_the_tuned_choice_then_extends_then_runs_the_seeds(tmp_path):
-    from mlstm import scale_plan, tuning
+    from mlstm.studies import scale_plan, tuning
 
     tuned, runs = tmp_path / "tuned", tmp_path / "runs"
     grid_runs(tuned, "lstm_1m", [0.004, 0.008, 0.016], best=0.008, params=1_200_000)
@@ -255,7 +255,7 @@ def test_plan_centres_new_grids_on_the_tuned_choice_then_extends_then_runs_the_s
 
 
 def test_plan_below_a_grid_that_diverged_everywhere_and_exact_rate_names(tmp_path):
-    from mlstm import scale_plan
+    from mlstm.studies import scale_plan
 
     grid_runs(tmp_path, "mlstm_paper_5m", [0.001, 0.002, 0.004], best=0.002, params=4_800_000)
     for metrics in tmp_path.rglob("metrics.jsonl"):  # every run ends on a divergence (trainer.on_divergence=end)

@@ -4,7 +4,7 @@ import csv
 import subprocess
 import sys
 
-from mlstm.tracking import read_metrics
+from mlstm.training.tracking import read_metrics
 
 
 def test_two_cells_two_seeds_sweep_then_plot(enwik8_sample, tmp_path):

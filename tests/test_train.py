@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.cells import cpu_kernel
+from mlstm.cells.kernels import cpu_kernel
 from mlstm.config import load_config
 from mlstm.errors import UserError
-from mlstm.tracking import read_metrics
-from mlstm.trainer import train
+from mlstm.training.tracking import read_metrics
+from mlstm.training.trainer import train
 
 UNIGRAM_ENTROPY_ENWIK8_SAMPLE = 5.07  # bits/char, ../shared/data/README.md
 

@@ -1,6 +1,6 @@
-"""The GPU side of the fast mLSTM, checked on a CPU: the Triton kernels (`mlstm.cells.triton_kernel`) through
+"""The GPU side of the fast mLSTM, checked on a CPU: the Triton kernels (`mlstm.cells.kernels.triton_kernel`) through
 Triton's interpreter (MLSTM_TRITON=interpret) against the reference layer for every form and option, and the CUDA-graph
-bookkeeping (`mlstm.cells.cuda_graph`) with its `Rerun` stand-in, whose replay rewrites the captured tensors as a real
+bookkeeping (`mlstm.cells.kernels.cuda_graph`) with its `Rerun` stand-in, whose replay rewrites the captured tensors as a real
 replay rewrites the graph's memory. On a machine with a GPU, scripts/gpu_check.sh runs both for real."""
 
 import copy
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlstm import bench
-from mlstm.cells import cuda_graph, fast_mlstm, triton_kernel
+from mlstm.bench import steps as bench
+from mlstm.cells.kernels import cuda_graph, triton_kernel
+from mlstm.cells import fast_mlstm
 from mlstm.cells.fast_mlstm import MLSTMSegment
 from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, VARIANTS, assert_close, inputs_for, pair, run

@@ -1,4 +1,4 @@
-"""The learning-rate selection rule (mlstm.tuning) on synthetic runs with a known answer, the sensitivity figure, and
+"""The learning-rate selection rule (mlstm.studies.tuning) on synthetic runs with a known answer, the sensitivity figure, and
 a real tiny grid through Hydra's multirun and the joblib launcher (tune_lr_cpu), then the Optuna sweeper."""
 
 import json
@@ -10,9 +10,9 @@ import pytest
 import yaml
 from cli_helpers import REPO_ROOT, train_cli
 
-from mlstm import tuning, tuning_report
-from mlstm.runs import Run, load_runs, variant_label
-from mlstm.tracking import read_metrics
+from mlstm.studies import tuning, tuning_report
+from mlstm.studies.runs import Run, load_runs, variant_label
+from mlstm.training.tracking import read_metrics
 
 BUDGET = 800
 

@@ -1,11 +1,42 @@
-"""Compose the project's Hydra config from Python (tests, notebooks, scripts): the same result as the command line."""
+"""Where the configs live, and composing them from Python (tests, notebooks, scripts): the same result as the
+command line."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mlstm.cli import CONFIG_DIR, check_group_choices, normalise_overrides
+from mlstm.errors import UserError
+
+# configs/ lives at the repository root (the package is installed editable from the checkout)
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+# groups with a `null` entry in train.yaml's defaults list: chosen as `experiment=X`, and `+experiment=X` (the way
+# optional groups are usually added) must keep working, though Hydra rejects "+" for a group already in the list
+LISTED_OPTIONAL_GROUPS = ("experiment",)
+
+
+def normalise_overrides(argv: list[str]) -> list[str]:
+    """`+experiment=X` -> `experiment=X` (see LISTED_OPTIONAL_GROUPS); every other argument unchanged."""
+    return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in LISTED_OPTIONAL_GROUPS else arg
+            for arg in argv]
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Reject `cell=nope` / `dataset=nope` before Hydra does, with one line listing the choices."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "hydra")):
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        group = Path(CONFIG_DIR) / key
+        if "." in key or "," in value or not group.is_dir():
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        if value not in choices:
+            raise UserError(f"unknown {key} '{value}'; choose one of: {', '.join(choices)}")
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:

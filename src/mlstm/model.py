@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlstm.cells import build_layer
+from mlstm.data import load_corpus
 from mlstm.errors import UserError
 
 State = list  # one (h, c) tuple per layer
@@ -117,3 +118,19 @@ def detach_state(state: State) -> State:
 def build_model(cfg, vocab_size: int) -> CharLM:
     """The model described by a composed train config (`cfg.model` and `cfg.cell`)."""
     return CharLM(ModelConfig.from_cfg(cfg.model, vocab_size), cfg.cell)
+
+
+def vocab_size_of(cfg) -> int:
+    known = cfg.dataset.get("vocab_size")
+    if known:
+        return int(known)
+    return load_corpus(cfg.dataset, cfg.data_dir).vocab_size  # local file / HF dataset: read it (no training)
+
+
+def count_parameters(cfg) -> int:
+    """The parameters of the model a config describes, built on the meta device: shapes only, no data read for a
+    dataset whose config names its `vocab_size`."""
+    vocab_size = vocab_size_of(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size)
+    return num_parameters(model)

@@ -19,15 +19,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import reduce
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from mlstm.cells.init import initialize
+from mlstm.cells.weights import get_tensor, set_tensor
 from mlstm.errors import UserError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -151,25 +151,6 @@ def _number(value, key, *, integer=False, low=None, high=None, low_inclusive=Fal
     return int(value) if integer else float(value)
 
 
-# ---- parameter access that sees through weight normalisation --------------------------------------------------------
-def get_tensor(layer: nn.Module, name: str) -> torch.Tensor:
-    """The effective tensor of `name`: `module.weight` for a Linear-style weight (g v/|v| under weight_norm)."""
-    obj = reduce(getattr, name.split("."), layer)
-    return obj.weight if isinstance(obj, nn.Module) else obj
-
-
-@torch.no_grad()
-def set_tensor(layer: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set the effective tensor of `name`; under weight_norm this sets g = |row| and v = row (torch's right_inverse)."""
-    obj = reduce(getattr, name.split("."), layer)
-    if isinstance(obj, nn.Module) and parametrize.is_parametrized(obj, "weight"):
-        ref = obj.parametrizations.weight.original1
-        obj.weight = value.detach().to(device=ref.device, dtype=ref.dtype).clone()
-    else:
-        target = obj.weight if isinstance(obj, nn.Module) else obj
-        target.copy_(value.detach())
-
-
 def check_paper_weights(expected: dict[str, tuple[int, ...]], given: dict) -> dict[str, torch.Tensor]:
     """Names and shapes of `given` must equal `expected`; returns the tensors, else one UserError listing all faults."""
     faults = []
@@ -240,8 +221,6 @@ class RecurrentLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        from mlstm.cells.init import initialize
-
         initialize(self)
 
     def forget_slots(self) -> list[tuple[str, slice, float]]:

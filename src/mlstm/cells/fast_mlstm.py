@@ -57,12 +57,13 @@ weights cast once per segment; c, the gates, the pointwise math and the carried 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mlstm.cells import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
+from mlstm.cells.kernels import cpu_kernel, cuda_graph, packed_gemm, triton_kernel
 from mlstm.cells.mlstm import MatlabMultiplicativeLSTM, MultiplicativeLSTM, SeedMultiplicativeLSTM
 
 # Fused backward kernels with an out= argument (one launch each): grad ⊙ y(1-y), grad ⊙ (1-y²), grad ⊙ [y > 0].
@@ -245,6 +246,9 @@ def _backward_segment(ctx, need, dY, dh_T, dc_T):
         db_in = dXP.sum((0, 1))
     return (dx, dW_in, db_in, *grads)
 
+
+# the eager segment, as the CUDA-graph wrapper captures it (cells.kernels.cuda_graph.GraphedSegment)
+SEGMENT = SimpleNamespace(forward=_forward_segment, backward=_backward_segment)
 
 def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, keep=(), xp_bias=None):
     """xp_bias (fused only): xp is the product W_in x in the products' dtype, and the kernels add this bias (K,) to
@@ -638,7 +642,7 @@ class _FastForward:
         spec = self.segment_spec(x.device.type)
         graphs = self.segment_graphs(x.device)
         if graphs is not None:  # the same segment, captured once and replayed
-            y, h, c = cuda_graph.GraphedSegment.apply(graphs, spec, save, *tensors)
+            y, h, c = cuda_graph.GraphedSegment.apply(graphs, SEGMENT, spec, save, *tensors)
         else:
             y, h, c = MLSTMSegment.apply(spec, save, *tensors)
         return y, (h, c)  # (T, B, P), ((B, P), (B, H))

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from mlstm.cells.common import get_tensor, set_tensor
+from mlstm.cells.weights import get_tensor, set_tensor
 
 
 def orthogonal(rows: int, cols: int, scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:

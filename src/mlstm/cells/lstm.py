@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlstm.cells.common import CellConfig, RecurrentLayer, check_paper_weights, get_tensor, set_tensor
+from mlstm.cells.common import CellConfig, RecurrentLayer, check_paper_weights
+from mlstm.cells.weights import get_tensor, set_tensor
 from mlstm.errors import UserError
 
 

@@ -8,12 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+from mlstm.config import CONFIG_DIR, check_group_choices, normalise_overrides  # noqa: F401 (the entry points' names)
 from mlstm.errors import UserError
 
-# configs/ lives at the repository root (the package is installed editable from the checkout)
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/mlstm: where a traceback counts as the project's own
 
 def write_atomic(path: Path, text: str) -> None:
     """Write text through a temporary file and a rename: a reader (or a run killed mid-write) never sees half a file."""
@@ -29,31 +27,6 @@ def publish(text: str, out: str | Path | None) -> None:
     print(text, end="" if text.endswith("\n") else "\n")
     if out:
         write_atomic(Path(out), text)
-
-
-# groups with a `null` entry in train.yaml's defaults list: chosen as `experiment=X`, and `+experiment=X` (the way
-# optional groups are usually added) must keep working, though Hydra rejects "+" for a group already in the list
-LISTED_OPTIONAL_GROUPS = ("experiment",)
-
-
-def normalise_overrides(argv: list[str]) -> list[str]:
-    """`+experiment=X` -> `experiment=X` (see LISTED_OPTIONAL_GROUPS); every other argument unchanged."""
-    return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in LISTED_OPTIONAL_GROUPS else arg
-            for arg in argv]
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Reject `cell=nope` / `dataset=nope` before Hydra does, with one line listing the choices."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith(("-", "hydra")):
-            continue
-        key, value = arg.lstrip("+~").split("=", 1)
-        group = Path(CONFIG_DIR) / key
-        if "." in key or "," in value or not group.is_dir():
-            continue
-        choices = sorted(p.stem for p in group.glob("*.yaml"))
-        if value not in choices:
-            raise UserError(f"unknown {key} '{value}'; choose one of: {', '.join(choices)}")
 
 
 def exit_on_user_error(function):

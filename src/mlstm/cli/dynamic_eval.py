@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlstm.cli import CONFIG_DIR, NO_OUTPUT_DIR, exit_on_user_error, hydra_entry
 from mlstm.data import load_corpus
-from mlstm.distributed import resolve_device
+from mlstm.training.distributed import resolve_device
 from mlstm.dynamic_eval import check_hyperparameters, dynamic_evaluate
 from mlstm.errors import UserError
 from mlstm.sampling import symbol_table
-from mlstm.tracking import WandbSink
-from mlstm.trained import load_model
+from mlstm.training.tracking import WandbSink
+from mlstm.training.trained import load_model
 
 HYPERPARAMETERS = ("split", "max_chars", "seq_len", "batch_size", "lr", "rms_decay", "decay_to_init", "eps",
                    "precision")

@@ -6,26 +6,10 @@ The last line printed is `parameters: N`.
 """
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from mlstm.cli import CONFIG_DIR, NO_OUTPUT_DIR, exit_on_user_error, hydra_entry
-from mlstm.data import load_corpus
-from mlstm.model import build_model, num_parameters
-
-
-def vocab_size_of(cfg: DictConfig) -> int:
-    known = cfg.dataset.get("vocab_size")
-    if known:
-        return int(known)
-    return load_corpus(cfg.dataset, cfg.data_dir).vocab_size  # local file / HF dataset: read it (no training)
-
-
-def count_parameters(cfg: DictConfig) -> int:
-    vocab_size = vocab_size_of(cfg)
-    with torch.device("meta"):
-        model = build_model(cfg, vocab_size)
-    return num_parameters(model)
+from mlstm.model import count_parameters
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

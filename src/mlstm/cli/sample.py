@@ -10,9 +10,9 @@ import hydra
 from omegaconf import DictConfig
 
 from mlstm.cli import CONFIG_DIR, NO_OUTPUT_DIR, exit_on_user_error, hydra_entry
-from mlstm.distributed import resolve_device
+from mlstm.training.distributed import resolve_device
 from mlstm.sampling import sample
-from mlstm.trained import load_model
+from mlstm.training.trained import load_model
 
 
 def quote_prompt(argv: list[str]) -> list[str]:

@@ -14,9 +14,10 @@ import hydra
 from omegaconf import DictConfig
 
 from mlstm.cli import CONFIG_DIR, exit_on_user_error, hydra_entry
-from mlstm.distributed import env_rank, secondary_rank_overrides
-from mlstm.run_lock import RunLock
-from mlstm.trainer import STOPPED_STATUS, TrainingStopped, train
+from mlstm.training.distributed import env_rank, secondary_rank_overrides
+from mlstm.training.run_lock import RunLock
+from mlstm.training.stopping import STOPPED_STATUS, TrainingStopped
+from mlstm.training.trainer import train
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -29,7 +30,7 @@ def task(cfg: DictConfig) -> float:
             sys.stderr.flush()  # worker would wait for that parent forever; last.pt is saved, the lock released
             os._exit(STOPPED_STATUS)
         sys.exit(STOPPED_STATUS)  # the trainer has said how to resume; a multirun stops here too
-    # the return value is what Hydra's sweepers optimise: the tuning rule's score (mlstm.tuning.run_score), the mean
+    # the return value is what Hydra's sweepers optimise: the tuning rule's score (mlstm.studies.tuning.run_score), the mean
     # validation bpc over the last quarter of the budget, +inf for a diverged run
     return result.get("score", float("nan"))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from mlstm.cells.cpu_kernel import ACTIVATIONS, FORMS, env_switch
+from mlstm.cells.kernels.cpu_kernel import ACTIVATIONS, FORMS, env_switch
 from mlstm.errors import UserError
 
 
@@ -91,7 +91,7 @@ def kernels(interpret: bool = False):
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        name = "mlstm.cells._triton_kernels" + ("_interpreted" if interpret else "")
+        name = "mlstm.cells.kernels._triton_kernels" + ("_interpreted" if interpret else "")
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_triton_kernels.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mlstm.cells.cpu_kernel import env_switch
+from mlstm.cells.kernels.cpu_kernel import env_switch
 from mlstm.errors import UserError
 
 _available: bool | None = None

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.bench import TrainStep, time_steps
-from mlstm.cells.cpu_kernel import set_flush_denormal
-from mlstm.distributed import flushes_denormals
-from mlstm.tracking import read_metrics
+from mlstm.bench.steps import TrainStep, time_steps
+from mlstm.cells.kernels.cpu_kernel import set_flush_denormal
+from mlstm.training.distributed import flushes_denormals
+from mlstm.training.tracking import read_metrics
 
 
 def _seconds(fn, repeats: int) -> float:
@@ -53,10 +53,10 @@ def operation_table(repeats: int = 5) -> str:
 
 
 def train_step_table(checkpoint: Path, steps: int = 3) -> str:
-    """Seconds per training step (mlstm.bench.TrainStep: forward, backward, Adam) of the checkpoint's model and
+    """Seconds per training step (mlstm.bench.steps.TrainStep: forward, backward, Adam) of the checkpoint's model and
     optimizer state on one random batch of its training shape, flush-to-zero off, on, and off again (the same weights,
     moments and zero state each time)."""
-    from mlstm.trained import load_model  # the model package is only needed here
+    from mlstm.training.trained import load_model  # the model package is only needed here
 
     model, payload = load_model(checkpoint)
     trainer = OmegaConf.create(payload["config"]).trainer

@@ -1,24 +1,26 @@
-"""What a checkpoint must agree on to be resumed, and the random state a run carries across a restart.
+"""A run's checkpoint: what it holds, what it must agree on to be resumed, and the random state it carries.
 
-The trainer (`mlstm.trainer`) writes and restores the rest of a checkpoint: model, optimizer, scheduler, grad scaler,
-batcher position, the hidden state of every stream, counters. A resumed run logs exactly the metrics of an
-uninterrupted one (tests/test_train.py kills one with SIGKILL to check).
+`checkpoint_payload` is everything an exact resume needs (model, optimizer, scheduler, grad scaler, batcher position,
+the hidden state of every stream, counters, RNG); `maybe_resume` / `restore` put it back into a Trainer. A resumed run
+logs exactly the metrics of an uninterrupted one (tests/test_train.py kills one with SIGKILL to check).
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.checkpoint import has_checkpoint
 from mlstm.data.corpus import SPLITS
 from mlstm.errors import UserError
-from mlstm.tracking import METRICS_FILE, read_metrics
-from mlstm.tuning import diverged, run_score
+from mlstm.training import checkpoint, distributed
+from mlstm.training.checkpoint import has_checkpoint
+from mlstm.training.score import diverged, run_score
+from mlstm.training.tracking import METRICS_FILE, read_metrics
 
 # keys of the config that must agree between a checkpoint and the run that resumes it: the architecture, the data
 # layout (the carried hidden state and the batcher position only mean something for the same streams) and the
@@ -139,3 +141,85 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- a Trainer's state, saved and put back
+def checkpoint_payload(trainer) -> dict:
+    # the hidden state of every stream (all ranks), so a DDP checkpoint resumes in one process and vice versa
+    state = [[distributed.gather_streams(t.detach(), trainer.ctx).cpu() for t in layer] for layer in trainer.state]
+    payload = {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "step": trainer.step,
+        "chars": trainer.chars,
+        "train_seconds": trainer.train_seconds,
+        "best_valid": trainer.best_valid,
+        "window": dict(trainer.window),
+        "nonfinite_total": trainer.nonfinite_total,
+        "nonfinite_in_row": trainer.nonfinite_in_row,
+        "divergence_reloads": trainer.divergence_reloads,
+        "lr_scale": trainer.lr_scale,
+        "corpus": {"name": trainer.corpus.name, "split_sizes": [len(trainer.corpus.split(s)) for s in SPLITS]},
+        "batcher": trainer.batches.state_dict(),
+        "hidden_state": state,
+        "rng": rng_state(),  # rank 0's: what a single process resumes with
+        "rng_per_rank": distributed.gather_objects(rng_state(), trainer.ctx),  # exact resume at the same world size
+        "vocab_size": trainer.corpus.vocab_size,
+        "symbols": torch.tensor(list(trainer.corpus.symbols), dtype=torch.uint8),
+        "num_parameters": trainer.num_params,
+        "config": OmegaConf.to_yaml(trainer.cfg, resolve=True),
+    }
+    return payload
+
+
+def maybe_resume(trainer) -> bool:
+    mode = trainer.tcfg.get("resume", "auto")
+    if mode not in (True, False, "auto"):
+        raise UserError(f"trainer.resume={mode!r} must be true, false or auto")
+    if mode is False:
+        if checkpoint.has_checkpoint(trainer.run_dir):
+            # a fresh run here would rotate away, and mix with, the checkpoints of the run already there
+            raise UserError(f"trainer.resume=false but {trainer.run_dir} already holds checkpoints of a run; use a new "
+                            f"hydra.run.dir, or trainer.resume=auto to continue that run")
+        return False
+    payload = checkpoint.load_latest(trainer.run_dir, set_aside=trainer.ctx.is_main)
+    # every rank reads the checkpoint itself: they must all see the same one (a run dir on a shared file system)
+    found = distributed.gather_objects(None if payload is None else int(payload["step"]), trainer.ctx)
+    if len(set(found)) > 1:
+        raise UserError(f"the ranks see different checkpoints in {trainer.run_dir} (steps by rank: {found}); "
+                        f"under multi-node DDP hydra.run.dir must be on a file system shared by all nodes")
+    if payload is None:
+        if mode is True:
+            raise UserError(f"trainer.resume=true but {trainer.run_dir} holds no checkpoint (last.pt)")
+        return False
+    restore(trainer, payload)
+    if trainer.ctx.is_main:
+        print(f"resumed from step {trainer.step} in {trainer.run_dir}", file=sys.stderr)
+    return True
+
+
+def restore(trainer, payload: dict) -> None:
+    check_compatible(payload, trainer.cfg, trainer.corpus, trainer.run_dir)
+    trainer.model.load_state_dict(payload["model"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    trainer.scheduler.load_state_dict(payload["scheduler"])
+    trainer.scaler.load_state_dict(payload["scaler"])
+    trainer.batches.load_state_dict(payload["batcher"])
+    lo = trainer.ctx.rank * trainer.local_batch
+    trainer.state = [tuple(t[lo:lo + trainer.local_batch].to(trainer.ctx.device) for t in layer)
+                  for layer in payload["hidden_state"]]
+    for key in ("step", "chars", "train_seconds", "best_valid", "nonfinite_total"):
+        setattr(trainer, key, payload[key])
+    trainer.nonfinite_in_row = int(payload.get("nonfinite_in_row", 0))
+    trainer.divergence_reloads = int(payload.get("divergence_reloads", 0))
+    trainer.lr_scale = float(payload.get("lr_scale", 1.0))
+    trainer.window = dict(payload["window"])
+    per_rank = payload.get("rng_per_rank") or [payload["rng"]]
+    if len(per_rank) == trainer.ctx.world_size:
+        set_rng_state(per_rank[trainer.ctx.rank])
+    elif trainer.ctx.is_main:  # another world size: rank 0 continues rank 0's stream, the others start fresh ones
+        set_rng_state(payload["rng"])
+    else:
+        torch.manual_seed(rank_seed(int(trainer.cfg.seed), trainer.ctx.rank, trainer.step))

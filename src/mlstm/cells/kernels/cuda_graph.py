@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import torch
 from torch.autograd.function import once_differentiable
 
-from mlstm.cells.cpu_kernel import env_switch
+from mlstm.cells.kernels.cpu_kernel import env_switch
 
 
 def mode() -> str:
@@ -156,30 +156,30 @@ def _clone(values) -> tuple:
     return tuple(None if v is None else v.clone() for v in values)
 
 
-def _run_forward(spec, save, tensors):
-    from mlstm.cells.fast_mlstm import _forward_segment
-
+def _run_forward(segment, spec, save, tensors):
     ns = _ctx()
-    return _forward_segment(ns, spec, save, *tensors), ns
+    return segment.forward(ns, spec, save, *tensors), ns
 
 
 class GraphedSegment(torch.autograd.Function):
-    """`fast_mlstm.MLSTMSegment` through CUDA graphs: apply(graphs, spec, save, *tensors), tensors as there."""
+    """`fast_mlstm.MLSTMSegment` through CUDA graphs: apply(graphs, segment, spec, save, *tensors), tensors as there;
+    `segment` holds the eager functions it captures (`segment.forward(ns, spec, save, *tensors)` and
+    `segment.backward(ns, need, dY, dh_T, dc_T)`), passed in so that this module needs nothing from the layer's."""
 
     @staticmethod
-    def forward(ctx, graphs: SegmentGraphs, spec, save, *tensors):
+    def forward(ctx, graphs: SegmentGraphs, segment, spec, save, *tensors):
         device_type = tensors[0].device.type
         with torch.autocast(device_type, enabled=False):
             entry = graphs.entry(graphs.entries, (spec, save, _signature(tensors)))
-            ctx.graphs, ctx.entry, ctx.eager = graphs, entry, None
+            ctx.graphs, ctx.entry, ctx.eager, ctx.segment = graphs, entry, None, segment
             if entry.graph is None and entry.calls < graphs.warmup:
                 entry.calls += 1
-                outputs, ctx.eager = _run_forward(spec, save, tensors)
+                outputs, ctx.eager = _run_forward(segment, spec, save, tensors)
                 return outputs
             if entry.graph is None:
                 entry.static = _static(tensors)
                 entry.graph = graphs.graph_factory()
-                entry.result, entry.ns = entry.graph.capture(lambda: _run_forward(spec, save, entry.static))
+                entry.result, entry.ns = entry.graph.capture(lambda: _run_forward(segment, spec, save, entry.static))
             _load(entry.static, tensors)
             entry.graph.replay()
             entry.replays += 1
@@ -191,12 +191,11 @@ class GraphedSegment(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dY, dh_T, dc_T):
-        from mlstm.cells.fast_mlstm import _backward_segment
-
+        _backward_segment = ctx.segment.backward
         with torch.autocast(dY.device.type, enabled=False):
-            need = ctx.needs_input_grad[3:]  # of the tensors: (x, W_in, b_in, W_r, ...)
+            need = ctx.needs_input_grad[4:]  # of the tensors: (x, W_in, b_in, W_r, ...)
             if ctx.eager is not None:
-                return (None, None, None) + _backward_segment(ctx.eager, need, dY, dh_T, dc_T)
+                return (None, None, None, None) + _backward_segment(ctx.eager, need, dY, dh_T, dc_T)
             entry, graphs = ctx.entry, ctx.graphs
             if entry.replays != ctx.replay:  # the forward graph ran since: recompute this segment's buffers
                 _load(entry.static, ctx.saved_tensors)
@@ -206,11 +205,11 @@ class GraphedSegment(torch.autograd.Function):
             back = graphs.entry(entry.backward, (need, _signature(grads)))
             if back.graph is None and back.calls < graphs.warmup:
                 back.calls += 1
-                return (None, None, None) + _backward_segment(entry.ns, need, dY, dh_T, dc_T)
+                return (None, None, None, None) + _backward_segment(entry.ns, need, dY, dh_T, dc_T)
             if back.graph is None:
                 back.static = _static(grads)
                 back.graph = graphs.graph_factory()
                 back.result = back.graph.capture(lambda: _backward_segment(entry.ns, need, *back.static))
             _load(back.static, grads)
             back.graph.replay()
-            return (None, None, None) + _clone(back.result)
+            return (None, None, None, None) + _clone(back.result)

@@ -1,6 +1,6 @@
 """Finding and reading training runs for the convergence analysis.
 
-A run directory is any directory holding `metrics.jsonl` (written by `mlstm.trainer`, see `mlstm.tracking`) and,
+A run directory is any directory holding `metrics.jsonl` (written by `mlstm.training.trainer`, see `mlstm.training.tracking`) and,
 beside it, `config.yaml` (the resolved Hydra config). The config says what the run *is* (variant, dataset, seed,
 batch shape); the metrics say how it went (`step`, `chars`, `time` on every record; `train/bpc` on training records,
 `valid/bpc` on validation records, `test/bpc` on the last). Runs can also be read from W&B (`load_wandb_runs`), the
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mlstm.convergence import Curve
+from mlstm.studies.convergence import Curve
 from mlstm.errors import UserError
-from mlstm.tracking import METRICS_FILE, read_metrics
+from mlstm.training.tracking import METRICS_FILE, read_metrics
 
 CONFIG_FILE = "config.yaml"
 # metrics.jsonl column behind each x-axis of the analysis

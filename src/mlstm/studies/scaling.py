@@ -11,14 +11,14 @@ seeds):
     target          the LSTM's best level: the highest of the LSTM seeds' lowest validation bpc (rounded up to
                     0.001), a level every LSTM seed reaches within the budget
     ratio           characters a cell needs to reach that level, mean over seeds, over the LSTM's (< 1: faster),
-                    with the percentile bootstrap CI of mlstm.convergence (paired by seed when the seeds match);
+                    with the percentile bootstrap CI of mlstm.studies.convergence (paired by seed when the seeds match);
                     a cell with a seed that never gets there has no ratio, only a lower bound (its budget counted)
     common level    the level both cells reach: the higher of the two cells' best levels (every seed of both
                     reaches it within the budget), so its ratio is always defined. Where the mLSTM ends below the
                     LSTM it is the LSTM's best level; where it ends above, it is the mLSTM's own best level, and the
                     ratio says how much longer the mLSTM takes to get where it ends (the figure's line)
     ladder          the ratio at five levels between the first validation point and the worst best level
-                    (mlstm.convergence.default_targets), as a min-max range
+                    (mlstm.studies.convergence.default_targets), as a min-max range
     final bpc       validation and training bpc at the end of the budget, mean and seed range; the difference of
                     the final validation bpc to the LSTM's with its bootstrap CI
     overfitting     per run: the step of its lowest validation bpc and how far validation rose after it (a rise
@@ -28,11 +28,11 @@ seeds):
                     model has not seen, so a growing gap needs the second pass (the first record with `epoch` >= 1
                     says where it starts)
 
-The tuning runs, when given, are ruled per rung with `mlstm.tuning.select` (the same rule as every other grid):
+The tuning runs, when given, are ruled per rung with `mlstm.studies.tuning.select` (the same rule as every other grid):
 the chosen rate per cell and rung, whether it sits at the grid's edge, and the rate to extend to.
 
 The report (plain-word sentences, the figure, report.md, scale_summary.csv, selection.json) is in
-`mlstm.scaling_report`; `scripts/scale_report.py` is its command line.
+`mlstm.studies.scaling_report`; `scripts/scale_report.py` is its command line.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlstm import tuning
-from mlstm.convergence import (Interval, bootstrap_difference_of_means, compare_reach, default_targets,
+from mlstm.studies import tuning
+from mlstm.studies.convergence import (Interval, bootstrap_difference_of_means, compare_reach, default_targets,
                                pair_by_seed)
-from mlstm.runs import Run, curves_by_seed, seed_keys
+from mlstm.studies.runs import Run, curves_by_seed, seed_keys
 
 BASELINE = "lstm"
 RISE_TOL = 0.01  # bpc: validation this far above its minimum at the end has risen (not noise of the last digit)
@@ -118,7 +118,7 @@ def _relabel(runs: Iterable[Run], rungs: Mapping[str, str]) -> list[Run]:
 # -------------------------------------------------------------------------------------------------- tuning
 @dataclass
 class RungSelection:
-    """`mlstm.tuning.select` over one cell's grid at one rung of one dataset."""
+    """`mlstm.studies.tuning.select` over one cell's grid at one rung of one dataset."""
 
     dataset: str
     rung: str
@@ -195,7 +195,7 @@ class RunEnd:
     second_pass_step: float  # NaN: the run never started a second pass over the training text
     last_chars: float
     test: float = math.nan  # the test split as one stream (NaN: not measured)
-    test_unstable: bool = False  # rule 4 on it (mlstm.tuning.unstable_on): a cold start that never recovered
+    test_unstable: bool = False  # rule 4 on it (mlstm.studies.tuning.unstable_on): a cold start that never recovered
     cold_starts: tuple[int, int] | None = None  # (streams blown up, streams) of the cold-start check
 
 

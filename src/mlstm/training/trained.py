@@ -1,6 +1,6 @@
 """A trained model back from a checkpoint file, for the commands that use one (sampling, dynamic evaluation).
 
-The checkpoint is read with `mlstm.checkpoint.load_file` (weights_only: opening it never runs code) and the model is
+The checkpoint is read with `mlstm.training.checkpoint.load_file` (weights_only: opening it never runs code) and the model is
 rebuilt from the resolved config the checkpoint carries, so any checkpoint of this project loads without its run
 directory. The file is only read.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.checkpoint import load_file
+from mlstm.training.checkpoint import load_file
 from mlstm.errors import UserError
 from mlstm.model import CharLM, build_model
 

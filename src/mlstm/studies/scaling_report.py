@@ -1,4 +1,4 @@
-"""The report of a tuned size ladder (mlstm.scaling's analysis): plain-word sentences, the figure, report.md,
+"""The report of a tuned size ladder (mlstm.studies.scaling's analysis): plain-word sentences, the figure, report.md,
 scale_summary.csv and selection.json.
 
 `write_report` draws the figure (per dataset, two panels: the ratio against parameters, log x, one line per mLSTM
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlstm import tuning
-from mlstm.convergence import Interval
-from mlstm.scaling import (BASELINE, COLORS, GAP_TOL, RISE_TOL, DatasetStudy, GapRow, RungSelection, ScaleStudy,
+from mlstm.studies.convergence import Interval
+from mlstm.studies.scaling import (BASELINE, COLORS, GAP_TOL, RISE_TOL, DatasetStudy, GapRow, RungSelection, ScaleStudy,
                            finite, format_params, int_or_none, size_key)
 
 
@@ -290,7 +289,7 @@ def selection_table(selections: Sequence[RungSelection], dataset: str) -> list[s
 def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | None = None) -> str:
     lines = [f"# {title or 'Does the mLSTM advantage grow with model size?'}", ""]
     lines.append(f"{study.n_final} final runs, {study.n_tuning} tuning runs. Every cell at its own tuned learning "
-                 f"rate (the rule of mlstm.tuning, per cell and size), fresh seeds; the baseline is `{study.baseline}` "
+                 f"rate (the rule of mlstm.studies.tuning, per cell and size), fresh seeds; the baseline is `{study.baseline}` "
                  f"at the same rung (parameter counts within 2%).")
     lines.append("")
     datasets = sorted(set(study.datasets) | {s.dataset for s in study.selections})

@@ -51,7 +51,7 @@ def run_job(job: dict) -> dict:
     out = {"key": job["key"], "status": "done", "error": None, "score": None}
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            from mlstm.trainer import train
+            from mlstm.training.trainer import train
 
             result = train(compose(job["overrides"]), run_dir)
             score = result.get("score")

@@ -3,7 +3,7 @@ fresh seeds.
 
 A cell's grid at a new rung starts from its choice r at the tuned study's 1.2M rung (results/convergence/tuned):
 {r, 2r, 4r} at 0.3M and {r/4, r/2, r} at 4.8M, one factor-2 step past r on the side where the best rate should lie
-(it falls as a model grows). Then the rule of mlstm.tuning, per cell and rung (mlstm.scaling.select_by_rung), decides:
+(it falls as a model grows). Then the rule of mlstm.studies.tuning, per cell and rung (mlstm.studies.scaling.select_by_rung), decides:
 
     no runs yet              the initial grid on the tuning seeds
     runs not all finished    the same grid again (its finished runs are skipped, the rest run)
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mlstm import scaling, tuning
+from mlstm.studies import scaling, tuning
 from mlstm.errors import UserError
 
 # factor-2 steps from the 1.2M choice that make each new rung's first grid

@@ -310,7 +310,7 @@ def synchronize(device: torch.device) -> None:
 class TrainStep:
     """The trainer's step (forward, loss, backward, clip, optimizer and schedule) on fixed tokens, state carried (and
     detached) from one call to the next: a benchmark row's fresh model (`for_row`), or any model and optimizer
-    (mlstm.bench_denormal times a checkpoint's)."""
+    (mlstm.bench.denormal times a checkpoint's)."""
 
     def __init__(self, model, optimizer, tokens: torch.Tensor, device: torch.device, precision: str = "fp32",
                  clip: float = math.inf, scheduler=None):
@@ -326,7 +326,7 @@ class TrainStep:
 
     @classmethod
     def for_row(cls, spec: CellSpec, shape: Shape, settings: Settings) -> "TrainStep":
-        from mlstm.optim import build_optimizer
+        from mlstm.training.optim import build_optimizer
 
         torch.manual_seed(settings.seed)
         cfg = row_config(spec, shape.hidden, shape.embedding, settings.optim, settings.init)

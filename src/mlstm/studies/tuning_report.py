@@ -1,12 +1,12 @@
-"""The tuned study, written down: the grid under the rule (mlstm.tuning), the sensitivity figure, and best against
+"""The tuned study, written down: the grid under the rule (mlstm.studies.tuning), the sensitivity figure, and best against
 best beside the shared rate.
 
     tuning runs ─► select() ─► grid table, chosen rates, unstable/diverged runs, sensitivity figure
-    final runs (each cell at its chosen rate, fresh seeds) ─► ratios to the LSTM with bootstrap CIs (mlstm.convergence)
+    final runs (each cell at its chosen rate, fresh seeds) ─► ratios to the LSTM with bootstrap CIs (mlstm.studies.convergence)
     shared-rate runs (every cell at one rate) ─► the same ratios, side by side: what tuning changed
     post-hoc runs (cells at rates the rule did not choose, fresh seeds) ─► a labelled check beside the finals
 
-Everything here reads runs (mlstm.runs.Run); `scripts/tune.py report` is the command-line entry point.
+Everything here reads runs (mlstm.studies.runs.Run); `scripts/tune.py report` is the command-line entry point.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlstm import convergence as cv  # noqa: E402
-from mlstm import tuning  # noqa: E402
-from mlstm.figures import variant_colour  # noqa: E402
-from mlstm.runs import Run, curves_by_seed, group_runs, lookup  # noqa: E402
+from mlstm.studies import convergence as cv  # noqa: E402
+from mlstm.studies import tuning  # noqa: E402
+from mlstm.studies.figures import variant_colour  # noqa: E402
+from mlstm.studies.runs import Run, curves_by_seed, group_runs, lookup  # noqa: E402
 
 SENSITIVITY_COLUMNS = ("dataset", "variant", "lr", "n_seeds", "seeds", "score", "scored_seeds", "final_mean",
                        "final_min", "final_max", "unstable_seeds", "diverged_seeds", "chosen")
@@ -55,7 +55,7 @@ def rule_text() -> list[str]:
     quarter = int(round(tuning.LAST_FRACTION * 100))
     return [
         "Selection rule (fixed before any tuning run was looked at; the same for every cell and dataset; "
-        "`mlstm.tuning`):",
+        "`mlstm.studies.tuning`):",
         "",
         f"1. A run's score is its validation bpc averaged over the evaluation points of the last {quarter}% of the "
         "budget (steps ≥ 3/4 of the budget). A diverged run, or one with a non-finite validation bpc there, "
@@ -384,9 +384,9 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
                       targets: dict | None = None, baseline: str = "lstm",
                       n_resamples: int = cv.N_RESAMPLES, posthoc: Sequence[Run] = ()) -> list[tuning.Selection]:
     """report.md, summary.csv (the grid), <dataset>_lr_sensitivity.png and, where final runs exist, the convergence
-    study of the final runs (mlstm.study.write_study) in <out>/<dataset>_final/; post-hoc runs, when given, get their
+    study of the final runs (mlstm.studies.study.write_study) in <out>/<dataset>_final/; post-hoc runs, when given, get their
     labelled section after the final runs'."""
-    from mlstm import study
+    from mlstm.studies import study
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

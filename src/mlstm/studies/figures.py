@@ -1,4 +1,4 @@
-"""The figures of a convergence study (`mlstm.study`): bpc against steps, characters and seconds, one mean curve with
+"""The figures of a convergence study (`mlstm.studies.study`): bpc against steps, characters and seconds, one mean curve with
 a band per variant.
 
 Figures are built with `matplotlib.figure.Figure` rather than pyplot, so drawing them changes no global matplotlib
@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.figure import Figure
 
-from mlstm import convergence as cv
-from mlstm.report import scope_line
-from mlstm.runs import Run
+from mlstm.studies import convergence as cv
+from mlstm.studies.report import scope_line
+from mlstm.studies.analysis import DatasetAnalysis, StudyOptions
+from mlstm.studies.runs import Run
 
-if TYPE_CHECKING:  # mlstm.study imports this module
+if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from mlstm.study import DatasetAnalysis, StudyOptions
 
 METRICS = {"valid/bpc": "validation bpc", "train/bpc": "training bpc"}
 AXIS_LABELS = {"steps": "optimizer steps", "chars": "training characters seen", "seconds": "training seconds"}

@@ -25,37 +25,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-LAST_FRACTION = 0.25  # the last quarter of the budget
+from mlstm.training.score import LAST_FRACTION, _number, diverged, late_points, run_score  # noqa: F401 (rule 1)
+
 UNSTABLE_GAP = 1.0  # bpc: evaluation this far above training is a state blow-up (a cold start it never recovers from)
 TIE_TOLERANCE = 1e-9
-
-
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def diverged(records: Iterable[Mapping]) -> bool:
-    """Whether the run ended on a divergence (`trainer.on_divergence=end` logs `event: diverged`)."""
-    return any(record.get("event") == "diverged" for record in records)
-
-
-def late_points(records: Iterable[Mapping], budget_steps: int) -> list[tuple[int, float]]:
-    """(step, valid bpc) of the evaluation points in the last quarter of a budget of `budget_steps` steps."""
-    first = math.ceil((1.0 - LAST_FRACTION) * budget_steps)
-    points = {}
-    for record in records:
-        bpc, step = _number(record.get("valid/bpc")), _number(record.get("step"))
-        if bpc is not None and step is not None and first <= step <= budget_steps:
-            points[int(step)] = bpc
-    return sorted(points.items())
-
-
-def run_score(records: list[Mapping], budget_steps: int) -> float:
-    """Rule 1: mean validation bpc over the last quarter of the budget; +inf for a diverged or unfinished run."""
-    points = late_points(records, budget_steps)
-    if diverged(records) or not points or not all(math.isfinite(bpc) for _, bpc in points):
-        return math.inf
-    return sum(bpc for _, bpc in points) / len(points)
 
 
 def unstable(records: list[Mapping], budget_steps: int, gap: float = UNSTABLE_GAP) -> bool:
@@ -153,7 +126,7 @@ class Selection:
 
 
 def score_rates(runs: Iterable) -> list[RateScore]:
-    """Rules 1, 2 and 4 over the runs of one cell on one dataset (runs are mlstm.runs.Run: config + records)."""
+    """Rules 1, 2 and 4 over the runs of one cell on one dataset (runs are mlstm.studies.runs.Run: config + records)."""
     by_rate: dict[float, RateScore] = {}
     for run in runs:
         lr, budget = learning_rate(run.config), budget_steps(run.config)

@@ -1,4 +1,4 @@
-"""The text of a convergence study (`mlstm.study`): number formatting, verdicts, the rows of summary.csv and the
+"""The text of a convergence study (`mlstm.studies.study`): number formatting, verdicts, the rows of summary.csv and the
 sections of report.md, all generated from a `DatasetAnalysis`."""
 
 from __future__ import annotations
@@ -7,13 +7,11 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mlstm import convergence as cv
-from mlstm.runs import Run, lookup
+from mlstm.studies import convergence as cv
+from mlstm.studies.analysis import DatasetAnalysis, StudyOptions
+from mlstm.studies.runs import Run, lookup
 
-if TYPE_CHECKING:  # mlstm.study imports this module
-    from mlstm.study import DatasetAnalysis, StudyOptions
 
 SUMMARY_COLUMNS = (
     ["dataset", "variant", "baseline", "kind", "target_bpc", "budget", "n_seeds", "seeds", "paired",
