@@ -3,6 +3,8 @@
     adam_linear  Adam, lr decayed linearly from `lr` to `min_lr` over `decay_steps`, then held (Chainer recipe:
                  1e-3 -> 7e-5 over 108,000 iterations).
     adam         Adam at a constant rate.
+    adam_plateau Adam whose rate is halved when validation stops improving (schedule=plateau: PyTorch's
+                 ReduceLROnPlateau, built by mlstm.training.plateau and stepped by the trainer at each evaluation).
     sgd          SGD (optional momentum) at a constant rate.
     rmsprop_norm RMSprop (decay 0.9) whose whole update is rescaled to a norm threshold that starts at 10 (mLSTM)
                  or 2 (LSTM), is multiplied by 0.9999 per step and floored at 0.01 (authors' MATLAB recipe).
@@ -16,7 +18,7 @@ import torch
 from mlstm.errors import UserError
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop_norm")
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "linear", "plateau")
 
 
 def linear_decay(step: int, lr: float, min_lr: float, decay_steps: int) -> float:
@@ -131,6 +133,10 @@ def build_optimizer(optim_cfg, params) -> tuple[torch.optim.Optimizer, torch.opt
     if optim_cfg.get("schedule", "constant") == "linear":
         min_lr, decay_steps = float(optim_cfg.min_lr), int(optim_cfg.decay_steps)
         factor = lambda step: linear_decay(step, lr, min_lr, decay_steps) / lr  # noqa: E731
+    elif optim_cfg.get("schedule") == "plateau":
+        # the per-step schedule must leave the rate alone: ReduceLROnPlateau changes it between steps, and a LambdaLR
+        # would set it back to base * factor at the next step; ConstantLR(1, 0) in its chainable form keeps it
+        return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
         factor = lambda step: 1.0  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -73,7 +73,8 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
         return None
     records = [r for r in read_metrics(metrics) if isinstance(r, dict) and "step" in r]
     max_steps = int(cfg.trainer.max_steps)
-    last = [r for r in records if r["step"] == max_steps]
+    end_step = next((r["step"] for r in records if r.get("event") == "early_stop"), max_steps)  # stopped by the rule
+    last = [r for r in records if r["step"] == end_step]
     ended = diverged(records) or (any("valid/bpc" in r for r in last) and (
         not cfg.trainer.get("test_at_end", True) or any("test/bpc" in r for r in last)))
     if not ended:
@@ -97,7 +98,8 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
               "train_seconds": max(float(r.get("time", 0.0)) for r in records),
               "num_parameters": saved.get("num_parameters"), "valid/bpc": valids[-1] if valids else float("nan"),
               "best_valid/bpc": min(finite) if finite else float("inf"), "run_dir": str(run_dir),
-              "score": run_score(records, max_steps), "skipped": True}
+              "score": run_score(records, max_steps, best=cfg.trainer.get("early_stop_patience") is not None),
+              "skipped": True}
     if diverged(records):
         result["diverged"] = True
     tests = [r["test/bpc"] for r in records if "test/bpc" in r]
@@ -151,6 +153,9 @@ def checkpoint_payload(trainer) -> dict:
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
+        # the to-convergence protocol (mlstm.training.plateau): its counters decide the next reduction and the stop
+        "plateau": trainer.plateau.state_dict() if trainer.plateau is not None else None,
+        "early_stop": trainer.early_stop.state_dict() if trainer.early_stop is not None else None,
         "scaler": trainer.scaler.state_dict(),
         "step": trainer.step,
         "chars": trainer.chars,
@@ -205,6 +210,9 @@ def restore(trainer, payload: dict) -> None:
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     trainer.scheduler.load_state_dict(payload["scheduler"])
+    for key in ("plateau", "early_stop"):
+        if getattr(trainer, key) is not None and payload.get(key) is not None:
+            getattr(trainer, key).load_state_dict(payload[key])
     trainer.scaler.load_state_dict(payload["scaler"])
     trainer.batches.load_state_dict(payload["batcher"])
     lo = trainer.ctx.rank * trainer.local_batch

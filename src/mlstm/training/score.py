@@ -29,9 +29,28 @@ def late_points(records: Iterable[Mapping], budget_steps: int) -> list[tuple[int
     return sorted(points.items())
 
 
-def run_score(records: list[Mapping], budget_steps: int) -> float:
-    """Rule 1: mean validation bpc over the last quarter of the budget; +inf for a diverged or unfinished run."""
+def run_score(records: list[Mapping], budget_steps: int, best: bool = False) -> float:
+    """Rule 1: mean validation bpc over the last quarter of the budget; +inf for a diverged or unfinished run.
+    best=True (runs trained to convergence, `trainer.early_stop_patience` set): the lowest validation bpc of a run
+    that ended by the rule or at the cap; +inf for a diverged or unfinished one."""
+    if best:
+        valids = [bpc for record in records if (bpc := _number(record.get("valid/bpc"))) is not None]
+        if diverged(records) or not valids or not ended(records, budget_steps):
+            return math.inf
+        finite = [v for v in valids if math.isfinite(v)]
+        return min(finite) if finite else math.inf
     points = late_points(records, budget_steps)
     if diverged(records) or not points or not all(math.isfinite(bpc) for _, bpc in points):
         return math.inf
     return sum(bpc for _, bpc in points) / len(points)
+
+
+def early_stopped(records: Iterable[Mapping]) -> bool:
+    """Whether the run stopped by the to-convergence rule (mlstm.training.plateau logs `event: early_stop`)."""
+    return any(record.get("event") == "early_stop" for record in records)
+
+
+def ended(records: list[Mapping], budget_steps: int) -> bool:
+    """Whether training ended: stopped by the rule, diverged, or validated at the last step of the budget (the cap)."""
+    return early_stopped(records) or diverged(records) or any(
+        record.get("step") == budget_steps and "valid/bpc" in record for record in records)

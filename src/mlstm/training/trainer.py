@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from mlstm.cells.kernels import cpu_kernel
 from mlstm.data import StreamBatcher, load_corpus
@@ -27,6 +26,8 @@ from mlstm.model import build_model, detach_state, num_parameters
 from mlstm.training import checkpoint, distributed, divergence, evaluation, resume
 from mlstm.training.checks import check_config, check_eval_sizes
 from mlstm.training.optim import build_optimizer
+from mlstm.training.progress import progress_bar, throughput
+from mlstm.training.plateau import build_early_stopping, build_plateau, can_reduce, current_lr
 from mlstm.training.resume import finished_result, rank_seed, seed_everything
 from mlstm.training.run_dir import default_run_dir, prepare_run_dir, run_dir_lock
 from mlstm.training.score import run_score
@@ -61,6 +62,8 @@ class Trainer:
             torch.manual_seed(rank_seed(int(cfg.seed), self.ctx.rank))
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters())
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
+        self.plateau = build_plateau(cfg.optim, self.optimizer)  # optim.schedule=plateau: stepped at each evaluation
+        self.early_stop = build_early_stopping(self.tcfg, cfg.optim)  # trainer.early_stop_patience
 
         B, T = int(self.tcfg.batch_size), int(self.tcfg.seq_len)
         self.batches = StreamBatcher(self.corpus.train, B, T, rank=self.ctx.rank,
@@ -191,22 +194,6 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
 
-    def _throughput(self, window_seconds: float, window_chars: int) -> dict:
-        """chars/s of every rank (its own B/W streams over its own time) and in total (all characters over the
-        slowest rank's time), and peak GPU memory per rank. Collective under DDP: every rank calls it."""
-        memory = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30 if self.ctx.device.type == "cuda" else None
-        seconds, memories = zip(*distributed.gather_objects((max(window_seconds, 1e-9), memory), self.ctx))
-        per_rank = [window_chars / self.ctx.world_size / s for s in seconds]
-        perf = {"perf/chars_per_s": window_chars / max(seconds),
-                "perf/chars_per_s_per_rank": sum(per_rank) / len(per_rank)}
-        if memory is not None:
-            perf["perf/gpu_mem_gb"] = max(memories)  # peak allocated, the largest over the ranks
-        if self.ctx.distributed:
-            perf.update({f"perf/chars_per_s/rank{r}": rate for r, rate in enumerate(per_rank)})
-            if memory is not None:
-                perf.update({f"perf/gpu_mem_gb/rank{r}": m for r, m in enumerate(memories)})
-        return perf
-
     def _log_train(self, grad_norm: float, window_seconds: float, window_chars: int) -> None:
         record = {
             "step": self.step,
@@ -215,10 +202,10 @@ class Trainer:
             "epoch": self.batches.epoch,
             # no train/bpc when every step since the last record was skipped (non-finite)
             **({"train/bpc": self.window["nats"] / self.window["steps"] / LN2} if self.window["steps"] else {}),
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": current_lr(self.optimizer),
             "train/grad_norm": grad_norm,
             "train/nonfinite_steps": self.nonfinite_total,
-            **self._throughput(window_seconds, window_chars),
+            **throughput(self.ctx, window_seconds, window_chars),
         }
         if hasattr(self.optimizer, "threshold"):  # optim=rmsprop_norm: the norm of the next update
             record["train/update_norm_threshold"] = self.optimizer.threshold
@@ -231,6 +218,26 @@ class Trainer:
         self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
                         "valid/bpc": valid})
         return valid
+
+    def _plateau_step(self, valid: float) -> bool:
+        """The to-convergence protocol (mlstm.training.plateau) after an evaluation: maybe halve the rate, and say
+        whether the run stops here. Both decisions are logged as events in metrics.jsonl."""
+        if self.plateau is None and self.early_stop is None:
+            return False
+        before, reducible = current_lr(self.optimizer), can_reduce(self.plateau, self.optimizer)
+        if self.plateau is not None:
+            self.plateau.step(valid)
+        reduced = current_lr(self.optimizer) < before
+        where = {"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3)}
+        if self.early_stop is not None and self.early_stop.update(valid, reduced, reducible):
+            self.sinks.log({**where, "event": "early_stop", "best_valid/bpc": self.best_valid})
+            return True
+        if reduced:
+            self.sinks.log({**where, "event": "lr_reduced", "train/lr": current_lr(self.optimizer)})
+        return False
+
+    def _stopped_early(self) -> bool:
+        return self.early_stop is not None and self.early_stop.stopped
 
     def fit(self) -> dict:
         """The loop, stopping gracefully on SIGTERM, SIGINT or SIGUSR1 (see `GracefulStop`, `_stop_after_step`)."""
@@ -245,19 +252,21 @@ class Trainer:
         ckpt_every = tcfg.get("checkpoint_every")
         max_seconds = tcfg.get("max_time_s")
         valid = math.nan
+        if self._stopped_early():  # stopped by the rule, then interrupted before its test pass: only that is left
+            return self._finish(self.best_valid)
         if self.step >= max_steps:  # a resumed run with nothing left to do: rerunning its ending would log it twice
             if self.ctx.is_main:
                 print(f"nothing to do: the run in {self.run_dir} already reached step {self.step}", file=sys.stderr)
             self.sinks.close()
             return {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
                     "num_parameters": self.num_params, "best_valid/bpc": self.best_valid, "run_dir": str(self.run_dir)}
-        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.ctx.is_main and tcfg.get("progress", True)),
-                   dynamic_ncols=True, desc="train")
+        bar = progress_bar(max_steps, self.step, enabled=self.ctx.is_main and tcfg.get("progress", True))
         self.model.train()
         if tcfg.get("on_divergence", "stop") == "reload" and not checkpoint.has_checkpoint(self.run_dir):
             self.save()  # the initial state is the last good checkpoint until the first periodic one
         window_seconds, window_chars = 0.0, 0
-        while self.step < max_steps and not (max_seconds and self.train_seconds >= max_seconds):
+        while self.step < max_steps and not (max_seconds and self.train_seconds >= max_seconds) \
+                and not self._stopped_early():
             batch = self.batches.next_batch()
             self._sync()
             started = time.perf_counter()
@@ -294,6 +303,7 @@ class Trainer:
                 is_best = valid < self.best_valid  # the same on every rank: save() is collective
                 if is_best:
                     self.best_valid = valid
+                last = self._plateau_step(valid) or last
             saved = bool((ckpt_every and self.step % ckpt_every == 0) or last or is_best)
             if saved:
                 self.save(best=is_best)
@@ -323,6 +333,9 @@ class Trainer:
                   "num_parameters": self.num_params, "valid/bpc": valid, "best_valid/bpc": self.best_valid,
                   "run_dir": str(self.run_dir)}
         if self.tcfg.get("test_at_end", True):
+            if self.early_stop is not None:  # to convergence: the reported model is the best validation point's
+                self.model.load_state_dict(checkpoint.load_file(self.run_dir / "best.pt")["model"])
+                result["tested_checkpoint"] = "best.pt"
             result["test/bpc"] = evaluation.evaluate(self, "test")
             record = {"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
                       "test/bpc": result["test/bpc"]}
@@ -358,7 +371,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             raise
         distributed.teardown(trainer.ctx, finished=True)
         if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
-            result["score"] = run_score(read_metrics(trainer.run_dir / METRICS_FILE), int(cfg.trainer.max_steps))
+            result["score"] = run_score(read_metrics(trainer.run_dir / METRICS_FILE), int(cfg.trainer.max_steps),
+                                        best=trainer.early_stop is not None)
         return result
 
 
