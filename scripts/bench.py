@@ -6,20 +6,21 @@
 
 A cell spec is name[-form]:impl: lstm:cudnn (torch.nn.LSTM), lstm:loop, mlstm-{paper,matlab,seed}:{fast,reference}.
 Every row is also compared with nn.LSTM at the same hidden size and at the same parameter count (those baselines are
-timed too; on CUDA the equal-parameter hidden size is rounded to a multiple of 64, where cuDNN uses tensor cores). The markdown table goes to stdout; --json writes a list of row objects, rewritten after every row.
-What is timed, the FLOP formula and the memory measure: `mlstm.bench.steps` and results/bench/README.md.
+timed too; on CUDA the equal-parameter hidden size is rounded to a multiple of 64, where cuDNN uses tensor cores).
+The markdown table goes to stdout; --json writes a list of row objects, rewritten after every row.
+What is timed, the FLOP formula and the memory measure: `mlstm.bench.steps` and results/bench/README.md; what the
+flags become: `mlstm.bench.benchmark`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from mlstm.bench import benchmark
 from mlstm.bench import steps as bench
-from mlstm.cli import exit_on_user_error, write_atomic
-from mlstm.errors import UserError
+from mlstm.cli import exit_on_user_error
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -60,43 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    preset = bench.PRESETS.get(args.preset, {})
-    pick = lambda flag, key, default: flag if flag is not None else preset.get(key, default)  # noqa: E731
-    if args.iters < 1 or args.warmup < 0:
-        raise UserError("--iters must be >= 1 and --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be a positive integer, got {args.threads}")
-    if args.optim is not None:
-        from mlstm.cli import check_group_choices
-
-        check_group_choices([f"optim={args.optim}"])
-    settings = bench.Settings(
-        device=bench.resolve_device(pick(args.device, "device", "auto")),
-        dtype=pick(args.dtype, "dtype", "fp32"),
-        threads=pick(args.threads, "threads", None),
-        iters=args.iters,
-        warmup=args.warmup,
-        tf32=args.tf32,
-        optim=args.optim,
-        init=pick(args.init, "init", None),
-    )
-    if args.iters < 20:
-        print(f"note: --iters {args.iters} < 20: fine for a smoke test, not for reported numbers", file=sys.stderr)
-    groups = bench.groups_for(args.preset, cells=args.cells, hidden=args.hidden, batch=args.batch,
-                              seq_len=args.seq_len, embedding=args.embedding, vocab=args.vocab)
-    rows = bench.plan([row for g in groups for row in g.rows()], baselines=not args.no_baselines,
-                      multiple=bench.baseline_multiple(settings.device))
-
-    def save(table: list[dict]) -> None:
-        if args.json:
-            write_atomic(args.json, json.dumps(table, indent=1) + "\n")
-        if args.markdown:
-            write_atomic(args.markdown, bench.markdown(table))
-
-    table = bench.run(rows, settings, on_result=save)
-    print(bench.markdown(table), end="")
-    if any(r["error"] for r in table):
+    if benchmark.run(parse_args(argv)):
         sys.exit(1)
 
 

@@ -3,7 +3,8 @@
 The seed cell outputs h = tanh(c ⊙ o) with no sigmoid on o: at initialisation both c and the raw pre-activation o are
 small, so h is their product, and its multiplicative input m = a ⊙ b is itself a product of two small affine maps.
 This script feeds the same random bytes through a freshly initialised layer of every form and prints the RMS of h and
-c over a segment, with the default config (orthogonal init, 64-dim embedding as in the CPU convergence study).
+c over a segment, with the default config (orthogonal init, 64-dim embedding as in the CPU convergence study). The
+logic: `mlstm.studies.init_scale`.
 
     python scripts/init_scale.py [--hidden 406,446,500] [--seeds 3] [--out FILE.md]
 """
@@ -12,23 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from mlstm.cli import publish
-from mlstm.config import load_config
-from mlstm.model import build_model
-
-CELLS = [("lstm", ["cell=lstm"]), ("mlstm-paper", ["cell=mlstm", "cell.form=paper"]),
-         ("mlstm-matlab", ["cell=mlstm", "cell.form=matlab"]), ("mlstm-seed", ["cell=mlstm", "cell.form=seed"])]
-
-
-def output_scale(overrides: list[str], seed: int, steps: int = 100, batch: int = 32) -> tuple[float, float]:
-    torch.manual_seed(seed)
-    model = build_model(load_config(overrides), vocab_size=205)
-    tokens = torch.randint(0, 205, (steps, batch))
-    with torch.no_grad():
-        h, (_, c) = model.layers[0](model.embed(tokens), model.init_state(batch)[0])
-    return h.pow(2).mean().sqrt().item(), c.pow(2).mean().sqrt().item()
+from mlstm.studies import init_scale
 
 
 def main() -> None:
@@ -38,17 +24,7 @@ def main() -> None:
     parser.add_argument("--embedding", type=int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    lines = ["| cell | hidden | RMS of h (mean over seeds) | RMS of c at the end |", "| --- | --- | --- | --- |"]
-    for hidden in (int(h) for h in args.hidden.split(",")):
-        for name, overrides in CELLS:
-            cfg = overrides + [f"cell.hidden_size={hidden}", f"model.embedding_size={args.embedding}"]
-            scales = [output_scale(cfg, seed) for seed in range(args.seeds)]
-            h_rms = sum(s[0] for s in scales) / len(scales)
-            c_rms = sum(s[1] for s in scales) / len(scales)
-            lines.append(f"| {name} | {hidden} | {h_rms:.2e} | {c_rms:.2e} |")
-    text = (f"Freshly initialised layers (default config: orthogonal init, embedding {args.embedding}), 32 streams x "
-            f"100 random bytes, {args.seeds} seeds.\n\n" + "\n".join(lines) + "\n")
-    publish(text, args.out)
+    publish(init_scale.report(args.hidden, args.seeds, args.embedding), args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ For every dataset found it writes, into --out:
     summary.csv    one row per dataset x variant x target (steps/chars/seconds to target, ratio to the baseline with
                    bootstrap CIs, fraction of seeds that reached it) plus the equal-character and equal-time budget bpc
     report.md      the answer in words, generated from those numbers, with a table per dataset and the runs used
-The study itself is `mlstm.studies.study.write_study` (figures in `mlstm.studies.figures`, text in `mlstm.studies.report`).
+The study itself is `mlstm.studies.study.write_study` (figures in `mlstm.studies.figures`, text in
+`mlstm.studies.report`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlstm.studies import convergence as cv
 from mlstm.cli import exit_on_user_error
+from mlstm.studies import convergence as cv
 from mlstm.studies.study import BANDS, StudyOptions, load_study_runs, write_study
 
 

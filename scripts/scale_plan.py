@@ -10,12 +10,9 @@ Prints one `make sweep ...` line per cell of each --rung: its grid, the rate tha
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mlstm.studies import scale_plan, scaling, tuning
 from mlstm.cli import exit_on_user_error
-from mlstm.errors import UserError
-from mlstm.studies.runs import load_runs
+from mlstm.studies import scale_plan
 
 
 def parse_rung(text: str) -> tuple[str, list[str]]:
@@ -39,20 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
-    tuned = load_runs([str(Path(args.tuned) / args.dataset)])
-    labels = {run.dataset for run in tuned}
-    if len(labels) != 1:
-        raise UserError(f"{args.tuned}/{args.dataset} holds runs of {len(labels)} datasets ({', '.join(labels)})")
-    (label,) = labels
-    centres = scale_plan.centres_from(tuning.select(tuned), label)
-    grids = Path(args.runs) / args.dataset
-    selections = scaling.select_by_rung(load_runs([str(grids)])) if grids.is_dir() else []
-    try:
-        seeds = [int(s) for s in args.tuning_seeds.split(",")]
-    except ValueError:
-        raise UserError(f"--tuning-seeds must be integers, got {args.tuning_seeds!r}") from None
-    for step in scale_plan.plan(args.dataset, label, dict(args.rung), centres, selections, seeds):
-        print(step.command())
+    for command in scale_plan.next_commands(args.dataset, dict(args.rung), args.tuned, args.runs, args.tuning_seeds):
+        print(command)
 
 
 if __name__ == "__main__":

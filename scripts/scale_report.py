@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlstm.studies import scaling, scaling_report
 from mlstm.cli import exit_on_user_error
-from mlstm.errors import UserError
-from mlstm.studies.runs import load_runs
+from mlstm.studies import scaling_report
 
 
 def parse_target(text: str) -> tuple[str, float]:
@@ -47,21 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.final and not args.tuning:
-        raise UserError("give --final and/or --tuning run directories")
-    final = load_runs(args.final) if args.final else []
-    tuning_runs = load_runs(args.tuning) if args.tuning else []
-    targets: dict[str, list[float]] = {}
-    for name, level in args.target:
-        targets.setdefault(name, []).append(level)
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    study = scaling.analyse(final, tuning_runs, fixed_targets=targets, variants=variants)
-    written = scaling_report.write_report(study, args.out, title=args.title, figures=not args.no_figures)
-    print((args.out / "report.md").read_text(), end="")
-    for key in ("report", "summary", "selection"):
-        print(f"wrote {written[key]}")
-    for figure in written["figures"]:
-        print(f"wrote {figure}")
+    print(scaling_report.report_from_runs(args.final, args.tuning, args.out, args.target, args.variants, args.title,
+                                          figures=not args.no_figures), end="")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mlstm"
 # a module belongs to the longest prefix listed; it may import its own group and any lower rank, never a higher one
 LAYERS = {
     "mlstm.errors": 0,
+    "mlstm.atomic": 0,
     "mlstm.config": 1,
     "mlstm.data": 1,
     "mlstm.cells.kernels": 1,

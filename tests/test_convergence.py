@@ -280,12 +280,10 @@ def test_missing_path_or_no_runs_exits_with_one_line(tmp_path, make_path):
 
 
 def test_collected_run_directories_are_named_by_variant(tmp_path):
-    """scripts/collect_runs.py: one directory per variant and seed, named as the plots label it."""
-    import importlib.util
+    """scripts/collect_runs.py (mlstm.studies.collect_runs): one directory per variant and seed, named as the plots
+    label it."""
+    from mlstm.studies import collect_runs as collect
 
-    spec = importlib.util.spec_from_file_location("collect_runs", REPO_ROOT / "scripts" / "collect_runs.py")
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
     cells = [dict(name="lstm", impl="cudnn"), dict(name="lstm", impl="loop"),
              dict(name="mlstm", form="seed", seed_output="gated", init_scale=2.0)]
     names = []

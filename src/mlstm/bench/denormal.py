@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -98,3 +99,26 @@ def run_seconds_table(root: Path) -> str:
     lines = ["| run | steps | training s | last valid bpc |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {step} | {seconds:.0f} | {bpc} |" for seconds, name, step, bpc in sorted(rows, reverse=True)]
     return "\n".join(lines)
+
+
+def report(checkpoint: Path | None = None, runs: Path | None = None, threads: int = 1) -> int:
+    """What scripts/bench_denormal.py prints, as markdown; the exit status (2, with one `error:` line, for bad
+    input)."""
+    if threads < 1:
+        print(f"error: --threads must be at least 1, not {threads}", file=sys.stderr)
+        return 2
+    for path in (checkpoint, runs):
+        if path is not None and not path.exists():
+            print(f"error: {path} does not exist", file=sys.stderr)
+            return 2
+    torch.set_num_threads(threads)
+    label = "one thread" if threads == 1 else f"{threads} threads"
+    print(f"torch {torch.__version__}, {label}\n\n## Products with normal and subnormal results\n")
+    print(operation_table())
+    if checkpoint:
+        print(f"\n## Training steps from {checkpoint}\n")
+        print(train_step_table(checkpoint))
+    if runs:
+        print(f"\n## Runs under {runs}, slowest first\n")
+        print(run_seconds_table(runs))
+    return 0

@@ -3,7 +3,8 @@ fresh seeds.
 
 A cell's grid at a new rung starts from its choice r at the tuned study's 1.2M rung (results/convergence/tuned):
 {r, 2r, 4r} at 0.3M and {r/4, r/2, r} at 4.8M, one factor-2 step past r on the side where the best rate should lie
-(it falls as a model grows). Then the rule of mlstm.studies.tuning, per cell and rung (mlstm.studies.scaling.select_by_rung), decides:
+(it falls as a model grows). Then the rule of mlstm.studies.tuning, per cell and rung
+(mlstm.studies.scaling.select_by_rung), decides:
 
     no runs yet              the initial grid on the tuning seeds
     runs not all finished    the same grid again (its finished runs are skipped, the rest run)
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from mlstm.studies import scaling, tuning
 from mlstm.errors import UserError
+from mlstm.studies import scaling, tuning
+from mlstm.studies.runs import load_runs
 
 # factor-2 steps from the 1.2M choice that make each new rung's first grid
 GRID_STEPS = {"300k": (0, 1, 2), "5m": (-2, -1, 0)}
@@ -92,3 +95,22 @@ def plan(dataset: str, dataset_label: str, cells_by_rung: Mapping[str, Sequence[
             else:
                 steps.append(Step("final", dataset, preset, (found.selection.chosen,), None))
     return steps
+
+
+def next_commands(dataset: str, cells_by_rung: Mapping[str, Sequence[str]], tuned: str | Path, runs: str | Path,
+                  tuning_seeds: str = "0,1") -> list[str]:
+    """What scripts/scale_plan.py prints: the next `make sweep` line per cell of each rung, the grids centred on the
+    tuned 1.2M choices under `tuned/<dataset>` and ruled by the ladder's runs under `runs/<dataset>`."""
+    tuned_runs = load_runs([str(Path(tuned) / dataset)])
+    labels = {run.dataset for run in tuned_runs}
+    if len(labels) != 1:
+        raise UserError(f"{tuned}/{dataset} holds runs of {len(labels)} datasets ({', '.join(labels)})")
+    (label,) = labels
+    centres = centres_from(tuning.select(tuned_runs), label)
+    grids = Path(runs) / dataset
+    selections = scaling.select_by_rung(load_runs([str(grids)])) if grids.is_dir() else []
+    try:
+        seeds = [int(s) for s in tuning_seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--tuning-seeds must be integers, got {tuning_seeds!r}") from None
+    return [step.command() for step in plan(dataset, label, dict(cells_by_rung), centres, selections, seeds)]

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mlstm.errors import UserError
 from mlstm.studies.convergence import Interval
+from mlstm.studies.runs import load_runs
+from mlstm.studies import scaling
 from mlstm.studies.scaling import (BASELINE, COLORS, GAP_TOL, RISE_TOL, DatasetStudy, GapRow, RungSelection, ScaleStudy,
                            finite, format_params, int_or_none, size_key)
 
@@ -289,7 +292,8 @@ def selection_table(selections: Sequence[RungSelection], dataset: str) -> list[s
 def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | None = None) -> str:
     lines = [f"# {title or 'Does the mLSTM advantage grow with model size?'}", ""]
     lines.append(f"{study.n_final} final runs, {study.n_tuning} tuning runs. Every cell at its own tuned learning "
-                 f"rate (the rule of mlstm.studies.tuning, per cell and size), fresh seeds; the baseline is `{study.baseline}` "
+                 f"rate (the rule of mlstm.studies.tuning, per cell and size), fresh seeds; "
+                 f"the baseline is `{study.baseline}` "
                  f"at the same rung (parameter counts within 2%).")
     lines.append("")
     datasets = sorted(set(study.datasets) | {s.dataset for s in study.selections})
@@ -315,7 +319,8 @@ def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | 
         lines += ["### Best against best: characters to a level", "",
                   "Target: the LSTM's best level at that rung (the highest of its seeds' lowest validation bpc), "
                   "then the level both reach (the higher of the two cells' best levels: where the mLSTM ends "
-                  "above the LSTM, its own best level), and any fixed level. × LSTM: mean characters over the LSTM's, 95% bootstrap CI over seeds; "
+                  "above the LSTM, its own best level), and any fixed level. × LSTM: mean characters over the LSTM's, "
+                  "95% bootstrap CI over seeds; "
                   "ladder: the ratio at five levels from the first validation point down. Δ valid: final "
                   "validation bpc minus the LSTM's.", "",
                   "| rung | LSTM params | cell | lr | seeds | target bpc | chars to target | × LSTM | ladder | "
@@ -407,3 +412,23 @@ def write_report(study: ScaleStudy, out: str | Path, title: str | None = None, f
     written.update({"report": out / "report.md", "summary": out / "scale_summary.csv",
                     "selection": out / "selection.json", "figures": [out / name for name in drawn.values()]})
     return written
+
+
+def report_from_runs(final: Sequence[str], tuning_paths: Sequence[str], out: str | Path,
+                     targets: Sequence[tuple[str, float]] = (), variants: str | None = None, title: str | None = None,
+                     figures: bool = True) -> str:
+    """What scripts/scale_report.py does: read the runs, analyse, write the report into `out`; returns what it
+    prints (report.md, then a `wrote PATH` line per file)."""
+    if not final and not tuning_paths:
+        raise UserError("give --final and/or --tuning run directories")
+    final_runs = load_runs(final) if final else []
+    tuning_runs = load_runs(tuning_paths) if tuning_paths else []
+    fixed: dict[str, list[float]] = {}
+    for name, level in targets:
+        fixed.setdefault(name, []).append(level)
+    keep = [v.strip() for v in variants.split(",")] if variants else None
+    study = scaling.analyse(final_runs, tuning_runs, fixed_targets=fixed, variants=keep)
+    written = write_report(study, Path(out), title=title, figures=figures)
+    lines = [f"wrote {written[key]}" for key in ("report", "summary", "selection")]
+    lines += [f"wrote {figure}" for figure in written["figures"]]
+    return (Path(out) / "report.md").read_text() + "\n".join(lines) + "\n"
