@@ -1,7 +1,11 @@
-"""A committed convergence report regenerates byte for byte from its committed runs through `mlstm.studies.study`."""
+"""The committed reports regenerate byte for byte from their committed runs: the shared-rate rerun (through
+`mlstm.studies.study`), the tuned study and the size ladder (through the commands their study scripts run)."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from mlstm.studies.study import StudyOptions, load_study_runs, write_study
@@ -24,3 +28,48 @@ def test_rerun_enwik8_report_regenerates_byte_for_byte(tmp_path, monkeypatch):
     assert [a.name for a in analyses] == ["enwik8_head3M"]
     assert sorted(analyses[0].figures) == sorted(p.name for p in committed.glob("*.png"))
     assert all((tmp_path / name).stat().st_size > 1000 for name in analyses[0].figures)
+
+
+def script_command(script: str, starts: str, variables: dict[str, str]) -> list[str]:
+    """The command of a study's shell script that writes its report (continuation lines joined, variables filled in),
+    so that the test runs exactly what the study's README tells a reader to run."""
+    text = (REPO_ROOT / script).read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.strip().startswith(starts)]
+    for name, value in variables.items():
+        line = line.replace(f'"${name}"', value).replace(f"${name}", value)
+    return shlex.split(line)
+
+
+def with_out(command: list[str], out: Path) -> list[str]:
+    i = command.index("--out")
+    return [sys.executable, *command[1:i + 1], str(out), *command[i + 2:]]
+
+
+def assert_same_files(made: Path, committed: Path, names: list[str]) -> None:
+    for name in names:
+        assert (made / name).read_bytes() == (committed / name).read_bytes(), f"{committed / name} differs"
+
+
+def test_tuned_report_regenerates_byte_for_byte(tmp_path):
+    """results/convergence/tuned (README: `bash scripts/tuned_report.sh`): report.md, summary.csv and the final runs'
+    convergence reports from the committed runs."""
+    command = script_command("scripts/tuned_report.sh", '"$VENV/bin/python" scripts/tune.py report', {})
+    done = subprocess.run(with_out(command, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    committed = REPO_ROOT / "results/convergence/tuned"
+    assert_same_files(tmp_path, committed, ["report.md", "summary.csv", "enwik8_head3M_final/report.md",
+                                            "enwik8_head3M_final/summary.csv", "text8_head2M_final/report.md",
+                                            "text8_head2M_final/summary.csv"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in committed.glob("*.png"))
+
+
+def test_scale_report_regenerates_byte_for_byte(tmp_path):
+    """results/convergence/scale (written by the last step of scripts/scale_study.sh): report.md, scale_summary.csv
+    and selection.json from the committed runs of the ladder and of the tuned study."""
+    command = script_command("scripts/scale_study.sh", '"$PY" scripts/scale_report.py',
+                             {"SCALE": "results/convergence/scale", "TUNED": "results/convergence/tuned"})
+    done = subprocess.run(with_out(command, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    committed = REPO_ROOT / "results/convergence/scale"
+    assert_same_files(tmp_path, committed, ["report.md", "scale_summary.csv", "selection.json"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in committed.glob("*.png"))
