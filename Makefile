@@ -12,7 +12,7 @@ RUNS   ?=
 OUT    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train train-ddp sweep tune plot report bench params sample dynamic-eval test clean
+.PHONY: help setup train train-ddp sweep tune plot report bench params sample dynamic-eval lint format test test-fast clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -49,8 +49,19 @@ sample: ## generate text from a checkpoint: make sample ARGS="checkpoint=... pro
 dynamic-eval: ## static and dynamic-evaluation bpc of a checkpoint: make dynamic-eval ARGS="checkpoint=..."
 	$(PY) -m mlstm.cli.dynamic_eval $(ARGS)
 
-test: ## run the test suite
+lint: ## ruff: the lint rules and the formatting check (configured in pyproject.toml)
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+format: ## rewrite the code into the project's style: ruff format, then ruff check --fix
+	$(VENV)/bin/ruff format src tests scripts
+	$(VENV)/bin/ruff check --fix src tests scripts
+
+test: lint ## lint, then the whole test suite (what CI runs)
 	$(PY) -m pytest -q tests
+
+test-fast: ## the test suite without the tests marked slow (real trainings in subprocesses); about 2 minutes
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean: ## remove local outputs (not results/)
 	rm -rf outputs multirun wandb .pytest_cache

@@ -172,5 +172,6 @@ def test_run_seconds_table_lists_runs_slowest_first_with_their_last_valid_bpc(tm
 def test_denormal_script_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_denormal.py"), "--checkpoint",
                            str(tmp_path / "none.pt")], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pt'} does not exist"]
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pt'} does not exist"]
     assert done.stdout == ""

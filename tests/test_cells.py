@@ -180,7 +180,7 @@ def assert_semi_orthogonal(w, scale=1.0):
 def test_orthogonal_init_and_forget_bias_rows(kind):
     layer = make(kind, "proj_only", hidden=8, inputs=5, init_scale=2.0)
     weights = layer.to_paper_weights()
-    for name, w in weights.items():
+    for _name, w in weights.items():
         if w.dim() == 2:  # each matrix as a whole; the seed's A and W over their concatenated columns
             assert_semi_orthogonal(w, 2.0)
     H = 8

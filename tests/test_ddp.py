@@ -152,7 +152,8 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     assert_same_training_state(checkpoint(chain, 6), checkpoint(straight, 6))
 
     # every logged number (timings aside) matches the uninterrupted single-process run, evaluation included
-    got, expected = comparable(read_metrics(chain / "metrics.jsonl")), comparable(read_metrics(straight / "metrics.jsonl"))
+    got = comparable(read_metrics(chain / "metrics.jsonl"))
+    expected = comparable(read_metrics(straight / "metrics.jsonl"))
     assert [sorted(r) for r in got] == [sorted(r) for r in expected]
     streams = "test/cold_start_stream_bpc"
     (cold,) = [(g.pop(streams), e.pop(streams)) for g, e in zip(got, expected) if streams in g]

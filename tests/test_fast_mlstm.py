@@ -1,10 +1,10 @@
 """cell.impl=fast (`mlstm.cells.fast_mlstm`) against autograd: gradcheck in float64, and the reference layer
 (impl=reference, the autograd loop) on the same weights for every form and option, in float32 and under bf16 autocast.
-Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.kernels.cpu_kernel`) and float32 products on
-MKL's packed weights where they gain (`mlstm.cells.kernels.packed_gemm`: weights above 2^16 elements, where this build has
-them), and with PyTorch ops and torch.mm. At the small sizes of most tests every product is torch.mm's; every pairing
-of pointwise path and product is tested at H=256, where W_m is packed, W_mh is not, and the C loops split the batch
-over threads."""
+Every test runs twice: with the pointwise math in the fused C loops (`mlstm.cells.kernels.cpu_kernel`) and float32
+products on MKL's packed weights where they gain (`mlstm.cells.kernels.packed_gemm`: weights above 2^16 elements, where
+this build has them), and with PyTorch ops and torch.mm. At the small sizes of most tests every product is torch.mm's;
+every pairing of pointwise path and product is tested at H=256, where W_m is packed, W_mh is not, and the C loops split
+the batch over threads."""
 
 import copy
 import re
@@ -60,7 +60,7 @@ def pair(form, variant, hidden=16, inputs=8, dtype=torch.float32, seed=0, **extr
     torch.manual_seed(seed)
     ref = build_layer(dict(cfg, impl="reference"), inputs).to(dtype)
     with torch.no_grad():  # biases and peepholes away from their zero init, so that every path carries signal
-        for name, p in ref.named_parameters():
+        for _name, p in ref.named_parameters():
             if p.dim() == 1:
                 p.normal_(0.0, 0.3)
     fast = build_layer(dict(cfg, impl="fast"), inputs).to(dtype)
@@ -169,7 +169,8 @@ def test_fast_matches_reference_float32(form, variant, pointwise_path):
 
 # from this many B x H cells on, the C loops split the rows over threads: read from the C source, so that the test
 # follows the threshold wherever it moves
-PARALLEL_MIN = int(re.search(r"#define MLSTM_PARALLEL_MIN (\d+)", (cpu_kernel.SOURCE_DIR / "mlstm_cpu.c").read_text())[1])
+PARALLEL_MIN = int(re.search(r"#define MLSTM_PARALLEL_MIN (\d+)",
+                             (cpu_kernel.SOURCE_DIR / "mlstm_cpu.c").read_text())[1])
 
 
 @pytest.mark.parametrize("products", ["packed", "mm"])

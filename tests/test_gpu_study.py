@@ -54,7 +54,8 @@ def test_dry_run_writes_the_results_folder_and_report(enwik8_sample, text8_sampl
     # (restored from OUT), nothing is trained again
     again = subprocess.run(["bash", "scripts/gpu_study.sh", "--dry-run", str(enwik8_sample.parent), str(out)],
                            capture_output=True, text=True, timeout=2400, cwd=REPO_ROOT,
-                           env={**env, "WORK": str(tmp_path / "work2"), "STUDY_ARGS": "--skip-paper --rungs 300k --datasets enwik8_sample"})
+                           env={**env, "WORK": str(tmp_path / "work2"),
+                                "STUDY_ARGS": "--skip-paper --rungs 300k --datasets enwik8_sample"})
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "finished runs of an earlier call restored" in (out / "log.txt").read_text()
     logs = list((tmp_path / "work2").rglob("train.log"))

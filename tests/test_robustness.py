@@ -74,9 +74,10 @@ def _flip_a_weight(path: Path, payload: dict) -> None:
         f.write(bytes([data[at + len(weights) // 2] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("damage, reported", [(_truncate, "is unreadable or corrupted"),
-                                              (_flip_a_weight, "is corrupted (its content does not match its SHA-256 digest)")],
-                         ids=["truncated", "bit-flipped"])
+@pytest.mark.parametrize("damage, reported", [
+    (_truncate, "is unreadable or corrupted"),
+    (_flip_a_weight, "is corrupted (its content does not match its SHA-256 digest)"),
+], ids=["truncated", "bit-flipped"])
 def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_one_and_still_resumes_exactly(
         corpus, data_dir, tmp_path, capsys, damage, reported):
     common = ["optim=adam", "trainer.eval_every=4", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=3"]

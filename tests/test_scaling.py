@@ -1,5 +1,5 @@
-"""The size-ladder analysis and report (mlstm.studies.scaling, mlstm.studies.scaling_report, scripts/scale_report.py) on synthetic
-runs with a known trend.
+"""The size-ladder analysis and report (mlstm.studies.scaling, mlstm.studies.scaling_report, scripts/scale_report.py) on
+synthetic runs with a known trend.
 
 Learning curves are exponentials valid(c) = floor + (start - floor) exp(-c / tau): a cell whose tau is r times the
 LSTM's reaches every level in r times the LSTM's characters, so the ratio at each rung is known in advance. Here the
@@ -70,8 +70,13 @@ def make_finals(root: Path, seeds=(100, 101, 102)):
                 train = None
                 if cell == "mlstm_seed_gated" and rung == "5m":  # overfits: validation rises after step 600
                     base, turn = valid, 600 * CHARS_PER_STEP
-                    valid = lambda c, base=base, turn=turn: base(c) + (6e-7 * (c - turn) if c > turn else 0)
-                    train = lambda c, base=base: base(c) - 0.05
+
+                    def valid(c, base=base, turn=turn):
+                        return base(c) + (6e-7 * (c - turn) if c > turn else 0)
+
+                    def train(c, base=base):
+                        return base(c) - 0.05
+
                 write_run(root, "enwik8_sample", f"{cell}_{rung}", 0.004, seed,
                           int(params * (1.01 if cell != "lstm" else 1.0)), valid, train)
 

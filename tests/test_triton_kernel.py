@@ -1,7 +1,7 @@
 """The GPU side of the fast mLSTM, checked on a CPU: the Triton kernels (`mlstm.cells.kernels.triton_kernel`) through
 Triton's interpreter (MLSTM_TRITON=interpret) against the reference layer for every form and option, and the CUDA-graph
-bookkeeping (`mlstm.cells.kernels.cuda_graph`) with its `Rerun` stand-in, whose replay rewrites the captured tensors as a real
-replay rewrites the graph's memory. On a machine with a GPU, scripts/gpu_check.sh runs both for real."""
+bookkeeping (`mlstm.cells.kernels.cuda_graph`) with its `Rerun` stand-in, whose replay rewrites the captured tensors as
+a real replay rewrites the graph's memory. On a machine with a GPU, scripts/gpu_check.sh runs both for real."""
 
 import copy
 import subprocess

@@ -1,5 +1,5 @@
-"""The learning-rate selection rule (mlstm.studies.tuning) on synthetic runs with a known answer, the sensitivity figure, and
-a real tiny grid through Hydra's multirun and the joblib launcher (tune_lr_cpu), then the Optuna sweeper."""
+"""The learning-rate selection rule (mlstm.studies.tuning) on synthetic runs with a known answer, the sensitivity
+figure, and a real tiny grid through Hydra's multirun and the joblib launcher (tune_lr_cpu), then the Optuna sweeper."""
 
 import json
 import math
@@ -156,7 +156,9 @@ def test_posthoc_check_sets_other_rates_beside_the_finals_relative_to_the_baseli
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in text.splitlines()
             if line.startswith("| ")}
     # the paper form at its chosen rate reaches 3.4 before the LSTM at 4e-3 (late 2.5 against 2.7), at 2e-3 after
-    ratio = lambda key: float(rows[key].split("|")[3].split("×")[0])
+    def ratio(key):
+        return float(rows[key].split("|")[3].split("×")[0])
+
     assert ratio(("mlstm-paper @ 0.004", "3.4")) < 1 < ratio(("mlstm-paper @ 0.002", "3.4"))
     assert ("lstm @ 0.004", "3.4") not in rows  # the baseline has no ratio to itself
     # the test table: the blow-up at the chosen rate, none at the post-hoc one; differences to the post-hoc LSTM

@@ -49,7 +49,8 @@ class CellConfig:
     hidden_size: int  # H: units of the cell state c
     name: str = "mlstm"  # "mlstm" | "lstm"
     form: str | None = None  # mlstm equations: "paper" | "matlab" | "seed" (PAPER.md §1); None for lstm
-    impl: str | None = None  # mlstm: "fast" (default) | "reference"; lstm: "cudnn" (nn.LSTM) | "loop" (this module's loop)
+    # mlstm: "fast" (default) | "reference"; lstm: "cudnn" (nn.LSTM) | "loop" (this module's loop)
+    impl: str | None = None
     use_peepholes: bool = False  # diagonal peepholes (seed semantics for the seed form, Gers' otherwise)
     cell_clip: float | None = None  # clip c to ±cell_clip before the output (the clipped c is carried)
     num_proj: int | None = None  # P: project h = W_P h (H -> P); None: no projection, P = H

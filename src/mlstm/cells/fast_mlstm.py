@@ -678,4 +678,5 @@ class FastMultiplicativeLSTM(_FastForward, MultiplicativeLSTM):
         return super().__new__(cls)
 
 
-FAST_MLSTM_FORMS = {"paper": FastMultiplicativeLSTM, "matlab": FastMatlabMultiplicativeLSTM, "seed": FastSeedMultiplicativeLSTM}
+FAST_MLSTM_FORMS = {"paper": FastMultiplicativeLSTM, "matlab": FastMatlabMultiplicativeLSTM,
+                    "seed": FastSeedMultiplicativeLSTM}

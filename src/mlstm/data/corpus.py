@@ -153,7 +153,8 @@ def _get(cfg, key: str, default: Any = None) -> Any:
 def _require(cfg, key: str, example: str) -> Any:
     value = _get(cfg, key)
     if value in (None, ""):
-        raise UserError(f"dataset.{key} is required for dataset {_get(cfg, 'name')!r}; pass e.g. dataset.{key}={example}")
+        raise UserError(f"dataset.{key} is required for dataset {_get(cfg, 'name')!r}; "
+                        f"pass e.g. dataset.{key}={example}")
     return value
 
 

@@ -32,7 +32,8 @@ class StudyOptions:
     # unigram-entropy reference line per dataset name; the key None applies to every dataset not named; a dataset
     # in neither gets it computed from its corpus file when the runs' configs point at a readable one
     unigram_entropies: Mapping[str | None, float] = field(default_factory=dict)
-    label_key: str | None = None  # config key(s) naming the variant (see `mlstm.studies.runs.variant_label`); loading only
+    # config key(s) naming the variant (see `mlstm.studies.runs.variant_label`); loading only
+    label_key: str | None = None
     title: str = "Convergence of mLSTM against LSTM"  # report.md's heading
     generated_by: str = "`scripts/plot_convergence.py`"  # named in report.md's first sentence
 

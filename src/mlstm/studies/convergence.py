@@ -14,7 +14,8 @@ piecewise-linear curves:
     mean curve       seeds interpolated onto a common grid over the range all of them cover, with a min-max or a
                      95% t band
 
-Pure numpy: the run loading lives in `mlstm.studies.runs`, the figures in `mlstm.studies.figures`, the tables in `mlstm.studies.report`.
+Pure numpy: the run loading lives in `mlstm.studies.runs`, the figures in `mlstm.studies.figures`, the tables in
+`mlstm.studies.report`.
 """
 
 from __future__ import annotations

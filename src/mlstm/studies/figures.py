@@ -1,5 +1,5 @@
-"""The figures of a convergence study (`mlstm.studies.study`): bpc against steps, characters and seconds, one mean curve with
-a band per variant.
+"""The figures of a convergence study (`mlstm.studies.study`): bpc against steps, characters and seconds, one mean curve
+with a band per variant.
 
 Figures are built with `matplotlib.figure.Figure` rather than pyplot, so drawing them changes no global matplotlib
 state (backend, current figure) of the calling program and needs no display.

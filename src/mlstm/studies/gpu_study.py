@@ -15,9 +15,9 @@ entry point over `main` here, and `scale_report.py`):
    cell.init=torch (the orthogonal init's SVDs take minutes on the CPU and do not change the speed).
 2. **The ladder** (`--skip-study` leaves it out): for every dataset, rung (0.3M, 1.2M, 4.8M, 20M) and cell (LSTM, mLSTM
    paper form, seed cell with the gated output), the grid of `--grid RUNG=r1,r2,r3` on the tuning seeds, then the
-   rule of mlstm.studies.tuning (scaling.select_by_rung); a choice at the grid's edge (or a grid that diverged everywhere)
-   adds the next rate outward, up to `--max-extend` times; then the fresh seeds at the chosen rate. The recipe is
-   configs/sweep/convergence_cpu (800 steps of 32 x 100, Adam with the Chainer schedule, clip 1.0), as the CPU
+   rule of mlstm.studies.tuning (scaling.select_by_rung); a choice at the grid's edge (or a grid that diverged
+   everywhere) adds the next rate outward, up to `--max-extend` times; then the fresh seeds at the chosen rate. The
+   recipe is configs/sweep/convergence_cpu (800 steps of 32 x 100, Adam with the Chainer schedule, clip 1.0), as the CPU
    ladder's, with on_divergence=end, the test pass on the fresh seeds only, and on the GPU bf16, validation every
    `--eval-every` (100) steps on the first 50k characters read as `--eval-streams` (4) streams. Runs go to
    WORK/{runs,final}/<dataset>/<preset>/lr<rate>-seed<seed> (what the CPU sweeps write), each finished one is
@@ -46,7 +46,8 @@ from pathlib import Path
 
 from mlstm.training.pool import Pool
 
-REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout: configs/ and scripts/ (the package is installed editable)
+# the checkout: configs/ and scripts/ (the package is installed editable)
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CELLS = ("lstm", "mlstm_paper", "mlstm_seed_gated")
 RUNGS = ("300k", "1m", "5m", "20m")
 SAMPLES = {"enwik8_sample": "enwik8_head3M.xml", "text8_sample": "text8_head2M.txt"}
@@ -292,8 +293,9 @@ class Study:
             while self.ready and len(in_flight) < (1 if serial else free):
                 job = self.ready.pop(0)
                 if time.monotonic() + self.estimate(job) > self.deadline:
-                    self.record(job, "skipped", reason=f"would not end before the deadline ({self.args.deadline_s:.0f}s;"
-                                                       f" estimate {self.estimate(job):.0f}s)")
+                    reason = (f"would not end before the deadline ({self.args.deadline_s:.0f}s;"
+                              f" estimate {self.estimate(job):.0f}s)")
+                    self.record(job, "skipped", reason=reason)
                     self.say(f"skipped (deadline): {job.key}")
                     if job.kind != "paper":
                         self.groups[(job.dataset, job.preset)].pending.discard(job.key)

@@ -1,10 +1,10 @@
 """Finding and reading training runs for the convergence analysis.
 
-A run directory is any directory holding `metrics.jsonl` (written by `mlstm.training.trainer`, see `mlstm.training.tracking`) and,
-beside it, `config.yaml` (the resolved Hydra config). The config says what the run *is* (variant, dataset, seed,
-batch shape); the metrics say how it went (`step`, `chars`, `time` on every record; `train/bpc` on training records,
-`valid/bpc` on validation records, `test/bpc` on the last). Runs can also be read from W&B (`load_wandb_runs`), the
-one part of this module that needs the network.
+A run directory is any directory holding `metrics.jsonl` (written by `mlstm.training.trainer`, see
+`mlstm.training.tracking`) and, beside it, `config.yaml` (the resolved Hydra config). The config says what the run *is*
+(variant, dataset, seed, batch shape); the metrics say how it went (`step`, `chars`, `time` on every record; `train/bpc`
+on training records, `valid/bpc` on validation records, `test/bpc` on the last). Runs can also be read from W&B
+(`load_wandb_runs`), the one part of this module that needs the network.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A convergence study of a set of runs: per dataset, each variant's time to target and bpc at an equal budget
 against a baseline variant, written out as figures, summary.csv and report.md (`write_study`).
 
-The statistics live in `mlstm.studies.convergence`, the run loading in `mlstm.studies.runs`, the drawing in `mlstm.studies.figures` and the
-text in `mlstm.studies.report`.
+The statistics live in `mlstm.studies.convergence`, the run loading in `mlstm.studies.runs`, the drawing in
+`mlstm.studies.figures` and the text in `mlstm.studies.report`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The tuned study, written down: the grid under the rule (mlstm.studies.tuning), the sensitivity figure, and best against
-best beside the shared rate.
+"""The tuned study, written down: the grid under the rule (mlstm.studies.tuning), the sensitivity figure, and best
+against best beside the shared rate.
 
     tuning runs ─► select() ─► grid table, chosen rates, unstable/diverged runs, sensitivity figure
-    final runs (each cell at its chosen rate, fresh seeds) ─► ratios to the LSTM with bootstrap CIs (mlstm.studies.convergence)
+    final runs (each cell at its chosen rate, fresh seeds) ─► ratios to the LSTM with bootstrap CIs
+                                                              (mlstm.studies.convergence)
     shared-rate runs (every cell at one rate) ─► the same ratios, side by side: what tuning changed
     post-hoc runs (cells at rates the rule did not choose, fresh seeds) ─► a labelled check beside the finals
 
@@ -384,8 +385,8 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
                       targets: dict | None = None, baseline: str = "lstm",
                       n_resamples: int = cv.N_RESAMPLES, posthoc: Sequence[Run] = ()) -> list[tuning.Selection]:
     """report.md, summary.csv (the grid), <dataset>_lr_sensitivity.png and, where final runs exist, the convergence
-    study of the final runs (mlstm.studies.study.write_study) in <out>/<dataset>_final/; post-hoc runs, when given, get their
-    labelled section after the final runs'."""
+    study of the final runs (mlstm.studies.study.write_study) in <out>/<dataset>_final/; post-hoc runs, when given, get
+    their labelled section after the final runs'."""
     from mlstm.studies import study
 
     out = Path(out)

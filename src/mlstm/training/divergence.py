@@ -52,7 +52,8 @@ def reload_after_divergence(trainer) -> None:
     scale = trainer.lr_scale * float(trainer.tcfg.get("divergence_lr_factor", 0.5))
     reloads = trainer.divergence_reloads + 1
     restore(trainer, payload)
-    scale_learning_rate(trainer.optimizer, trainer.scheduler, scale / trainer.lr_scale)  # (the checkpoint's may be lowered)
+    # (the checkpoint's may be lowered)
+    scale_learning_rate(trainer.optimizer, trainer.scheduler, scale / trainer.lr_scale)
     trainer.lr_scale, trainer.divergence_reloads = scale, reloads
     trainer.nonfinite_total, trainer.nonfinite_in_row = total, 0  # the skipped steps stay counted
     trainer.sinks.rewind(trainer.step)

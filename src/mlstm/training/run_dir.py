@@ -26,8 +26,8 @@ def prepare_run_dir(run_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path):
-    """Hold `run_dir` (mlstm.training.run_lock) while training; under torchrun rank 0 holds it for the whole job (the rank
-    is known from the environment before any process group exists)."""
+    """Hold `run_dir` (mlstm.training.run_lock) while training; under torchrun rank 0 holds it for the whole job (the
+    rank is known from the environment before any process group exists)."""
     if distributed.env_rank() != 0:
         yield
         return

@@ -1,8 +1,8 @@
 """A trained model back from a checkpoint file, for the commands that use one (sampling, dynamic evaluation).
 
-The checkpoint is read with `mlstm.training.checkpoint.load_file` (weights_only: opening it never runs code) and the model is
-rebuilt from the resolved config the checkpoint carries, so any checkpoint of this project loads without its run
-directory. The file is only read.
+The checkpoint is read with `mlstm.training.checkpoint.load_file` (weights_only: opening it never runs code) and the
+model is rebuilt from the resolved config the checkpoint carries, so any checkpoint of this project loads without its
+run directory. The file is only read.
 """
 
 from __future__ import annotations
