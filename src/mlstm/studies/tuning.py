@@ -5,7 +5,9 @@ The rule (fixed before any tuning run was looked at, and the same for every cell
 1. A run's **score** is its validation bpc averaged over the evaluation points of the last quarter of the budget
    (steps >= 3/4 of `trainer.max_steps`; with 800 steps and validation every 50: steps 600, 650, ..., 800). A run
    that diverged (`event: diverged`), logged a non-finite validation bpc there, or never reached that quarter scores
-   +inf: the worst.
+   +inf: the worst. A run trained to convergence (`trainer.early_stop_patience` set: the converged study) scores
+   instead its **lowest** validation bpc, once it has ended (stopped by the rule, or at the cap); +inf while it runs
+   or when it diverged.
 2. A rate's score is the mean of its runs' scores over the **tuning seeds every rate of that cell has** (so no rate
    wins by missing a bad seed; a rate that lacks one of them is scored on the common seeds only and flagged).
 3. The chosen rate is the one with the lowest score; a tie (within 1e-9 bpc) goes to the smaller rate, the more
@@ -25,7 +27,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from mlstm.training.score import LAST_FRACTION, _number, diverged, late_points, run_score  # noqa: F401 (rule 1)
+from mlstm.training.score import LAST_FRACTION, _number, diverged, ended, late_points, run_score  # noqa: F401 (rule 1)
 
 UNSTABLE_GAP = 1.0  # bpc: evaluation this far above training is a state blow-up (a cold start it never recovers from)
 TIE_TOLERANCE = 1e-9
@@ -68,6 +70,12 @@ def blown_streams(records: list[Mapping], key: str = "test/cold_start_stream_bpc
 def learning_rate(config: Mapping) -> float | None:
     value = (config.get("optim") or {}).get("lr")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def to_convergence(config: Mapping) -> bool:
+    """A run trained to convergence (`trainer.early_stop_patience` set, mlstm.training.plateau): rule 1 scores its
+    lowest validation bpc instead of the mean over the last quarter of a fixed budget."""
+    return (config.get("trainer") or {}).get("early_stop_patience") is not None
 
 
 def budget_steps(config: Mapping) -> int:
@@ -134,13 +142,13 @@ def score_rates(runs: Iterable) -> list[RateScore]:
             continue
         rate = by_rate.setdefault(lr, RateScore(lr, {}, {}, [], []))
         seed = run.seed if run.seed is not None else run.source
-        rate.per_seed[seed] = run_score(run.records, budget)
+        rate.per_seed[seed] = run_score(run.records, budget, best=to_convergence(run.config))
         rate.final_by_seed[seed] = final_valid(run.records, budget)
         if unstable(run.records, budget):
             rate.unstable_seeds.append(seed)
         if diverged(run.records):
             rate.diverged_seeds.append(seed)
-        elif not any(r.get("step") == budget and "valid/bpc" in r for r in run.records):
+        elif not ended(run.records, budget):
             rate.unfinished_seeds.append(seed)
     rates = [by_rate[lr] for lr in sorted(by_rate)]
     common = set.intersection(*(set(r.per_seed) for r in rates)) if rates else set()
