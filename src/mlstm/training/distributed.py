@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mlstm.cells import fast_mlstm
+from mlstm.data import load_corpus
 from mlstm.errors import UserError
 
 
@@ -177,3 +178,23 @@ def teardown(ctx: Context, finished: bool = False) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def load_corpus_once(dataset_cfg, data_dir, ctx: Context):
+    """The corpus on every rank: rank 0 builds the token cache first, the others then only open its memmaps."""
+    if ctx.is_main:
+        corpus = load_corpus(dataset_cfg, data_dir)
+    barrier(ctx)
+    if not ctx.is_main:
+        corpus = load_corpus(dataset_cfg, data_dir)
+    return corpus
+
+
+def wrap_ddp(model, ctx: Context):
+    """The model in DistributedDataParallel under torchrun (it broadcasts rank 0's initial parameters), else itself."""
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -50,3 +50,15 @@ def default_run_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # not under @hydra.main
         return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def agree_on_run_dir(run_dir: Path, ctx) -> Path:
+    """Rank 0's run directory on every rank. Hydra runs in every rank under torchrun, and a run dir made from
+    ${now:...} can differ by a second between ranks; the others' own (empty) Hydra directory is removed."""
+    agreed = Path(distributed.broadcast_object(str(run_dir), ctx))
+    if not ctx.is_main and agreed.resolve() != run_dir.resolve() and run_dir.is_dir():
+        try:
+            run_dir.rmdir()  # only ever removes an empty directory
+        except OSError:
+            pass
+    return agreed

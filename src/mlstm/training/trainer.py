@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mlstm.cells.kernels import cpu_kernel
-from mlstm.data import StreamBatcher, load_corpus
+from mlstm.data import StreamBatcher
 from mlstm.errors import UserError
 from mlstm.evaluate import LN2, autocast, cross_entropy_nats
 from mlstm.model import build_model, detach_state, num_parameters
@@ -29,7 +29,7 @@ from mlstm.training.optim import build_optimizer
 from mlstm.training.progress import progress_bar, throughput
 from mlstm.training.plateau import build_early_stopping, build_plateau, can_reduce, current_lr
 from mlstm.training.resume import finished_result, rank_seed, seed_everything
-from mlstm.training.run_dir import default_run_dir, prepare_run_dir, run_dir_lock
+from mlstm.training.run_dir import agree_on_run_dir, default_run_dir, prepare_run_dir, run_dir_lock
 from mlstm.training.score import run_score
 from mlstm.training.stopping import GracefulStop, ParentWatch, TrainingStopped
 from mlstm.training.tracking import METRICS_FILE, JsonlSink, Sinks, WandbSink, read_metrics
@@ -48,16 +48,16 @@ class Trainer:
         if self.tcfg.get("threads"):
             torch.set_num_threads(int(self.tcfg.threads))
         self.ctx = distributed.setup(self.tcfg.get("device", "auto"))
-        run_dir = self._agree_on_run_dir(Path(run_dir))
+        run_dir = agree_on_run_dir(Path(run_dir), self.ctx)
         self.run_dir = prepare_run_dir(run_dir) if self.ctx.is_main else Path(run_dir)
         self.precision = self.tcfg.get("precision", "fp32")
         self._set_precision_flags()
         seed_everything(int(cfg.seed))
 
-        self.corpus = self._load_corpus()
+        self.corpus = distributed.load_corpus_once(self.cfg.dataset, self.cfg.data_dir, self.ctx)
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.ctx.device)
         self.num_params = num_parameters(self.model)
-        self.ddp_model = self._wrap_ddp(self.model)  # DDP broadcasts rank 0's initial parameters
+        self.ddp_model = distributed.wrap_ddp(self.model, self.ctx)  # DDP broadcasts rank 0's initial parameters
         if self.ctx.distributed:  # one RNG stream per rank: the dropout masks of different streams stay independent
             torch.manual_seed(rank_seed(int(cfg.seed), self.ctx.rank))
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model.parameters())
@@ -109,34 +109,6 @@ class Trainer:
         cpu_kernel.set_flush_denormal(bool(self.tcfg.get("flush_denormal", False)))
         if self.precision == "bf16" and self.ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 is not supported on this GPU; use fp16 or fp32")
-
-    def _agree_on_run_dir(self, run_dir: Path) -> Path:
-        """Rank 0's run directory on every rank. Hydra runs in every rank under torchrun, and a run dir made from
-        ${now:...} can differ by a second between ranks; the others' own (empty) Hydra directory is removed."""
-        agreed = Path(distributed.broadcast_object(str(run_dir), self.ctx))
-        if not self.ctx.is_main and agreed.resolve() != run_dir.resolve() and run_dir.is_dir():
-            try:
-                run_dir.rmdir()  # only ever removes an empty directory
-            except OSError:
-                pass
-        return agreed
-
-    def _load_corpus(self):
-        # rank 0 builds the token cache first, the others then only open the memmaps
-        if self.ctx.is_main:
-            corpus = load_corpus(self.cfg.dataset, self.cfg.data_dir)
-        distributed.barrier(self.ctx)
-        if not self.ctx.is_main:
-            corpus = load_corpus(self.cfg.dataset, self.cfg.data_dir)
-        return corpus
-
-    def _wrap_ddp(self, model):
-        if not self.ctx.distributed:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
 
     def _open_sinks(self, resumed: bool) -> Sinks:
         sinks = [JsonlSink(self.run_dir, resume_step=self.step if resumed else None)]
