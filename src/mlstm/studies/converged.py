@@ -249,3 +249,19 @@ def selection_rows(selections: Sequence[RungSelection]) -> list[dict]:
         row["final_command"] = final_command(selection)
         rows.append(row)
     return rows
+
+
+def next_step(tuning_runs: Iterable[Run], dataset_choice: str, preset: str) -> tuple[str, float | None]:
+    """What a cell's part of the study runs next, from its tuning runs so far: ("extend", rate) when the choice sits
+    at the grid's edge (or every rate diverged), ("final", rate) once it lies strictly inside, ("wait", None) while a
+    grid run is unfinished, ("none", None) without tuning runs of that preset on that dataset."""
+    mine = [r for r in tuning_runs if f"/{dataset_choice}/{preset}/" in f"/{Path(r.source).as_posix()}/"]
+    selections = select_by_rung(mine) if mine else []
+    if not selections:
+        return "none", None
+    selection = selections[0]
+    if not selection.selection.complete:
+        return "wait", None
+    if selection.next_lr is not None:
+        return "extend", selection.next_lr
+    return "final", selection.selection.chosen
