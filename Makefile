@@ -10,6 +10,8 @@ TORCHRUN_ARGS ?= --standalone
 SWEEP  ?= convergence_cpu
 RUNS   ?=
 OUT    ?=
+# the test files spread over every core (pytest-xdist); PYTEST_ARGS= runs them one after another
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help setup train train-ddp sweep tune plot report bench params sample dynamic-eval lint format test test-fast clean
@@ -57,11 +59,11 @@ format: ## rewrite the code into the project's style: ruff format, then ruff che
 	$(VENV)/bin/ruff format src tests scripts
 	$(VENV)/bin/ruff check --fix src tests scripts
 
-test: lint ## lint, then the whole test suite (what CI runs)
-	$(PY) -m pytest -q tests
+test: lint ## lint, then the whole test suite on every core (what CI runs)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 test-fast: ## the test suite without the tests marked slow (real trainings in subprocesses); about 2 minutes
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow" tests
 
 clean: ## remove local outputs (not results/)
 	rm -rf outputs multirun wandb .pytest_cache

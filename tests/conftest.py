@@ -46,3 +46,42 @@ def enwik8_head200k(enwik8_sample, tmp_path_factory) -> Path:
 def text8_sample() -> Path:
     """The first 2,000,000 characters of text8."""
     return _sample("text8_head2M.txt")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread in the test process unless a test asks for more (those that test threading set it
+    themselves): the test machines are shared, and OpenMP threads competing for busy cores crawl (a stateful
+    evaluation of 8,000 characters took 14 s at 2 threads on a loaded 2-core machine, 1 s at one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One token cache (`data_dir=`) for every test that does not test the cache itself: each corpus is encoded once
+    per session, not once per test or module."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(enwik8_sample, data_cache, tmp_path_factory) -> Path:
+    """last.pt of a tiny model trained once per session, for the tests that only read a trained model (evaluation,
+    sampling, dynamic evaluation, the checkpoint CLIs): 150 steps of a 64-unit paper-form mLSTM, 16 x 50 characters,
+    on the first 80% of the enwik8 sample (the last 10%, later text, is the test split). Its weights predict text:
+    validation well below the sample's 5.07-bit unigram entropy."""
+    from mlstm.config import load_config
+    from mlstm.training.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    cfg = load_config(["dataset=file", f"dataset.path={enwik8_sample}", "dataset.split_fractions=[0.8,0.1,0.1]",
+                       f"data_dir={data_cache}", "logger=none", "trainer=cpu", "cell.hidden_size=64",
+                       "trainer.batch_size=16", "trainer.seq_len=50", "trainer.max_steps=150",
+                       "trainer.eval_every=null", "trainer.eval_chars=2000", "trainer.test_at_end=false",
+                       "trainer.progress=false", "optim.lr=3e-3", "optim.schedule=constant"])
+    train(cfg, run_dir=run_dir)
+    return run_dir / "last.pt"

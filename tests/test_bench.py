@@ -17,6 +17,7 @@ from mlstm.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_script_writes_rows_with_ratios(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--cells", "lstm:cudnn,mlstm-paper:fast",
@@ -169,6 +170,7 @@ def test_run_seconds_table_lists_runs_slowest_first_with_their_last_valid_bpc(tm
                      "| cell/diverged | 20 | 90 | non-finite |"]
 
 
+@pytest.mark.slow
 def test_denormal_script_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_denormal.py"), "--checkpoint",
                            str(tmp_path / "none.pt")], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from mlstm.cli import CONFIG_DIR
-from mlstm.model import count_parameters
 from mlstm.config import load_config
 from mlstm.errors import UserError
+from mlstm.model import count_parameters
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
 # groups not in train.yaml's defaults list are added with "+"

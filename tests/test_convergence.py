@@ -228,6 +228,7 @@ def run_script(*args) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_plot_convergence_end_to_end(sweep, tmp_path):
     out = tmp_path / "out"
     result = run_script(sweep, "--out", out)
@@ -260,6 +261,7 @@ def test_plot_convergence_end_to_end(sweep, tmp_path):
     assert "unigram entropy of the training text: 1.000 bits" in report.lower()  # computed from toy.txt ("ab"*)
 
 
+@pytest.mark.slow
 def test_explicit_targets_and_unreached_level(sweep, tmp_path):
     out = tmp_path / "out"
     result = run_script(sweep, "--out", out, "--targets", "3.5,1.0", "--band", "t95", "--logx", "--svg")
@@ -271,6 +273,7 @@ def test_explicit_targets_and_unreached_level(sweep, tmp_path):
     assert unreached["note"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_path", [lambda tmp: tmp / "does-not-exist", lambda tmp: tmp])
 def test_missing_path_or_no_runs_exits_with_one_line(tmp_path, make_path):
     result = run_script(make_path(tmp_path), "--out", tmp_path / "out")

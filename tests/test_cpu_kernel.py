@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlstm.cells.kernels import cpu_kernel, packed_gemm
 from mlstm.cells.fast_mlstm import _Products
+from mlstm.cells.kernels import cpu_kernel, packed_gemm
 from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, assert_close, inputs_for, pair, run
 
@@ -29,17 +29,6 @@ def bench(env: dict, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=300)
 
 
-def test_build_compiles_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path))
-    path = cpu_kernel.build()
-    assert path.parent == tmp_path and path.suffix == ".so" and path.stat().st_size > 0
-    stamp = path.stat().st_mtime_ns
-    assert cpu_kernel.build() == path and path.stat().st_mtime_ns == stamp  # cached: not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
-    kernels = cpu_kernel.Kernels(path)  # loads, and its struct layout agrees with the ctypes mirror
-    assert set(kernels.functions) == {torch.float32, torch.float64}
-
-
 def compiler_accepts(flag: str, tmp_path: Path) -> bool:
     source = tmp_path / "probe.c"
     source.write_text("int main(void) { return 0; }\n")
@@ -47,11 +36,21 @@ def compiler_accepts(flag: str, tmp_path: Path) -> bool:
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-def test_the_build_is_threaded_when_the_compiler_has_openmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path / "cache"))
-    assert cpu_kernel.Kernels(cpu_kernel.build()).threaded == compiler_accepts("-fopenmp", tmp_path)
+@pytest.mark.slow
+def test_build_compiles_once_into_the_cache_threaded_when_the_compiler_has_openmp(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(cache))
+    path = cpu_kernel.build()
+    assert path.parent == cache and path.suffix == ".so" and path.stat().st_size > 0
+    stamp = path.stat().st_mtime_ns
+    assert cpu_kernel.build() == path and path.stat().st_mtime_ns == stamp  # cached: not rebuilt
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary files left behind
+    kernels = cpu_kernel.Kernels(path)  # loads, and its struct layout agrees with the ctypes mirror
+    assert set(kernels.functions) == {torch.float32, torch.float64}
+    assert kernels.threaded == compiler_accepts("-fopenmp", tmp_path)  # (one build checked for both: a build is slow)
 
 
+@pytest.mark.slow
 def test_a_compiler_without_openmp_gets_the_single_threaded_build_once(tmp_path, monkeypatch):
     """A real compiler behind a wrapper that rejects -fopenmp (as clang without libomp does)."""
     log = tmp_path / "calls.log"
@@ -71,6 +70,7 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build_once(tmp_path,
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_builds_into_a_temporary_directory(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -96,6 +96,7 @@ def test_switch_values(monkeypatch):
     assert cpu_kernel.load() is None and cpu_kernel.status() == "off"
 
 
+@pytest.mark.slow
 def test_without_a_compiler_auto_falls_back_and_required_fails_in_one_line(tmp_path):
     env = {"CC": str(tmp_path / "no-such-cc"), "MLSTM_KERNEL_CACHE": str(tmp_path / "cache")}
     auto = bench({**env, "MLSTM_CPU_KERNEL": "auto"})
@@ -209,6 +210,7 @@ def test_packed_required_without_the_ops_is_one_clear_error(monkeypatch):
     assert not packed_gemm.applies(torch.device("cpu"), torch.float32)  # auto: torch.mm, silently
 
 
+@pytest.mark.slow
 def test_bench_rows_record_both_switches(tmp_path):
     out = tmp_path / "rows.json"
     run = bench({"MLSTM_PACKED_GEMM": "0", "MLSTM_CPU_KERNEL": "0"}, "--iters", "1", "--json", str(out))
@@ -218,6 +220,7 @@ def test_bench_rows_record_both_switches(tmp_path):
     assert "packed GEMM off" in run.stdout and "fused CPU kernel off" in run.stdout
 
 
+@pytest.mark.slow
 @needs_packed
 def test_bench_products_script_writes_its_table_and_rejects_bad_input(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "bench_products.py")]

@@ -102,6 +102,7 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in records]
 
 
+@pytest.mark.slow
 def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path):
     """1 process x 6 steps  ==  2-process DDP (steps 1-2) -> 1 process (3-4) -> 2-process DDP (5-6), in one run dir.
 
@@ -184,6 +185,7 @@ sys.stdout.flush()
 """
 
 
+@pytest.mark.slow
 def test_ddp_teardown_ends_the_gloo_threads(text, tmp_path):
     """The cause of the rare "terminate called without an active exception" (SIGABRT) of both ranks at exit: the
     gloo group outlived destroy_process_group(), so its worker threads met interpreter shutdown. DDP's constructor

@@ -8,31 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from mlstm.config import load_config
 from mlstm.data import load_corpus
 from mlstm.evaluate import bits_per_position, evaluate_bpc
 from mlstm.training.trained import load_model
-from mlstm.training.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# 40 steps of a 48-unit paper-form mLSTM: weights that predict text (bpc well below the uniform 7.6), in seconds
-TINY = ["trainer=cpu", "trainer.batch_size=8", "trainer.seq_len=50", "cell=mlstm", "cell.hidden_size=48",
-        "trainer.max_steps=40", "trainer.eval_every=40", "trainer.eval_chars=5000", "trainer.test_at_end=false",
-        "trainer.progress=false", "logger=none", "optim.lr=1e-2", "optim.schedule=constant"]
-
 
 @pytest.fixture(scope="module")
-def trained(enwik8_head200k, tmp_path_factory):
-    """(the model, the first 8,000 validation characters, the checkpoint path) of a tiny trained run."""
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(["dataset=file", f"dataset.path={enwik8_head200k}", f"data_dir={run_dir / 'data'}", *TINY])
-    train(cfg, run_dir=run_dir)
-    model, _ = load_model(run_dir / "last.pt")
+def trained(trained_checkpoint):
+    """(the model, the first 8,000 validation characters, the checkpoint path) of the session's tiny trained model
+    (tests/conftest.py)."""
+    model, payload = load_model(trained_checkpoint)
+    cfg = OmegaConf.create(payload["config"])
     tokens = load_corpus(cfg.dataset, cfg.data_dir).split("valid")[:8_000]
     assert len(tokens) == 8_000
-    return model, tokens, run_dir / "last.pt"
+    return model, tokens, trained_checkpoint
 
 
 @pytest.mark.parametrize("streams", [1, 4])
@@ -58,11 +51,13 @@ def test_each_column_is_its_stream_read_alone_from_a_zero_state(trained):
     assert not torch.allclose(continued[L:L + 50], together[:50, 1], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_eval_streams_reports_bpc_per_stream_count_and_per_window(trained, tmp_path):
     model, tokens, checkpoint = trained
     out = tmp_path / "streams.md"
     done = subprocess.run([sys.executable, "scripts/eval_streams.py", str(checkpoint), "--streams", "1,4",
-                           "--max-chars", "8000", "--seq-len", "50", "--window", "2000", "--out", str(out)],
+                           "--max-chars", "8000", "--seq-len", "50", "--window", "2000", "--threads", "1",
+                           "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
@@ -81,6 +76,7 @@ def test_eval_streams_reports_bpc_per_stream_count_and_per_window(trained, tmp_p
     assert windows == pytest.approx(expected, abs=5e-3)
 
 
+@pytest.mark.slow
 def test_eval_streams_on_a_missing_checkpoint_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "scripts/eval_streams.py", str(tmp_path / "none.pt")],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)

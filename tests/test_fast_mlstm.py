@@ -14,14 +14,13 @@ import torch
 from torch.func import functional_call
 
 from mlstm.cells import build_layer
-
-from mlstm.cells.kernels import cpu_kernel, packed_gemm
 from mlstm.cells.fast_mlstm import (
     FAST_MLSTM_FORMS,
     FastMatlabMultiplicativeLSTM,
     FastMultiplicativeLSTM,
     FastSeedMultiplicativeLSTM,
 )
+from mlstm.cells.kernels import cpu_kernel, packed_gemm
 from mlstm.cells.mlstm import MLSTM_FORMS
 
 FORMS = ("paper", "matlab", "seed", "seed-gated")  # seed-gated: form=seed with seed_output=gated

@@ -6,9 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_the_results_folder_and_report(enwik8_sample, text8_sample, tmp_path):
     assert enwik8_sample.parent == text8_sample.parent  # the script takes the folder that holds both samples
     out, work = tmp_path / "out", tmp_path / "work"
@@ -68,10 +71,8 @@ def test_a_cached_composition_equals_the_composed_config():
     from omegaconf import OmegaConf
 
     from mlstm.config import load_config
-
-    from mlstm.training.pool import compose
-
     from mlstm.studies import gpu_study
+    from mlstm.training.pool import compose
 
     args = gpu_study.parse_args(["--data", ".", "--out", ".", "--work", "."])
     for kind, lr, seed in (("tune", 0.004, 1), ("final", 0.0005, 101)):

@@ -18,10 +18,9 @@ from mlstm.config import load_config
 from mlstm.data import load_corpus
 from mlstm.dynamic_eval import dynamic_evaluate
 from mlstm.errors import UserError
-from mlstm.training.optim import RMSpropNorm, build_optimizer, linear_decay, norm_threshold
 from mlstm.sampling import sample
+from mlstm.training.optim import RMSpropNorm, build_optimizer, linear_decay, norm_threshold
 from mlstm.training.trained import load_model
-from mlstm.training.trainer import train
 
 
 # ------------------------------------------------------------------------------------------ optimizers and schedules
@@ -165,16 +164,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(enwik8_sample, tmp_path_factory):
-    """150 steps of a 64-unit mLSTM on the first 80% of the sample; the last 10% (later text) is the test split."""
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(["dataset=file", f"dataset.path={enwik8_sample}", "dataset.split_fractions=[0.8,0.1,0.1]",
-                       f"data_dir={run_dir.parent / 'cache'}", "logger=none", "trainer=cpu", "cell.hidden_size=64",
-                       "trainer.batch_size=16", "trainer.seq_len=50", "trainer.max_steps=150",
-                       "trainer.eval_every=null", "trainer.eval_chars=2000", "trainer.test_at_end=false",
-                       "trainer.progress=false", "optim.lr=3e-3", "optim.schedule=constant"])
-    train(cfg, run_dir=run_dir)
-    return run_dir / "last.pt"
+def trained(trained_checkpoint):
+    """The session's tiny trained model (tests/conftest.py): 150 steps of a 64-unit mLSTM on the first 80% of the
+    sample; the last 10% (later text) is the test split."""
+    return trained_checkpoint
 
 
 def sha256(path):
@@ -235,6 +228,7 @@ def run_cli(module, *args, cwd):
     return proc
 
 
+@pytest.mark.slow
 def test_dynamic_eval_cli_reports_both_numbers_and_writes_json(trained, tmp_path):
     digest = sha256(trained)
     out = tmp_path / "result.json"
@@ -252,6 +246,7 @@ def test_dynamic_eval_cli_reports_both_numbers_and_writes_json(trained, tmp_path
     assert not (tmp_path / "data_cache").exists()  # used the checkpoint's own data_dir
 
 
+@pytest.mark.slow
 def test_sample_cli_prints_the_prompt_and_its_continuation(trained, tmp_path):
     proc = run_cli("mlstm.cli.sample", f"checkpoint={trained}", "prompt='<title>'", "length=60", "temperature=0.8",
                    "seed=0", cwd=tmp_path)
@@ -260,6 +255,7 @@ def test_sample_cli_prints_the_prompt_and_its_continuation(trained, tmp_path):
     assert len(proc.stdout) == len(b"<title>") + 60 + 1
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_line_error(tmp_path):
     proc = run_cli("mlstm.cli.sample", f"checkpoint={tmp_path / 'nope.pt'}", cwd=tmp_path)
     assert proc.returncode == 2

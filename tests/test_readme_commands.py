@@ -88,7 +88,10 @@ def action(words: list[str]) -> tuple[str, str]:
 
 
 COMMANDS = readme_commands()
-IDS = [shlex.join(words)[:80] for words in COMMANDS]
+# the commands that start a Python process of their own (seconds each) are slow; composing a config is not
+PARAMS = [pytest.param(words, id=shlex.join(words)[:80],
+                       marks=[pytest.mark.slow] if action(words)[0] in ("run", "help") else [])
+          for words in COMMANDS]
 
 
 def test_the_readme_has_commands_of_every_kind():
@@ -115,7 +118,7 @@ def compose_like_the_entry_point(argv: list[str]):
         return compose(config_name="train", overrides=first_job, return_hydra_config=True)
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=IDS)
+@pytest.mark.parametrize("words", PARAMS)
 def test_readme_command(words, tmp_path):
     kind, why = action(words)
     assert kind != "unknown", f"README command {shlex.join(words)!r}: {why}; give tests/test_readme_commands.py a rule"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlstm.studies.study import StudyOptions, load_study_runs, write_study
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,7 @@ def assert_same_files(made: Path, committed: Path, names: list[str]) -> None:
         assert (made / name).read_bytes() == (committed / name).read_bytes(), f"{committed / name} differs"
 
 
+@pytest.mark.slow
 def test_tuned_report_regenerates_byte_for_byte(tmp_path):
     """results/convergence/tuned (README: `bash scripts/tuned_report.sh`): report.md, summary.csv and the final runs'
     convergence reports from the committed runs."""
@@ -63,6 +66,7 @@ def test_tuned_report_regenerates_byte_for_byte(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in committed.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_scale_report_regenerates_byte_for_byte(tmp_path):
     """results/convergence/scale (written by the last step of scripts/scale_study.sh): report.md, scale_summary.csv
     and selection.json from the committed runs of the ladder and of the tuned study."""

@@ -21,8 +21,10 @@ import pytest
 
 from cli_helpers import REPO_ROOT, assert_one_line_error
 from mlstm.training import checkpoint
-from mlstm.training.tracking import read_metrics
 from mlstm.training.stopping import STOPPED_STATUS, GracefulStop
+from mlstm.training.tracking import read_metrics
+
+pytestmark = pytest.mark.slow  # every test here runs real training processes
 
 # 4 streams x 20 characters, 16 units, one thread; validation at step 25 only, no periodic checkpoint (so a stop
 # before step 25 has no checkpoint to fall back on but the one it writes)
@@ -95,8 +97,8 @@ def snapshot(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def args(enwik8_head200k, tmp_path_factory) -> list[str]:
-    return ["dataset=file", f"dataset.path={enwik8_head200k}", f"data_dir={tmp_path_factory.mktemp('data')}", *COMMON]
+def args(enwik8_head200k, data_cache) -> list[str]:
+    return ["dataset=file", f"dataset.path={enwik8_head200k}", f"data_dir={data_cache}", *COMMON]
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +295,19 @@ def output_when_children_gone(parent: subprocess.Popen, timeout: float, failure:
     return subprocess.CompletedProcess(parent.args, parent.returncode, out, err)
 
 
-def kill_parent_alone(parent: subprocess.Popen) -> subprocess.CompletedProcess:
-    """SIGKILL to a multirun's parent, then its output once its workers are gone (a minute at most)."""
+def freeze(pid: int) -> int:
+    """SIGSTOP: a worker held at the step it reached (until `kill_parent_alone` lets it go on); its pid."""
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def kill_parent_alone(parent: subprocess.Popen, then_continue: list[int] = ()) -> subprocess.CompletedProcess:
+    """SIGKILL to a multirun's parent, SIGCONT to the workers frozen until then, then the parent's output once its
+    workers are gone (a minute at most)."""
     parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for pid in then_continue:
+        os.kill(pid, signal.SIGCONT)
     return output_when_children_gone(parent, 60, "a worker outlived its parent by a minute")
 
 
@@ -304,9 +316,10 @@ def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exac
     kill): its loky workers must notice, stop each job after a step with last.pt saved and the lock released, and
     exit instead of waiting for the dead parent. The same multirun then resumes both jobs, and their metrics equal
     those of an uninterrupted multirun."""
-    # 192 units, 16 x 50 characters, 200 steps: about 10 s a job (50 ms a step here), long enough to be caught mid-run
-    # however the two workers' starts are staggered
-    steps = 200
+    # 192 units, 16 x 50 characters, 120 steps: about 6 s a job (50 ms a step here). Each job's worker is frozen
+    # (SIGSTOP) once it has logged step 3, until both have: however the workers' starts are staggered, both are
+    # caught mid-run, and after the parent's death they go on from step 3 or so, far from the end
+    steps = 120
     sweep = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
              "hydra.sweep.subdir=seed${seed}", f"trainer.max_steps={steps}",
              *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50")]
@@ -318,14 +331,18 @@ def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exac
     command = [*sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     parent = start(command, preexec_fn=os.setsid)  # its own process group, the workers in it: killable on failure
     deadline = time.time() + 120
-    while len(run_dirs := sorted(p.parent for p in (tmp_path / "sweep").rglob("metrics.jsonl"))) < 2 or \
-            min(logged_step(d) for d in run_dirs) < 3:
+    frozen: dict[Path, int] = {}
+    while len(frozen) < 2:
         assert parent.poll() is None and time.time() < deadline, "both jobs should be training by now"
+        for run_dir in (p.parent for p in (tmp_path / "sweep").rglob("metrics.jsonl")):
+            if run_dir not in frozen and logged_step(run_dir) >= 3:
+                frozen[run_dir] = freeze(lock_holder(run_dir)["pid"])
         time.sleep(0.01)
+    run_dirs = sorted(frozen)
     assert max(logged_step(d) for d in run_dirs) < steps - 20, "a job nearly finished: too fast to test here"
-    workers = [lock_holder(d)["pid"] for d in run_dirs]
+    workers = [frozen[d] for d in run_dirs]
     assert parent.pid not in workers and len(set(workers)) == 2  # the jobs train in two worker processes
-    stopped = kill_parent_alone(parent)
+    stopped = kill_parent_alone(parent, then_continue=workers)
     assert all(process_gone(pid) for pid in workers), "a worker outlived its parent"
     assert stopped.stderr.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 2
     for run_dir in run_dirs:
@@ -341,24 +358,27 @@ def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exac
 
 
 def test_a_joblib_worker_between_jobs_exits_when_its_parent_is_killed(args, tmp_path):
-    """One job of 3 steps, one of 200: once the short one is done its worker waits for the next job. Its parent
-    killed, that worker must exit (nothing of a run is held then), and the busy one stop gracefully."""
-    command = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_steps=3,200",
+    """One job of 3 steps, one of 120: once the short one is done its worker waits for the next job. Its parent
+    killed, that worker must exit (nothing of a run is held then), and the busy one stop gracefully. The long job's
+    worker is frozen from its step 3 until the parent is dead, so it is caught mid-run however slow the short one."""
+    command = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_steps=3,120",
                "hydra.sweep.subdir=steps${trainer.max_steps}", f"hydra.sweep.dir={tmp_path}",
                *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50")]
     parent = start(command, preexec_fn=os.setsid)
-    short, long = tmp_path / "steps3", tmp_path / "steps200"
+    short, long = tmp_path / "steps3", tmp_path / "steps120"
     deadline = time.time() + 120
-    while not ((short / "config.yaml").exists() and lock_holder(short) == {} and logged_step(long) >= 3):
+    busy = None
+    while not ((short / "config.yaml").exists() and lock_holder(short) == {} and busy is not None):
         assert parent.poll() is None and time.time() < deadline, "the short job should be done by now"
+        if busy is None and logged_step(long) >= 3:
+            busy = freeze(lock_holder(long)["pid"])
         time.sleep(0.01)
-    assert logged_step(long) < 180, "the long job nearly finished: too fast to test here"
-    busy = lock_holder(long)["pid"]
-    err = kill_parent_alone(parent).stderr
+    assert logged_step(long) < 100, "the long job nearly finished: too fast to test here"
+    err = kill_parent_alone(parent, then_continue=[busy]).stderr
     assert process_gone(busy)
     assert err.count(f"the parent process {parent.pid} is gone: exiting") == 1  # the idle worker
     assert err.count(f"the parent process {parent.pid} is gone: stopping as on SIGTERM") == 1  # the busy one
-    assert checkpoint.load_file(long / "last.pt")["step"] == logged_step(long) < 200
+    assert checkpoint.load_file(long / "last.pt")["step"] == logged_step(long) < 120
 
 
 # The child of ORPHANED_RUN: a run asked to stop too late to stop (during its last step or final evaluation; the

@@ -186,6 +186,7 @@ def test_rungs_from_parameter_counts_without_presets():
         "enwik8_sample", "mlstm_seed_gated_20m", "20m")
 
 
+@pytest.mark.slow
 def test_report_script_writes_figure_table_and_selection(tmp_path):
     make_finals(tmp_path / "final")
     make_tuning(tmp_path / "runs")
@@ -274,6 +275,7 @@ def test_plan_below_a_grid_that_diverged_everywhere_and_exact_rate_names(tmp_pat
         scale_plan.initial_grid(0.004, "20m")
 
 
+@pytest.mark.slow
 def test_plan_script_prints_the_commands_and_refuses_bad_input_in_one_line(tmp_path):
     tuned = tmp_path / "tuned"
     grid_runs(tuned, "lstm_1m", [0.004, 0.008, 0.016], best=0.008, params=1_200_000)

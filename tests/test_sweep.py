@@ -4,9 +4,12 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from mlstm.training.tracking import read_metrics
 
 
+@pytest.mark.slow
 def test_two_cells_two_seeds_sweep_then_plot(enwik8_sample, tmp_path):
     sweep_dir, out = tmp_path / "sweep", tmp_path / "plots"
     args = ["--multirun", "cell=lstm,mlstm", "seed=0,1", "dataset=file", f"dataset.path={enwik8_sample}",

@@ -28,6 +28,7 @@ def small_config(sample, *overrides, logger="none"):
     return load_config(["dataset=file", f"dataset.path={sample}", f"logger={logger}", *SMALL, *overrides])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", [["cell=mlstm"], ["cell=lstm"]], ids=["mlstm", "lstm"])
 def test_small_model_learns_real_text_below_unigram_entropy(enwik8_sample, tmp_path, cell):
     cfg = small_config(enwik8_sample, *cell, "trainer.max_steps=200", "trainer.eval_every=100")
@@ -45,6 +46,7 @@ def test_small_model_learns_real_text_below_unigram_entropy(enwik8_sample, tmp_p
     assert result["num_parameters"] > 0
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_keys(enwik8_sample, tmp_path):
     cfg = small_config(enwik8_sample, "trainer.max_steps=20", "trainer.eval_every=10", logger="wandb")
     train(cfg, run_dir=tmp_path)
@@ -130,6 +132,7 @@ def logged_steps(path):
     return [r["step"] for r in read_metrics(path)] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_logs_exactly_the_uninterrupted_metrics(enwik8_sample, tmp_path):
     """kill -9 mid-run, rerun the same command: every metric equals an uninterrupted run's (timings aside)."""
     args = ["dataset=file", f"dataset.path={enwik8_sample}", "logger=none", *SMALL, "cell=mlstm",

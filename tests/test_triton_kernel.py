@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mlstm.bench import steps as bench
-from mlstm.cells.kernels import cuda_graph, triton_kernel
 from mlstm.cells import fast_mlstm
 from mlstm.cells.fast_mlstm import MLSTMSegment
+from mlstm.cells.kernels import cuda_graph, triton_kernel
 from mlstm.errors import UserError
 from test_fast_mlstm import FORMS, VARIANTS, assert_close, inputs_for, pair, run
 
@@ -244,6 +244,7 @@ def test_segment_function_unchanged_without_graphs():
 
 
 # ---- the GPU session's scripts, where they can run without one -----------------------------------------------------
+@pytest.mark.slow
 def test_gpu_selfcheck_dry_run_on_cpu():
     """scripts/gpu_selfcheck.py with --device cpu (the C kernel, no graphs): every case passes its tolerances."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_selfcheck.py"), "--device", "cpu", "--hidden", "16",
@@ -252,6 +253,7 @@ def test_gpu_selfcheck_dry_run_on_cpu():
     assert "gpu_selfcheck: 0 of 12 cases failed" in done.stdout and done.stdout.count("\nok   ") == 12
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
 def test_gpu_scripts_say_one_line_without_a_gpu():
     for script in ("gpu_selfcheck.py", "gpu_profile.py"):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import yaml
-from cli_helpers import REPO_ROOT, train_cli
 
+from cli_helpers import REPO_ROOT, train_cli
 from mlstm.studies import tuning, tuning_report
 from mlstm.studies.runs import Run, load_runs, variant_label
 from mlstm.training.tracking import read_metrics
