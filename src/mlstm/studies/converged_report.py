@@ -137,13 +137,13 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
             color = COLORS.get(cell.variant, f"C{i}")
             for attr, style in (("curve", "-"), ("train_curve", ":")):
                 band = cv.mean_band([getattr(r, attr).along("chars") for r in cell.runs], log=True)
-                if not band.x.size:
+                if not band.grid.size:
                     continue
                 label = (f"{cell.variant} (lr {cell.lr:g}, {len(cell.runs)} seeds)" if style == "-" and cell.lr
                          else cell.variant if style == "-" else None)
-                ax.plot(band.x, band.mean, style, color=color, label=label)
+                ax.plot(band.grid, band.mean, style, color=color, label=label)
                 if style == "-":
-                    ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+                    ax.fill_between(band.grid, band.low, band.high, color=color, alpha=0.2, linewidth=0)
         if finite(study.xz.get(dataset)):
             ax.axhline(study.xz[dataset], color="gray", linestyle="--", linewidth=1,
                        label=f"xz -9e on the sample: {study.xz[dataset]:.3f}")
