@@ -406,8 +406,9 @@ def write_tuned_study(tuning_runs: Sequence[Run], final: Sequence[Run], shared: 
                 else f"{sizes[0] / 1e6:.2f}M–{sizes[-1] / 1e6:.2f}M parameters")
         batch = lookup(in_data[0].config, "trainer.batch_size"), lookup(in_data[0].config, "trainer.seq_len")
         figures = [sensitivity_figure(chosen, out / f"{dataset}_lr_sensitivity.png", textwrap.fill(
-            f"{dataset}, {size}: validation bpc after {budget} steps of {batch[0]} x {batch[1]} characters against "
-            f"the Adam learning rate; mean over tuning seeds, band min–max, ring: chosen, ✗: a diverged run", 110),
+            f"{dataset}, {size}: validation bpc after {budget} steps of {batch[0]} x {batch[1]} characters "
+            f"against the Adam learning rate; mean over tuning seeds, band min–max, ring: chosen, "
+            f"✗: a diverged run", 110),
             entropy).name]
         dataset_final = [r for r in final if r.dataset == dataset]
         dataset_shared = [r for r in shared if r.dataset == dataset and r.label in {s.variant for s in chosen}]

@@ -145,7 +145,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------- a Trainer's state, saved and put back
+# -------------------------------------------------------------------------- a Trainer's state, saved and put back
 def checkpoint_payload(trainer) -> dict:
     # the hidden state of every stream (all ranks), so a DDP checkpoint resumes in one process and vice versa
     state = [[distributed.gather_streams(t.detach(), trainer.ctx).cpu() for t in layer] for layer in trainer.state]
