@@ -318,16 +318,19 @@ def test_a_run_stopped_right_after_a_halving_resumes_exactly(converged_run, tmp_
 @pytest.mark.slow
 def test_a_run_stopped_mid_plateau_resumes_exactly(enwik8_head200k, tmp_path):
     """SIGTERM once the rate was halved, rerun the same command: the metrics equal an uninterrupted run's (timings
-    aside), halvings, stop and test pass included."""
-    args = converge_args(enwik8_head200k, tmp_path / "cache")
+    aside), the later halvings and the test pass included. The stop rule is left out here (a patience no run meets,
+    so the run ends at its cap): the signal then always lands in the 1,000 and more steps after the first halving,
+    never after the end (the in-process test above stops runs at exact points, the stop rule's state included)."""
+    args = converge_args(enwik8_head200k, tmp_path / "cache", "trainer.early_stop_patience=1000",
+                         "trainer.max_steps=1500", "trainer.eval_every=25")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     done = run_cli([*args, f"hydra.run.dir={straight}"])
     _, err = done.communicate(timeout=600)
     assert done.returncode == 0, err[-3000:]
     expected = metrics(straight)
     first_halving = next(r["step"] for r in expected if r.get("event") == "lr_reduced")
-    stop = next(r["step"] for r in expected if r.get("event") == "early_stop")
-    assert first_halving < stop
+    stop = max(r["step"] for r in expected)
+    assert stop == 1500 and first_halving < 500 and sum(r.get("event") == "lr_reduced" for r in expected) >= 2
 
     victim = run_cli([*args, f"hydra.run.dir={stopped}"])
     deadline = time.monotonic() + 600

@@ -235,8 +235,8 @@ def analyse(final_runs: Iterable[Run], tuning_runs: Iterable[Run] = (), baseline
 def final_command(selection: RungSelection) -> str | None:
     """The sweep that runs the fresh seeds of a cell whose choice is strictly inside its grid."""
     s = selection.selection
-    if not selection.preset or not selection.dataset_choice or s.chosen is None or s.at_edge:
-        return None
+    if not selection.preset or not selection.dataset_choice or s.chosen is None or s.at_edge or not s.complete:
+        return None  # no choice yet, one at the grid's edge, or a provisional one (a grid run has not ended)
     return (f'make sweep SWEEP=converge_final_cpu ARGS="dataset={selection.dataset_choice} '
             f'+variant={selection.preset} optim.lr={s.chosen:g}"')
 

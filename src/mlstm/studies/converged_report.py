@@ -153,7 +153,7 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
         ax.set_ylabel("bits per character")
         ax.set_title(f"{rung}: to convergence")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{dataset}: validation bpc (whole valid split, one stream) to convergence; band = seed range")
+    fig.suptitle(f"{dataset}: validation bpc to convergence\n(whole valid split as one stream; band: seed range)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
