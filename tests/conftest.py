@@ -1,8 +1,15 @@
 """Shared fixtures: the real enwik8/text8 samples that live beside the checkout (never copied into the repository)."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# OpenMP threads that wait for work sleep instead of spinning (read when the OpenMP runtime starts, so before any test
+# module imports torch; subprocesses inherit it). The few tests that run two intra-op threads share two cores with
+# the other test worker and whatever else runs: spinning, a 2-thread test of the fast mLSTM took 16 s on a busy
+# machine, sleeping 0.7 s. It changes how threads wait, never what they compute.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
