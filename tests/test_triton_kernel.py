@@ -40,6 +40,7 @@ def test_triton_kernels_match_reference_float32(form, variant, interpret):
 
 
 @needs_triton
+@pytest.mark.slow  # Triton's CPU interpreter: seconds a case
 @pytest.mark.parametrize("form", FORMS)
 def test_triton_kernels_several_blocks_per_row(form, interpret):
     """H = 600: two programs per batch row (BLOCK 512), the second one partly masked."""
@@ -51,6 +52,7 @@ def test_triton_kernels_several_blocks_per_row(form, interpret):
 
 
 @needs_triton
+@pytest.mark.slow  # Triton's CPU interpreter: seconds a case
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("form", FORMS)
 def test_triton_kernels_bf16_products(form, variant, interpret, monkeypatch):
@@ -154,6 +156,7 @@ def test_graphed_training_equals_eager(form):
 
 
 @needs_triton
+@pytest.mark.slow  # Triton's CPU interpreter: seconds a case
 def test_graphed_fused_bf16_training_equals_eager(interpret):
     """The fused Triton form (bf16 autocast, dropout mask) through the graphs: the same numbers as without them."""
     _, eager = pair("paper", "dropout")
