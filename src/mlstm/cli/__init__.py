@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -46,6 +47,25 @@ def exit_on_user_error(function):
             sys.exit(2)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def fail_with_one_line(argv: list[str]):
+    """Inside Hydra's own machinery (a callback, a launcher), where an exception would become a warning or a
+    traceback: a UserError or a config error prints `error: <one line>` and exits with status 2 at once."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except UserError as error:
+        line = str(error)
+    except (HydraException, OmegaConfBaseException) as error:
+        line = describe_config_error(error, argv)
+    else:
+        return
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 # for commands that only read a config (params, sample, ...): no run directory, no Hydra log files
@@ -109,20 +129,33 @@ def _raised_in_project(error: BaseException) -> bool:
 def describe_config_error(error: BaseException, argv: list[str]) -> str:
     """One line naming the problem and the fix for a Hydra or OmegaConf error."""
     from hydra.errors import OverrideParseException
-    from omegaconf.errors import MissingMandatoryValue
+    from omegaconf.errors import MissingMandatoryValue, ValidationError
+
+    from mlstm.config import schema
 
     cause = error.__cause__
-    listing = "python -m mlstm.cli.train --cfg job prints every key"
+    listing = schema.LISTING
     if isinstance(error, OverrideParseException):
         bad = _unparsable_override(argv)
         return (f"cannot parse the override {bad!r} ({_lines(error)[0]}); write key=value and quote values with "
                 f"special characters (https://hydra.cc/docs/advanced/override_grammar/basic)" if bad else
                 f"cannot parse the overrides ({_lines(error)[0]}); write key=value "
                 f"(https://hydra.cc/docs/advanced/override_grammar/basic)")
-    if "not in struct" in str(cause):  # ConfigKeyError or ConfigAttributeError
+    for exc in (error, cause):  # a wrong type, refused by the schema (mlstm.config.schema) while Hydra composes
+        if isinstance(exc, ValidationError) and getattr(exc, "full_key", None):
+            key = re.split(r"\[", str(exc.full_key))[0]
+            field = schema.field_of(key)
+            if field is not None:
+                value = _override_value(argv, key, getattr(exc, "value", None))
+                return f"{key}={value!r} must be {schema.describe(field)}"
+    if re.search(r"Key '[^']+' (is )?not in ", str(cause)):  # not in struct mode, or not in a schema's dataclass
         match = re.search(r"override '([^']+)'", str(error))
         key = match.group(1) if match else getattr(cause, "full_key", None) or "?"
-        return f"unknown config key '{key}'; check its spelling ({listing}), or add a new key with +{key}=..."
+        return schema.unknown_key_line(key.lstrip("+~"))
+    match = re.search(r"An item is already at '([^']+)'", str(cause) + str(error))
+    if match:  # `+trainer.early_stop_patience=3`: the schema has the key already
+        return (f"'{match.group(1)}' is a key of the config already: set it without the '+', e.g. "
+                f"{match.group(1)}=...")
     for exc in (error, cause):
         if isinstance(exc, MissingMandatoryValue):
             key = getattr(exc, "full_key", None) or "?"
@@ -132,6 +165,22 @@ def describe_config_error(error: BaseException, argv: list[str]) -> str:
     if key and key not in lines[0]:
         lines[0] = f"{key}: {lines[0]}"
     return f"{'; '.join(lines)} (check the command-line overrides; {listing})"
+
+
+def _override_value(argv: list[str], key: str, fallback):
+    """The value the command line gave `key`, as Hydra parsed it; `fallback` when it was not given there."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for arg in argv:
+        if arg.lstrip("+~").split("=", 1)[0] == key:
+            try:
+                override = OverridesParser.create().parse_overrides([arg])[0]
+            except Exception:  # noqa: BLE001 - the message falls back to what OmegaConf saw
+                break
+            if not override.is_sweep_override():  # a sweep's values: OmegaConf saw the one that failed
+                return override.value()
+            break
+    return fallback
 
 
 def _lines(error: BaseException) -> list[str]:

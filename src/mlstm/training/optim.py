@@ -98,18 +98,11 @@ def norm_threshold(step: int, threshold: float, threshold_decay: float = 0.9999,
 
 
 def check(optim_cfg) -> None:
-    name = optim_cfg.get("name")
-    if name not in OPTIMIZERS:
-        raise UserError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
-    schedule = optim_cfg.get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise UserError(f"optim.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
-    lr = optim_cfg.get("lr")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise UserError(f"optim.lr={lr!r} must be a positive number")
-    clip = optim_cfg.get("grad_clip")
-    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
-        raise UserError(f"optim.grad_clip={clip!r} must be a positive number or null (no clipping)")
+    """The `optim:` group against its schema (mlstm.config.schema): every key's type and range, and the keys a
+    schedule or an optimizer needs, before any step (`optim.lr=inf` or `nan` is refused here, not after a step)."""
+    from mlstm.config.schema import check_group
+
+    check_group("optim", optim_cfg)
 
 
 def build_optimizer(optim_cfg, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -1,5 +1,6 @@
 """Where the configs live, and composing them from Python (tests, notebooks, scripts): the same result as the
-command line."""
+command line. The schema of every key (types, allowed values) is `mlstm.config.schema`; importing this package
+registers it in Hydra's ConfigStore, and the `flat_dir` resolver that names a sweep's job directories."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from mlstm.config import schema  # noqa: F401 (registers the schemas that configs/train.yaml names)
+from mlstm.config.dirs import register_resolvers
 from mlstm.errors import UserError
 
 # configs/ lives at the repository root (the package is installed editable from the checkout)
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+
+register_resolvers()
 
 
 # groups with a `null` entry in train.yaml's defaults list: chosen as `experiment=X`, and `+experiment=X` (the way
