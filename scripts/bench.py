@@ -32,12 +32,18 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", choices=sorted(bench.PRESETS),
-                   help="cpu: 6 cells x H 256,512, B32 T100 E128, fp32, 2 threads\n"
-                        "gpu: lstm:cudnn, mlstm-paper/seed:fast x H 1024,2048, B128 T200 E128, bf16;\n"
-                        "     + mlstm-paper:fast H4096 E64 V256. Flags below override the preset.")
-    p.add_argument("--cells", type=lambda s: tuple(c.strip() for c in s.split(",") if c.strip()),
-                   help="comma-separated cell specs name[-form]:impl (default lstm:cudnn,mlstm-paper:fast)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(bench.PRESETS),
+        help="cpu: 6 cells x H 256,512, B32 T100 E128, fp32, 2 threads\n"
+        "gpu: lstm:cudnn, mlstm-paper/seed:fast x H 1024,2048, B128 T200 E128, bf16;\n"
+        "     + mlstm-paper:fast H4096 E64 V256. Flags below override the preset.",
+    )
+    p.add_argument(
+        "--cells",
+        type=lambda s: tuple(c.strip() for c in s.split(",") if c.strip()),
+        help="comma-separated cell specs name[-form]:impl (default lstm:cudnn,mlstm-paper:fast)",
+    )
     p.add_argument("--hidden", type=int_list, help="comma-separated hidden sizes (default 256)")
     p.add_argument("--batch", type=int, help="streams B (default 32)")
     p.add_argument("--seq-len", type=int, help="characters per segment T (default 100)")
@@ -50,10 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 products on CUDA (default off)")
     p.add_argument("--optim", help="optim/ config choice (default: the train config's, adam_linear)")
-    p.add_argument("--init", choices=("orthogonal", "matlab", "torch"),
-                   help="cell.init (default: the cell config's, orthogonal; preset gpu: torch, quick to build)")
-    p.add_argument("--no-baselines", action="store_true",
-                   help="time only the rows asked for (ratio columns of missing nn.LSTM rows stay empty)")
+    p.add_argument(
+        "--init",
+        choices=("orthogonal", "matlab", "torch"),
+        help="cell.init (default: the cell config's, orthogonal; preset gpu: torch, quick to build)",
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="time only the rows asked for (ratio columns of missing nn.LSTM rows stay empty)",
+    )
     p.add_argument("--json", type=Path, help="write the rows (a JSON list of objects) here")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
     return p.parse_args(argv)

@@ -1,7 +1,7 @@
 """What subnormal floats cost a CPU run, and what trainer.flush_denormal saves (mlstm.bench.denormal), as markdown.
-  python scripts/bench_denormal.py                                   # the operations only
-  python scripts/bench_denormal.py --checkpoint RUN/last.pt --runs results/convergence/tuned/runs/text8_sample
-  python scripts/bench_denormal.py --threads 2                       # the flag on PyTorch's worker threads too
+python scripts/bench_denormal.py                                   # the operations only
+python scripts/bench_denormal.py --checkpoint RUN/last.pt --runs results/convergence/tuned/runs/text8_sample
+python scripts/bench_denormal.py --threads 2                       # the flag on PyTorch's worker threads too
 """
 
 import argparse

@@ -33,8 +33,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args()
     try:
-        text = eval_streams.report(args.checkpoint, args.streams, args.split, args.max_chars, args.seq_len,
-                                   args.data_dir, args.window, args.threads)
+        text = eval_streams.report(
+            args.checkpoint,
+            args.streams,
+            args.split,
+            args.max_chars,
+            args.seq_len,
+            args.data_dir,
+            args.window,
+            args.threads,
+        )
     except UserError as error:
         sys.exit(f"error: {error}")
     publish(text, args.out)

@@ -26,8 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("dataset", help="the dataset config the runs use, e.g. enwik8_sample")
     p.add_argument("--rung", type=parse_rung, action="append", required=True, metavar="RUNG=CELL,...")
-    p.add_argument("--tuned", default="results/convergence/tuned/runs", help="the 1.2M grids (their choices centre "
-                                                                             "the new grids)")
+    p.add_argument(
+        "--tuned", default="results/convergence/tuned/runs", help="the 1.2M grids (their choices centre the new grids)"
+    )
     p.add_argument("--runs", default="results/convergence/scale/runs", help="the ladder's grids")
     p.add_argument("--tuning-seeds", default="0,1")
     return p.parse_args(argv)

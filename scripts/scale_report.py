@@ -33,10 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final", nargs="*", default=[], help="run directories (or roots) of the fresh-seed runs")
     p.add_argument("--tuning", nargs="*", default=[], help="run directories (or roots) of the learning-rate grids")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, the figures and the tables")
-    p.add_argument("--target", type=parse_target, action="append", default=[],
-                   help="also a fixed level for one dataset, DATASET=LEVEL (repeatable), e.g. enwik8_head3M=3.4")
-    p.add_argument("--variants", help="comma-separated cell labels to keep (default: all), e.g. "
-                                      "mlstm-paper,mlstm-seed-gated; the LSTM is always kept")
+    p.add_argument(
+        "--target",
+        type=parse_target,
+        action="append",
+        default=[],
+        help="also a fixed level for one dataset, DATASET=LEVEL (repeatable), e.g. enwik8_head3M=3.4",
+    )
+    p.add_argument(
+        "--variants",
+        help="comma-separated cell labels to keep (default: all), e.g. "
+        "mlstm-paper,mlstm-seed-gated; the LSTM is always kept",
+    )
     p.add_argument("--title", help="the report's title")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     return p.parse_args(argv)
@@ -45,8 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    print(scaling_report.report_from_runs(args.final, args.tuning, args.out, args.target, args.variants, args.title,
-                                          figures=not args.no_figures), end="")
+    print(
+        scaling_report.report_from_runs(
+            args.final, args.tuning, args.out, args.target, args.variants, args.title, figures=not args.no_figures
+        ),
+        end="",
+    )
 
 
 if __name__ == "__main__":

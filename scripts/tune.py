@@ -22,8 +22,9 @@ from mlstm.studies import tuning_commands
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     select = sub.add_parser("select", help="the rule applied to a grid of tuning runs")
     select.add_argument("paths", nargs="+", help="tuning run directories, sweep directories or globs")
@@ -37,11 +38,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     report.add_argument("--tuning", nargs="+", required=True, help="tuning runs")
     report.add_argument("--final", nargs="*", default=[], help="final runs (each cell at its chosen rate)")
     report.add_argument("--shared", nargs="*", default=[], help="shared-rate runs to compare with")
-    report.add_argument("--posthoc", nargs="*", default=[], help="runs at rates the rule did not choose (a labelled "
-                                                                 "check beside the final runs)")
+    report.add_argument(
+        "--posthoc",
+        nargs="*",
+        default=[],
+        help="runs at rates the rule did not choose (a labelled check beside the final runs)",
+    )
     report.add_argument("--out", required=True, help="output directory")
-    report.add_argument("--targets", action="append", default=[], metavar="DATASET=L1,L2,...",
-                        help="the shared-rate study's target ladder for a dataset (extended to the tuned levels)")
+    report.add_argument(
+        "--targets",
+        action="append",
+        default=[],
+        metavar="DATASET=L1,L2,...",
+        help="the shared-rate study's target ladder for a dataset (extended to the tuned levels)",
+    )
     report.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     return parser.parse_args(argv)
 

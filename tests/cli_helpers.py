@@ -11,19 +11,39 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # a tiny CPU run: 8 streams x 20 characters, 32 units, one thread (the test machines are shared)
-TINY = ["trainer=cpu", "logger=none", "cell.hidden_size=32", "trainer.batch_size=8", "trainer.seq_len=20",
-        "trainer.eval_chars=2000", "trainer.test_chars=2000", "trainer.eval_batch_size=8", "trainer.progress=false",
-        "trainer.threads=1", "trainer.log_every=1", "trainer.eval_every=null", "optim=adam", "optim.lr=3e-3"]
+TINY = [
+    "trainer=cpu",
+    "logger=none",
+    "cell.hidden_size=32",
+    "trainer.batch_size=8",
+    "trainer.seq_len=20",
+    "trainer.eval_chars=2000",
+    "trainer.test_chars=2000",
+    "trainer.eval_batch_size=8",
+    "trainer.progress=false",
+    "trainer.threads=1",
+    "trainer.log_every=1",
+    "trainer.eval_every=null",
+    "optim=adam",
+    "optim.lr=3e-3",
+]
 
 
-def train_cli(args: list[str], *, env: dict | None = None, timeout: float = 300, preexec_fn=None,
-              cwd: Path | None = None) -> subprocess.CompletedProcess:
+def train_cli(
+    args: list[str], *, env: dict | None = None, timeout: float = 300, preexec_fn=None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`python -m mlstm.cli.train *args`, run to completion; stdout and stderr captured as text."""
     # WANDB_SERVICE: W&B's handle on the test process's own W&B service; a user's command starts its own
     environ = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return subprocess.run([sys.executable, "-m", "mlstm.cli.train", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**environ, **(env or {})}, preexec_fn=preexec_fn,
-                          cwd=cwd or REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "mlstm.cli.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**environ, **(env or {})},
+        preexec_fn=preexec_fn,
+        cwd=cwd or REPO_ROOT,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -85,10 +85,25 @@ def trained_checkpoint(enwik8_sample, data_cache, tmp_path_factory) -> Path:
     from mlstm.training.trainer import train
 
     run_dir = tmp_path_factory.mktemp("trained")
-    cfg = load_config(["dataset=file", f"dataset.path={enwik8_sample}", "dataset.split_fractions=[0.8,0.1,0.1]",
-                       f"data_dir={data_cache}", "logger=none", "trainer=cpu", "cell.hidden_size=64",
-                       "trainer.batch_size=16", "trainer.seq_len=50", "trainer.max_steps=150",
-                       "trainer.eval_every=null", "trainer.eval_chars=2000", "trainer.test_at_end=false",
-                       "trainer.progress=false", "optim.lr=3e-3", "optim.schedule=constant"])
+    cfg = load_config(
+        [
+            "dataset=file",
+            f"dataset.path={enwik8_sample}",
+            "dataset.split_fractions=[0.8,0.1,0.1]",
+            f"data_dir={data_cache}",
+            "logger=none",
+            "trainer=cpu",
+            "cell.hidden_size=64",
+            "trainer.batch_size=16",
+            "trainer.seq_len=50",
+            "trainer.max_steps=150",
+            "trainer.eval_every=null",
+            "trainer.eval_chars=2000",
+            "trainer.test_at_end=false",
+            "trainer.progress=false",
+            "optim.lr=3e-3",
+            "optim.schedule=constant",
+        ]
+    )
     train(cfg, run_dir=run_dir)
     return run_dir / "last.pt"

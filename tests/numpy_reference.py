@@ -109,5 +109,11 @@ def lstm(W, x, h, c, forget_bias=0.0, cell_clip=None, proj_clip=None, activation
     return np.stack(ys), np.stack(cs), (h, c)
 
 
-REFERENCES = {"paper": mlstm_paper, "matlab": mlstm_matlab, "seed": mlstm_seed, "loop": lstm, "cudnn": lstm,
-              "seed_gated": lambda *args, **kwargs: mlstm_seed(*args, output="gated", **kwargs)}
+REFERENCES = {
+    "paper": mlstm_paper,
+    "matlab": mlstm_matlab,
+    "seed": mlstm_seed,
+    "loop": lstm,
+    "cudnn": lstm,
+    "seed_gated": lambda *args, **kwargs: mlstm_seed(*args, output="gated", **kwargs),
+}

@@ -100,7 +100,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -125,11 +125,14 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from mlstm.training import trainer, checkpoint\n", {"mlstm.training.trainer", "mlstm.training.checkpoint"}),
-    ("from mlstm.training import train\n", {"mlstm.training"}),
-    ("def f():\n    import mlstm.studies.runs\n", {"mlstm.studies.runs"}),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from mlstm.training import trainer, checkpoint\n", {"mlstm.training.trainer", "mlstm.training.checkpoint"}),
+        ("from mlstm.training import train\n", {"mlstm.training"}),
+        ("def f():\n    import mlstm.studies.runs\n", {"mlstm.studies.runs"}),
+    ],
+)
 def test_imports_of_reads_every_form(tmp_path, source, expected):
     path = tmp_path / "probe.py"
     path.write_text(source)

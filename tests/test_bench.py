@@ -20,9 +20,32 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_script_writes_rows_with_ratios(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--cells", "lstm:cudnn,mlstm-paper:fast",
-           "--hidden", "16", "--batch", "2", "--seq-len", "5", "--embedding", "8", "--iters", "2", "--warmup", "1",
-           "--device", "cpu", "--threads", "1", "--json", str(out_json), "--markdown", str(out_md)]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "bench.py"),
+        "--cells",
+        "lstm:cudnn,mlstm-paper:fast",
+        "--hidden",
+        "16",
+        "--batch",
+        "2",
+        "--seq-len",
+        "5",
+        "--embedding",
+        "8",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+        str(out_json),
+        "--markdown",
+        str(out_md),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out_json.read_text())
@@ -63,8 +86,9 @@ def test_flops_of_a_tiny_lstm_by_hand():
     assert bench.matmul_macs_per_char(CellSpec.parse("mlstm-seed:fast"), shape) == 105
 
 
-@pytest.mark.parametrize("spec", ["lstm:loop", "mlstm-paper:reference", "mlstm-matlab:reference",
-                                  "mlstm-seed:reference", "mlstm-paper:fast"])
+@pytest.mark.parametrize(
+    "spec", ["lstm:loop", "mlstm-paper:reference", "mlstm-matlab:reference", "mlstm-seed:reference", "mlstm-paper:fast"]
+)
 @pytest.mark.parametrize("embedding", [6, 0])
 def test_forward_flops_match_torch_flop_counter(spec, embedding, monkeypatch):
     monkeypatch.setenv("MLSTM_PACKED_GEMM", "0")  # the counter knows aten's products, not MKL's packed ones
@@ -116,21 +140,25 @@ def test_gpu_preset_takes_overrides():
         bench.groups_for("gpu", cells=("lstm:nope",))
 
 
-@pytest.mark.parametrize("spec, hidden, embedding, vocab, exact, aligned", [
-    ("mlstm-paper:fast", 1024, 128, 205, 1149, 1152),  # the rows of results/bench/gpu.md: 1149, 1263, 2294, 2517,
-    ("mlstm-seed:fast", 1024, 128, 205, 1263, 1280),   # 4579 unaligned, as that table's baselines were timed
-    ("mlstm-paper:fast", 2048, 128, 205, 2294, 2304),
-    ("mlstm-seed:fast", 2048, 128, 205, 2517, 2496),
-    ("mlstm-paper:fast", 4096, 64, 256, 4579, 4608),
-])
+@pytest.mark.parametrize(
+    "spec, hidden, embedding, vocab, exact, aligned",
+    [
+        ("mlstm-paper:fast", 1024, 128, 205, 1149, 1152),  # the rows of results/bench/gpu.md: 1149, 1263, 2294, 2517,
+        ("mlstm-seed:fast", 1024, 128, 205, 1263, 1280),  # 4579 unaligned, as that table's baselines were timed
+        ("mlstm-paper:fast", 2048, 128, 205, 2294, 2304),
+        ("mlstm-seed:fast", 2048, 128, 205, 2517, 2496),
+        ("mlstm-paper:fast", 4096, 64, 256, 4579, 4608),
+    ],
+)
 def test_equal_parameter_lstm_on_cuda_is_a_multiple_of_64(spec, hidden, embedding, vocab, exact, aligned):
     """On CUDA the equal-parameter nn.LSTM runs at a hidden size cuDNN puts on tensor cores: the multiple of 64 below
     or above the closest-count H, whichever count is closer; elsewhere the closest count itself."""
     shape = Shape(hidden, 128, 200, embedding, vocab)
     target = bench.count_parameters(CellSpec.parse(spec), shape)
     assert bench.equal_parameter_hidden(target, shape)[0] == exact
-    assert bench.same_params_hidden(target, shape, bench.baseline_multiple("cpu")) == \
-        bench.equal_parameter_hidden(target, shape)
+    assert bench.same_params_hidden(target, shape, bench.baseline_multiple("cpu")) == bench.equal_parameter_hidden(
+        target, shape
+    )
     h, count = bench.same_params_hidden(target, shape, bench.baseline_multiple(torch.device("cuda")))
     assert h == aligned and h % 64 == 0
     lstm = CellSpec.parse("lstm:cudnn")
@@ -139,7 +167,10 @@ def test_equal_parameter_lstm_on_cuda_is_a_multiple_of_64(spec, hidden, embeddin
         assert abs(other_count - target) >= abs(count - target)
     planned = bench.plan([Row(CellSpec.parse(spec), shape)], multiple=64)
     assert [(r.spec, r.shape.hidden, role) for r, role in planned] == [
-        (CellSpec.parse(spec), hidden, "requested"), (lstm, hidden, "baseline"), (lstm, aligned, "baseline")]
+        (CellSpec.parse(spec), hidden, "requested"),
+        (lstm, hidden, "baseline"),
+        (lstm, aligned, "baseline"),
+    ]
 
 
 def test_markdown_states_the_rounding_rule():
@@ -161,19 +192,30 @@ def test_run_seconds_table_lists_runs_slowest_first_with_their_last_valid_bpc(tm
     for name, seconds, bpc in (("fast", 200.0, 2.1), ("slow", 4000.0, 4.4), ("diverged", 90.0, float("inf"))):
         run = tmp_path / "cell" / name
         run.mkdir(parents=True)
-        records = [{"step": 10, "time": seconds / 2, "train/bpc": 3.0}, {"step": 20, "valid/bpc": bpc},
-                   {"step": 20, "time": seconds, "train/bpc": 2.0}]
+        records = [
+            {"step": 10, "time": seconds / 2, "train/bpc": 3.0},
+            {"step": 20, "valid/bpc": bpc},
+            {"step": 20, "time": seconds, "train/bpc": 2.0},
+        ]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "cell" / "empty").mkdir()  # no metrics: not a run
     lines = run_seconds_table(tmp_path).splitlines()[2:]
-    assert lines == ["| cell/slow | 20 | 4000 | 4.400 |", "| cell/fast | 20 | 200 | 2.100 |",
-                     "| cell/diverged | 20 | 90 | non-finite |"]
+    assert lines == [
+        "| cell/slow | 20 | 4000 | 4.400 |",
+        "| cell/fast | 20 | 200 | 2.100 |",
+        "| cell/diverged | 20 | 90 | non-finite |",
+    ]
 
 
 @pytest.mark.slow
 def test_denormal_script_refuses_a_missing_checkpoint_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_denormal.py"), "--checkpoint",
-                           str(tmp_path / "none.pt")], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "bench_denormal.py"), "--checkpoint", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pt'} does not exist"]
     assert done.stdout == ""

@@ -1,6 +1,5 @@
 """The recurrent layers against independent NumPy references, autograd, the layer interface and the config checks."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -64,8 +63,14 @@ def test_matches_numpy_reference(kind, variant):
     h0, c0 = random_state(layer)
     cfg = layer.cfg
     ys, cs, (h_ref, c_ref) = REFERENCES[kind](
-        {k: v.numpy() for k, v in weights.items()}, x.numpy(), h0.numpy(), c0.numpy(),
-        forget_bias=cfg.forget_bias, cell_clip=cfg.cell_clip, proj_clip=cfg.proj_clip, activation=cfg.activation,
+        {k: v.numpy() for k, v in weights.items()},
+        x.numpy(),
+        h0.numpy(),
+        c0.numpy(),
+        forget_bias=cfg.forget_bias,
+        cell_clip=cfg.cell_clip,
+        proj_clip=cfg.proj_clip,
+        activation=cfg.activation,
     )
     with torch.no_grad():
         y, (h, c) = layer(x, (h0, c0))
@@ -184,8 +189,14 @@ def test_orthogonal_init_and_forget_bias_rows(kind):
         if w.dim() == 2:  # each matrix as a whole; the seed's A and W over their concatenated columns
             assert_semi_orthogonal(w, 2.0)
     H = 8
-    forget = {"paper": ("b", 2), "matlab": ("b", 1), "seed": ("w", 2), "seed_gated": ("w", 2), "loop": ("b", 1),
-              "cudnn": ("b", 1)}[kind]
+    forget = {
+        "paper": ("b", 2),
+        "matlab": ("b", 1),
+        "seed": ("w", 2),
+        "seed_gated": ("w", 2),
+        "loop": ("b", 1),
+        "cudnn": ("b", 1),
+    }[kind]
     bias = weights[forget[0]]
     expected = torch.zeros_like(bias)
     expected[forget[1] * H : (forget[1] + 1) * H] = 0.0 if kind.startswith("seed") else 3.0
@@ -232,8 +243,11 @@ def test_parameter_count_of_the_paper_model():
     layer = build_layer({"name": "mlstm", "form": "paper", "hidden_size": 1900, "init": "torch"}, 205)
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
     assert shapes == {
-        "W_mx.weight": (1900, 205), "W_mh.weight": (1900, 1900), "W_x.weight": (7600, 205),
-        "W_m.weight": (7600, 1900), "b": (7600,),
+        "W_mx.weight": (1900, 205),
+        "W_mh.weight": (1900, 1900),
+        "W_x.weight": (7600, 205),
+        "W_m.weight": (7600, 1900),
+        "b": (7600,),
     }
     assert sum(p.numel() for p in layer.parameters()) == 389_500 + 3_610_000 + 1_558_000 + 14_440_000 + 7_600
 
@@ -268,8 +282,18 @@ def test_bf16_autocast_keeps_float32_state(kind, variant):
 
 
 def test_dictconfig_and_null_defaults():
-    cfg = OmegaConf.create(dict(name="mlstm", form="seed", impl=None, hidden_size=4, forget_bias=None,
-                                forget_bias_init=None, cell_clip=None, num_proj=None))
+    cfg = OmegaConf.create(
+        dict(
+            name="mlstm",
+            form="seed",
+            impl=None,
+            hidden_size=4,
+            forget_bias=None,
+            forget_bias_init=None,
+            cell_clip=None,
+            num_proj=None,
+        )
+    )
     layer = build_layer(cfg, 3)
     assert type(layer).__name__ == "FastSeedMultiplicativeLSTM"  # impl defaults to the fast layer
     assert (layer.cfg.impl, layer.cfg.forget_bias, layer.cfg.forget_bias_init) == ("fast", 1.0, 0.0)

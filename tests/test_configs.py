@@ -44,12 +44,15 @@ def test_unknown_group_choice_is_one_line():
         load_config(["cell=gru"])
 
 
-@pytest.mark.parametrize("experiment, expected", [
-    ("paper_hutter_mlstm", 20.40e6),
-    ("paper_hutter_lstm", 21.32e6),
-    ("paper_hutter_large", 45.50e6),
-    ("paper_text8_large", 44.93e6),
-])
+@pytest.mark.parametrize(
+    "experiment, expected",
+    [
+        ("paper_hutter_mlstm", 20.40e6),
+        ("paper_hutter_lstm", 21.32e6),
+        ("paper_hutter_large", 45.50e6),
+        ("paper_text8_large", 44.93e6),
+    ],
+)
 def test_paper_presets_have_the_papers_parameter_counts(experiment, expected):
     count = count_parameters(load_config([f"+experiment={experiment}"]))
     assert abs(count - expected) / expected < 0.01, count
@@ -72,8 +75,10 @@ def test_study_variants_have_equal_parameter_counts(dataset, vocab_size, scale):
     """Fair comparison: every variant of a study scale within 2% of the LSTM's parameter count."""
     variants = sorted(p.stem for p in (Path(CONFIG_DIR) / "variant").glob(f"*_{scale}.yaml"))
     assert {f"{cell}_{scale}" for cell in REQUIRED_AT_SCALE[scale]} <= set(variants)
-    counts = {v: count_parameters(load_config([f"+variant={v}", f"dataset={dataset}",
-                                               f"dataset.vocab_size={vocab_size}"])) for v in variants}
+    counts = {
+        v: count_parameters(load_config([f"+variant={v}", f"dataset={dataset}", f"dataset.vocab_size={vocab_size}"]))
+        for v in variants
+    }
     baseline = counts["lstm_" + scale]
     for variant, count in counts.items():
         assert abs(count - baseline) / baseline < 0.02, (variant, count, baseline)

@@ -46,8 +46,10 @@ CHARS_PER_STEP = 3200
 EPOCH_STEPS = 500
 MAX_STEPS = 3000
 DATASET = "toy_sample"  # the sample file's stem: the dataset's label in the report
-CELLS = {"lstm_1m": ({"name": "lstm", "impl": "cudnn", "hidden_size": 500}, 1_200_000, 0.1),
-         "mlstm_paper_1m": ({"name": "mlstm", "form": "paper", "impl": "fast", "hidden_size": 300}, 1_210_000, 0.2)}
+CELLS = {
+    "lstm_1m": ({"name": "lstm", "impl": "cudnn", "hidden_size": 500}, 1_200_000, 0.1),
+    "mlstm_paper_1m": ({"name": "mlstm", "form": "paper", "impl": "fast", "hidden_size": 300}, 1_210_000, 0.2),
+}
 
 
 def toy_sample(path: Path) -> Path:
@@ -66,19 +68,40 @@ def line(knots):
     return points + [knots[-1]]
 
 
-def write_run(root: Path, preset: str, lr: float, seed: int, points, events=(), test=None, cold=None,
-              final: bool = True) -> Path:
+def write_run(
+    root: Path, preset: str, lr: float, seed: int, points, events=(), test=None, cold=None, final: bool = True
+) -> Path:
     """A run directory as the trainer leaves it. `events`: (step, event) pairs, the rate halved at each
     `lr_reduced`; `early_stop` carries the lowest validation bpc."""
     cell, params, seconds_per_step = CELLS[preset]
     run = root / DATASET / preset / f"lr{lr:g}-seed{seed}"
     run.mkdir(parents=True)
-    config = {"cell": cell, "seed": seed, "num_parameters": params, "model": {"embedding_size": 64},
-              "dataset": {"name": "file", "path": str(root.parent / f"{DATASET}.txt")},
-              "optim": {"name": "adam", "lr": lr, "schedule": "plateau", "plateau_factor": 0.5, "plateau_patience": 1,
-                        "plateau_threshold": 0.002, "min_lr": 1e-6},
-              "trainer": {"max_steps": MAX_STEPS, "eval_every": 100, "eval_chars": None, "eval_batch_size": 1,
-                          "batch_size": 32, "seq_len": 100, "early_stop_patience": 2, "test_at_end": final}}
+    config = {
+        "cell": cell,
+        "seed": seed,
+        "num_parameters": params,
+        "model": {"embedding_size": 64},
+        "dataset": {"name": "file", "path": str(root.parent / f"{DATASET}.txt")},
+        "optim": {
+            "name": "adam",
+            "lr": lr,
+            "schedule": "plateau",
+            "plateau_factor": 0.5,
+            "plateau_patience": 1,
+            "plateau_threshold": 0.002,
+            "min_lr": 1e-6,
+        },
+        "trainer": {
+            "max_steps": MAX_STEPS,
+            "eval_every": 100,
+            "eval_chars": None,
+            "eval_batch_size": 1,
+            "batch_size": 32,
+            "seq_len": 100,
+            "early_stop_patience": 2,
+            "test_at_end": final,
+        },
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     steps, valids = zip(*points)
     end = steps[-1]
@@ -86,8 +109,19 @@ def write_run(root: Path, preset: str, lr: float, seed: int, points, events=(), 
     def where(step):
         return {"step": step, "chars": step * CHARS_PER_STEP, "time": round(step * seconds_per_step, 3)}
 
-    records = [(s, 0, {**where(s), "epoch": (s - 1) // EPOCH_STEPS, "train/lr": lr,
-                       "train/bpc": float(np.interp(s, steps, valids)) - 0.05}) for s in range(5, end, 10)]
+    records = [
+        (
+            s,
+            0,
+            {
+                **where(s),
+                "epoch": (s - 1) // EPOCH_STEPS,
+                "train/lr": lr,
+                "train/bpc": float(np.interp(s, steps, valids)) - 0.05,
+            },
+        )
+        for s in range(5, end, 10)
+    ]
     records += [(s, 1, {**where(s), "valid/bpc": v}) for s, v in points]
     rate = lr
     for step, event in events:
@@ -106,11 +140,24 @@ def write_run(root: Path, preset: str, lr: float, seed: int, points, events=(), 
 
 def lstm_final(root: Path) -> None:
     to_level = line([(100, 4.0), (1900, 2.40), (2000, 2.34)])
-    write_run(root, "lstm_1m", 0.004, 100, to_level + [(2100, 2.37), (2200, 2.38), (2300, 2.36), (2400, 2.37)],
-              [(2200, "lr_reduced"), (2400, "early_stop")], test=2.36)
-    write_run(root, "lstm_1m", 0.004, 101, to_level + [(2100, 2.33), (2200, 2.32), (2300, 2.34), (2400, 2.35),
-                                                        (2500, 2.34), (2600, 2.34)],
-              [(2400, "lr_reduced"), (2600, "early_stop")], test=2.38)
+    write_run(
+        root,
+        "lstm_1m",
+        0.004,
+        100,
+        to_level + [(2100, 2.37), (2200, 2.38), (2300, 2.36), (2400, 2.37)],
+        [(2200, "lr_reduced"), (2400, "early_stop")],
+        test=2.36,
+    )
+    write_run(
+        root,
+        "lstm_1m",
+        0.004,
+        101,
+        to_level + [(2100, 2.33), (2200, 2.32), (2300, 2.34), (2400, 2.35), (2500, 2.34), (2600, 2.34)],
+        [(2400, "lr_reduced"), (2600, "early_stop")],
+        test=2.38,
+    )
     # still improving at the cap: no early_stop event
     write_run(root, "lstm_1m", 0.004, 102, line([(100, 4.0), (1900, 2.40), (2000, 2.34), (3000, 2.30)]), test=2.40)
 
@@ -120,26 +167,46 @@ def mlstm_final(root: Path) -> None:
         points = line([(100, 4.0), (500, 2.60), (700, 2.60), (1000, 2.34), (1200, best)])
         points += [(1300, best + 0.01), (1400, best + 0.02), (1500, best + 0.015), (1600, best + 0.03)]
         cold = [2.3, 2.3, 5.0, 2.3] if seed == 100 else [2.3] * 4  # one stream blown up (5.0 > train bpc + 1)
-        write_run(root, "mlstm_paper_1m", 0.002, seed, points,
-                  [(700, "lr_reduced"), (1400, "lr_reduced"), (1600, "early_stop")], test=test, cold=cold)
+        write_run(
+            root,
+            "mlstm_paper_1m",
+            0.002,
+            seed,
+            points,
+            [(700, "lr_reduced"), (1400, "lr_reduced"), (1600, "early_stop")],
+            test=test,
+            cold=cold,
+        )
     # a final run at a rate the tuning rule did not choose: not part of the cell
-    write_run(root, "mlstm_paper_1m", 0.004, 100, line([(100, 4.0), (1000, 1.5), (1200, 1.6), (1300, 1.6)]),
-              [(1200, "lr_reduced"), (1300, "early_stop")], test=1.6)
+    write_run(
+        root,
+        "mlstm_paper_1m",
+        0.004,
+        100,
+        line([(100, 4.0), (1000, 1.5), (1200, 1.6), (1300, 1.6)]),
+        [(1200, "lr_reduced"), (1300, "early_stop")],
+        test=1.6,
+    )
 
 
 def tuning_runs(root: Path) -> None:
-    lowest = {"lstm_1m": {0.002: (2.40, 2.42), 0.004: (2.33, 2.35), 0.008: (2.37, 2.39)},
-              "mlstm_paper_1m": {0.001: (2.30, 2.31), 0.002: (2.22, 2.24), 0.004: (2.26, 2.10)}}
+    lowest = {
+        "lstm_1m": {0.002: (2.40, 2.42), 0.004: (2.33, 2.35), 0.008: (2.37, 2.39)},
+        "mlstm_paper_1m": {0.001: (2.30, 2.31), 0.002: (2.22, 2.24), 0.004: (2.26, 2.10)},
+    }
     for preset, grid in lowest.items():
         for lr, bests in grid.items():
             for seed, best in enumerate(bests):
                 if preset == "mlstm_paper_1m" and lr == 0.004 and seed == 1:  # still running: no end yet
                     write_run(root, preset, lr, seed, line([(100, 4.0), (1000, best)]), final=False)
                     continue
-                points = line([(100, 4.0), (1000, best)]) + [(1100, best + 0.01), (1200, best + 0.02),
-                                                              (1300, best + 0.01), (1400, best + 0.03)]
-                write_run(root, preset, lr, seed, points, [(1200, "lr_reduced"), (1400, "early_stop")],
-                          final=False)
+                points = line([(100, 4.0), (1000, best)]) + [
+                    (1100, best + 0.01),
+                    (1200, best + 0.02),
+                    (1300, best + 0.01),
+                    (1400, best + 0.03),
+                ]
+                write_run(root, preset, lr, seed, points, [(1200, "lr_reduced"), (1400, "early_stop")], final=False)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +230,7 @@ def table(report: str, header_start: str) -> list[dict]:
     start = next(i for i, text in enumerate(lines) if text.startswith(header_start))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
-    for text in lines[start + 2:]:
+    for text in lines[start + 2 :]:
         if not text.startswith("|"):
             break
         rows.append(dict(zip(header, (c.strip() for c in text.strip("|").split("|")))))
@@ -211,8 +278,9 @@ def test_the_analysis_finds_the_known_answer(study_dirs):
     assert -0.14 - 1e-9 <= comp.d_best_valid.low < comp.d_best_valid.value < comp.d_best_valid.high <= -0.08 + 1e-9
     assert (comp.d_test.value, comp.d_test.low, comp.d_test.high) == pytest.approx((-0.12, -0.12, -0.12))
     assert comp.level == 2.34
-    assert {axis: comp.to_level[axis].value for axis in converged.AXES} == \
-        pytest.approx({"chars": 0.5, "steps": 0.5, "seconds": 1.0})
+    assert {axis: comp.to_level[axis].value for axis in converged.AXES} == pytest.approx(
+        {"chars": 0.5, "steps": 0.5, "seconds": 1.0}
+    )
     assert comp.to_best["chars"].value == pytest.approx(1200 / 2400)
     assert comp.ladder[-1][0] == 2.34 and comp.ladder[-1][1].value == pytest.approx(0.5)
     assert study.xz == {DATASET: xz_reference(study_dirs / f"{DATASET}.txt")}
@@ -220,12 +288,13 @@ def test_the_analysis_finds_the_known_answer(study_dirs):
 
 def test_the_report_states_the_known_answer_and_flags_the_capped_run(study_dirs, tmp_path):
     out = tmp_path / "report"
-    printed = converged_report.report_from_runs([str(study_dirs / "final")], [str(study_dirs / "runs")], out,
-                                                figures=False)
+    printed = converged_report.report_from_runs(
+        [str(study_dirs / "final")], [str(study_dirs / "runs")], out, figures=False
+    )
     report = (out / "report.md").read_text()
     assert printed.startswith(report) and f"wrote {out / 'summary.csv'}" in printed
     assert "7 final runs, 12 tuning runs" in report
-    assert "stop patience 2" in report and f"cap (steps) {MAX_STEPS}" in report and "schedule \"plateau\"" in report
+    assert "stop patience 2" in report and f"cap (steps) {MAX_STEPS}" in report and 'schedule "plateau"' in report
 
     grid = {row["cell"]: row for row in table(report, "| rung | cell |")}
     assert grid["lstm"]["chosen"] == "0.004" and grid["lstm"]["note"] == ""
@@ -248,27 +317,38 @@ def test_the_report_states_the_known_answer_and_flags_the_capped_run(study_dirs,
 
     (speed,) = table(report, "| size | cell | level both reach |")
     assert speed["level both reach"] == "2.340"
-    assert (speed["× LSTM characters"], speed["× LSTM steps"], speed["× LSTM seconds"]) == \
-        ("0.50 (0.50–0.50)×", "0.50 (0.50–0.50)×", "1.00 (1.00–1.00)×")
+    assert (speed["× LSTM characters"], speed["× LSTM steps"], speed["× LSTM seconds"]) == (
+        "0.50 (0.50–0.50)×",
+        "0.50 (0.50–0.50)×",
+        "1.00 (1.00–1.00)×",
+    )
     assert speed["× LSTM characters to the best"].startswith("0.50 (")  # 1200 against 2000, 2200, 3000
     assert speed["ladder (level: × characters)"].endswith("2.340: 0.50 (0.50–0.50)×")
 
     with open(out / "summary.csv", newline="") as handle:
         summary = list(csv.DictReader(handle))
-    assert [(r["cell"], r["seed"], r["converged"], r["capped"]) for r in summary] == \
-        [("lstm", "100", "True", "False"), ("lstm", "101", "True", "False"), ("lstm", "102", "False", "True")] + \
-        [("mlstm-paper", str(s), "True", "False") for s in (100, 101, 102)]
+    assert [(r["cell"], r["seed"], r["converged"], r["capped"]) for r in summary] == [
+        ("lstm", "100", "True", "False"),
+        ("lstm", "101", "True", "False"),
+        ("lstm", "102", "False", "True"),
+    ] + [("mlstm-paper", str(s), "True", "False") for s in (100, 101, 102)]
     assert [float(r["test_bpc"]) for r in summary] == [2.36, 2.38, 2.40, 2.24, 2.26, 2.28]
     assert [int(r["rate_halvings"]) for r in summary] == [1, 1, 0, 2, 2, 2]
     assert [r["level_both_reach"] for r in summary] == ["", "", "", "2.34", "2.34", "2.34"]
 
     selection = {row["variant"]: row for row in json.loads((out / "selection.json").read_text())}
-    assert selection["lstm"]["chosen_lr"] == 0.004 and selection["lstm"]["final_command"] == \
-        f'make sweep SWEEP=converge_final_cpu ARGS="dataset={DATASET} +variant=lstm_1m optim.lr=0.004"'
+    assert (
+        selection["lstm"]["chosen_lr"] == 0.004
+        and selection["lstm"]["final_command"]
+        == f'make sweep SWEEP=converge_final_cpu ARGS="dataset={DATASET} +variant=lstm_1m optim.lr=0.004"'
+    )
     assert selection["mlstm-paper"]["chosen_lr"] == 0.002
     assert selection["mlstm-paper"]["notes"] == ["1 run not finished: the choice is provisional"]
-    assert selection["mlstm-paper"]["rates"] == {"0.001": pytest.approx(2.305), "0.002": pytest.approx(2.23),
-                                                 "0.004": None}
+    assert selection["mlstm-paper"]["rates"] == {
+        "0.001": pytest.approx(2.305),
+        "0.002": pytest.approx(2.23),
+        "0.004": None,
+    }
 
 
 def test_an_unfinished_run_scores_as_the_worst_until_it_ends(study_dirs):
@@ -316,9 +396,22 @@ def test_the_xz_reference_is_computed_and_the_report_uses_it(tmp_path):
 
 def test_the_script_writes_the_report_and_its_figures(study_dirs, tmp_path):
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "scripts/converged_report.py", "--final", str(study_dirs / "final"),
-                           "--tuning", str(study_dirs / "runs"), "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/converged_report.py",
+            "--final",
+            str(study_dirs / "final"),
+            "--tuning",
+            str(study_dirs / "runs"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = (out / "report.md").read_text()
     pngs = [out / f"{DATASET}_converged.png", out / f"{DATASET}_best.png"]

@@ -27,18 +27,23 @@ SCRIPT = REPO_ROOT / "scripts" / "plot_convergence.py"
 
 def curve(chars, bpc, seconds_per_char=1e-4, chars_per_step=100) -> cv.Curve:
     chars = np.asarray(chars, dtype=float)
-    return cv.Curve({"steps": chars / chars_per_step, "chars": chars, "seconds": chars * seconds_per_char},
-                    np.asarray(bpc, dtype=float))
+    return cv.Curve(
+        {"steps": chars / chars_per_step, "chars": chars, "seconds": chars * seconds_per_char},
+        np.asarray(bpc, dtype=float),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- first_reach
-@pytest.mark.parametrize("target, expected", [
-    (2.5, 15.0),  # between points: interpolated on the segment 3 -> 2
-    (3.0, 10.0),  # hit exactly at a measured point
-    (5.0, 0.0),  # already below at the first point
-    (4.0, 0.0),  # exactly equal at the first point
-    (1.0, 30.0),  # reached exactly at the last point
-])
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (2.5, 15.0),  # between points: interpolated on the segment 3 -> 2
+        (3.0, 10.0),  # hit exactly at a measured point
+        (5.0, 0.0),  # already below at the first point
+        (4.0, 0.0),  # exactly equal at the first point
+        (1.0, 30.0),  # reached exactly at the last point
+    ],
+)
 def test_first_reach_on_piecewise_linear_curve(target, expected):
     assert cv.first_reach([0, 10, 20, 30], [4.0, 3.0, 2.0, 1.0], target) == pytest.approx(expected)
 
@@ -105,8 +110,9 @@ def test_ratio_is_nan_when_one_seed_misses_the_target():
     chars = np.arange(1, 11) * 1e5
     base = {s: curve(chars, 4.0 - 2e-6 * chars) for s in range(2)}
     half = {0: curve(chars, 4.0 - 2e-6 * chars), 1: curve(chars, np.full(chars.size, 3.9))}
-    row = next(r for r in cv.compare_reach({"lstm": base, "v": half}, [3.0], "lstm", axes=("chars",))
-               if r.variant == "v")
+    row = next(
+        r for r in cv.compare_reach({"lstm": base, "v": half}, [3.0], "lstm", axes=("chars",)) if r.variant == "v"
+    )
     assert row.fraction_reached == 0.5
     assert math.isnan(row.ratio.value) and math.isnan(row.mean.value)
 
@@ -161,21 +167,39 @@ def test_mean_band_on_the_common_range():
 CHARS_PER_STEP = 32 * 100
 
 
-def write_run(run_dir: Path, cell: dict, seed: int, steps: int, bpc_per_mchar: float, seconds_per_step: float,
-              corpus: Path, cut_last_line: bool = True) -> None:
+def write_run(
+    run_dir: Path,
+    cell: dict,
+    seed: int,
+    steps: int,
+    bpc_per_mchar: float,
+    seconds_per_step: float,
+    corpus: Path,
+    cut_last_line: bool = True,
+) -> None:
     """A run directory as the trainer writes it: config.yaml and metrics.jsonl (last line cut short by a 'crash')."""
     run_dir.mkdir(parents=True)
     cell_yaml = ", ".join(f"{k}: {v}" for k, v in cell.items())
     (run_dir / "config.yaml").write_text(
         f"seed: {seed}\ncell: {{{cell_yaml}, hidden_size: 64}}\n"
         f"dataset: {{name: file, path: {corpus}, split_fractions: [0.9, 0.05, 0.05]}}\n"
-        f"trainer: {{batch_size: 32, seq_len: 100, device: cpu}}\n")
+        f"trainer: {{batch_size: 32, seq_len: 100, device: cpu}}\n"
+    )
     lines = []
     for step in range(10, steps + 1, 10):
         chars, time = step * CHARS_PER_STEP, step * seconds_per_step
         bpc = max(1.5, 4.0 - bpc_per_mchar * chars / 1e6)
-        lines.append({"step": step, "chars": chars, "time": time, "train/bpc": bpc + 0.05, "train/lr": 1e-3,
-                      "train/grad_norm": 1.0, "perf/chars_per_s": CHARS_PER_STEP / seconds_per_step})
+        lines.append(
+            {
+                "step": step,
+                "chars": chars,
+                "time": time,
+                "train/bpc": bpc + 0.05,
+                "train/lr": 1e-3,
+                "train/grad_norm": 1.0,
+                "perf/chars_per_s": CHARS_PER_STEP / seconds_per_step,
+            }
+        )
         if step % 50 == 0:
             lines.append({"step": step, "chars": chars, "time": time, "valid/bpc": bpc})
     text = "".join(json.dumps(r) + "\n" for r in lines)
@@ -192,8 +216,15 @@ def sweep(tmp_path) -> Path:
     root = tmp_path / "multirun"
     for seed in (0, 1):
         write_run(root / f"cell=lstm,seed={seed}", {"name": "lstm", "impl": "cudnn"}, seed, 400, 2.0, 0.01, corpus)
-        write_run(root / f"cell=mlstm,seed={seed}", {"name": "mlstm", "form": "paper", "impl": "fast"}, seed,
-                  400 if seed == 0 else 300, 1.0, 0.015, corpus)
+        write_run(
+            root / f"cell=mlstm,seed={seed}",
+            {"name": "mlstm", "form": "paper", "impl": "fast"},
+            seed,
+            400 if seed == 0 else 300,
+            1.0,
+            0.015,
+            corpus,
+        )
     return root
 
 
@@ -224,8 +255,9 @@ def test_runs_are_found_and_a_cut_line_is_ignored(sweep):
 
 
 def run_script(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -240,8 +272,20 @@ def test_plot_convergence_end_to_end(sweep, tmp_path):
 
     with open(out / "summary.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert {"dataset", "variant", "kind", "target_bpc", "chars_ratio", "chars_ratio_ci_low", "chars_ratio_ci_high",
-            "seconds_ratio", "steps_ratio", "fraction_reached", "bpc_mean", "bpc_diff"} <= set(rows[0])
+    assert {
+        "dataset",
+        "variant",
+        "kind",
+        "target_bpc",
+        "chars_ratio",
+        "chars_ratio_ci_low",
+        "chars_ratio_ci_high",
+        "seconds_ratio",
+        "steps_ratio",
+        "fraction_reached",
+        "bpc_mean",
+        "bpc_diff",
+    } <= set(rows[0])
     reach = [r for r in rows if r["kind"] == "to_target" and r["variant"] == "mlstm-paper"]
     assert len(reach) == 5  # the automatic ladder
     for row in reach:
@@ -287,8 +331,11 @@ def test_collected_run_directories_are_named_by_variant(tmp_path):
     label it."""
     from mlstm.studies import collect_runs as collect
 
-    cells = [dict(name="lstm", impl="cudnn"), dict(name="lstm", impl="loop"),
-             dict(name="mlstm", form="seed", seed_output="gated", init_scale=2.0)]
+    cells = [
+        dict(name="lstm", impl="cudnn"),
+        dict(name="lstm", impl="loop"),
+        dict(name="mlstm", form="seed", seed_output="gated", init_scale=2.0),
+    ]
     names = []
     for i, cell in enumerate(cells):
         path = tmp_path / f"{i}.yaml"

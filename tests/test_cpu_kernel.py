@@ -23,9 +23,28 @@ pytestmark = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C com
 
 def bench(env: dict, *extra: str) -> subprocess.CompletedProcess:
     """A real, tiny run of the benchmark script (its forward and backward go through the fast layer)."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cells", "mlstm-paper:fast", "--hidden", "8",
-           "--batch", "2", "--seq-len", "3", "--embedding", "4", "--iters", "20", "--warmup", "0", "--no-baselines",
-           "--device", "cpu", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        "--cells",
+        "mlstm-paper:fast",
+        "--hidden",
+        "8",
+        "--batch",
+        "2",
+        "--seq-len",
+        "3",
+        "--embedding",
+        "4",
+        "--iters",
+        "20",
+        "--warmup",
+        "0",
+        "--no-baselines",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=300)
 
 
@@ -55,9 +74,11 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build_once(tmp_path,
     """A real compiler behind a wrapper that rejects -fopenmp (as clang without libomp does)."""
     log = tmp_path / "calls.log"
     wrapper = tmp_path / "cc-no-openmp"
-    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n"
-                       f"case \" $* \" in *\" -fopenmp \"*) echo 'unsupported option -fopenmp' >&2; exit 1;; esac\n"
-                       f"exec {cpu_kernel._compiler()} \"$@\"\n")
+    wrapper.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\n'
+        f'case " $* " in *" -fopenmp "*) echo \'unsupported option -fopenmp\' >&2; exit 1;; esac\n'
+        f'exec {cpu_kernel._compiler()} "$@"\n'
+    )
     wrapper.chmod(0o755)
     monkeypatch.setenv("MLSTM_KERNEL_CACHE", str(tmp_path / "cache"))
     path = cpu_kernel.build(compiler=str(wrapper))
@@ -225,8 +246,13 @@ def test_bench_rows_record_both_switches(tmp_path):
 def test_bench_products_script_writes_its_table_and_rejects_bad_input(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "bench_products.py")]
     out = tmp_path / "products.md"
-    done = subprocess.run([*script, "--hidden", "8,300", "--iters", "2", "--warmup", "0", "--markdown", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [*script, "--hidden", "8,300", "--iters", "2", "--warmup", "0", "--markdown", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 8 |") or ln.startswith("| 300 |")]
     assert len(rows) == 8 and all("| True | True |" in ln for ln in rows)  # repeatable, thread-independent

@@ -20,8 +20,9 @@ from mlstm.data import Batch, Corpus, StreamBatcher, load_corpus
 from mlstm.errors import UserError
 
 # A small enwik8 stand-in: XML-ish text with multi-byte UTF-8, so the vocabulary is not just ASCII.
-SMALL_CORPUS = b"".join(b"<page><id>%d</id><text>caf\xc3\xa9 [[link]] %d</text></page>\n" % (i, i * i)
-                        for i in range(400))[:10_000]
+SMALL_CORPUS = b"".join(
+    b"<page><id>%d</id><text>caf\xc3\xa9 [[link]] %d</text></page>\n" % (i, i * i) for i in range(400)
+)[:10_000]
 SMALL_SPLITS = [8_000, 1_000, 1_000]
 
 
@@ -146,11 +147,17 @@ def web(tmp_path):
 
 
 def enwik8_cfg(url: str, checksum: str | None = None):
-    return OmegaConf.create({
-        "name": "enwik8", "url": url, "archive_member": "enwik8", "checksum_algo": "md5",
-        "checksum": checksum or hashlib.md5(SMALL_CORPUS).hexdigest(), "num_bytes": len(SMALL_CORPUS),
-        "split_sizes": SMALL_SPLITS,
-    })
+    return OmegaConf.create(
+        {
+            "name": "enwik8",
+            "url": url,
+            "archive_member": "enwik8",
+            "checksum_algo": "md5",
+            "checksum": checksum or hashlib.md5(SMALL_CORPUS).hexdigest(),
+            "num_bytes": len(SMALL_CORPUS),
+            "split_sizes": SMALL_SPLITS,
+        }
+    )
 
 
 @pytest.fixture
@@ -273,8 +280,16 @@ def test_hf_text_dataset_gives_the_same_bytes_as_the_file(tmp_path, monkeypatch)
     lines = [f"line {i}: caf\u00e9 \u65e5\u672c {i * 7}" for i in range(200)]
     source = write(tmp_path / "lines.txt", "\n".join(lines).encode("utf-8"))  # no final newline: join adds none
 
-    hf = load_corpus({"name": "hf", "hf_name": "text", "hf_config": None, "data_files": str(source),
-                      "hf_cache_dir": str(tmp_path / "hf_cache")}, tmp_path / "data")
+    hf = load_corpus(
+        {
+            "name": "hf",
+            "hf_name": "text",
+            "hf_config": None,
+            "data_files": str(source),
+            "hf_cache_dir": str(tmp_path / "hf_cache"),
+        },
+        tmp_path / "data",
+    )
     plain = load_corpus({"name": "file", "path": str(source)}, tmp_path / "data")
     assert hf.name == "hf:text"
     assert hf.symbols == plain.symbols
@@ -283,20 +298,35 @@ def test_hf_text_dataset_gives_the_same_bytes_as_the_file(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------ bad user inputs
-@pytest.mark.parametrize("make_cfg, match", [
-    (lambda d: {"name": "file", "path": str(d / "nope.txt")}, "does not exist"),
-    (lambda d: {"name": "file", "path": str(d)}, "directory"),
-    (lambda d: {"name": "file", "path": str(write(d / "empty.txt", b""))}, "empty"),
-    (lambda d: {"name": "file", "path": str(write(d / "tiny.txt", b"abc"))}, "too few"),
-    (lambda d: {"name": "file"}, "dataset.path"),
-    (lambda d: {"name": "file", "path": str(write(d / "x.txt", b"x" * 100)), "split_fractions": [0.9, 0.2, 0.1]},
-     "split_fractions"),
-    (lambda d: {"name": "wikipedia"}, "unknown dataset"),
-    (lambda d: {"name": "enwik8", "checksum_algo": "crc99", "url": "http://127.0.0.1:9/enwik8.zip"}, "checksum_algo"),
-    (lambda d: {"name": "enwik8", "split_sizes": [10, 10]}, "split_sizes"),
-    (lambda d: {"name": "hf", "hf_name": "text", "data_files": str(d / "missing.txt"), "hf_cache_dir": str(d / "hf")},
-     "Hugging Face"),
-])
+@pytest.mark.parametrize(
+    "make_cfg, match",
+    [
+        (lambda d: {"name": "file", "path": str(d / "nope.txt")}, "does not exist"),
+        (lambda d: {"name": "file", "path": str(d)}, "directory"),
+        (lambda d: {"name": "file", "path": str(write(d / "empty.txt", b""))}, "empty"),
+        (lambda d: {"name": "file", "path": str(write(d / "tiny.txt", b"abc"))}, "too few"),
+        (lambda d: {"name": "file"}, "dataset.path"),
+        (
+            lambda d: {"name": "file", "path": str(write(d / "x.txt", b"x" * 100)), "split_fractions": [0.9, 0.2, 0.1]},
+            "split_fractions",
+        ),
+        (lambda d: {"name": "wikipedia"}, "unknown dataset"),
+        (
+            lambda d: {"name": "enwik8", "checksum_algo": "crc99", "url": "http://127.0.0.1:9/enwik8.zip"},
+            "checksum_algo",
+        ),
+        (lambda d: {"name": "enwik8", "split_sizes": [10, 10]}, "split_sizes"),
+        (
+            lambda d: {
+                "name": "hf",
+                "hf_name": "text",
+                "data_files": str(d / "missing.txt"),
+                "hf_cache_dir": str(d / "hf"),
+            },
+            "Hugging Face",
+        ),
+    ],
+)
 def test_bad_dataset_configs_are_one_line_user_errors(tmp_path, monkeypatch, make_cfg, match):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the hf case must fail locally, never reach for the Hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -401,12 +431,15 @@ def test_batcher_reads_a_corpus_memmap(tmp_path):
     assert corpus.decode(batch.x[:, 0]) == b"0123456789" and corpus.decode(batch.y[:, 0]) == b"1234567890"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"tokens": arange_tokens(20), "batch_size": 4, "seq_len": 5}, "'valid' has 20 characters"),
-    ({"tokens": arange_tokens(), "batch_size": 3, "seq_len": 5, "world_size": 2}, "divisible"),
-    ({"tokens": arange_tokens(), "batch_size": 0, "seq_len": 5}, "positive"),
-    ({"tokens": arange_tokens(), "batch_size": 4, "seq_len": 5, "rank": 2, "world_size": 2}, "rank"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokens": arange_tokens(20), "batch_size": 4, "seq_len": 5}, "'valid' has 20 characters"),
+        ({"tokens": arange_tokens(), "batch_size": 3, "seq_len": 5, "world_size": 2}, "divisible"),
+        ({"tokens": arange_tokens(), "batch_size": 0, "seq_len": 5}, "positive"),
+        ({"tokens": arange_tokens(), "batch_size": 4, "seq_len": 5, "rank": 2, "world_size": 2}, "rank"),
+    ],
+)
 def test_bad_batcher_settings_are_one_line_user_errors(kwargs, match):
     with raises_one_line(match) as excinfo:
         StreamBatcher(**kwargs, split_name="valid")

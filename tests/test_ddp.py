@@ -27,10 +27,24 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 # 8 streams x 20 characters of real text, 32 mLSTM units, no dropout (DDP and one process then see the same masks:
 # none); a checkpoint, a validation and a log record every 2 steps, every checkpoint kept
-SMALL = ["trainer=cpu", "cell=mlstm", "cell.hidden_size=32", "cell.dropout=0.0", "trainer.batch_size=8",
-         "trainer.seq_len=20", "trainer.eval_every=2", "trainer.log_every=2", "trainer.checkpoint_every=2",
-         "trainer.keep_checkpoints=10", "trainer.eval_chars=2000", "trainer.test_chars=2000",
-         "trainer.eval_batch_size=8", "trainer.progress=false", "optim=adam", "optim.lr=3e-3"]
+SMALL = [
+    "trainer=cpu",
+    "cell=mlstm",
+    "cell.hidden_size=32",
+    "cell.dropout=0.0",
+    "trainer.batch_size=8",
+    "trainer.seq_len=20",
+    "trainer.eval_every=2",
+    "trainer.log_every=2",
+    "trainer.checkpoint_every=2",
+    "trainer.keep_checkpoints=10",
+    "trainer.eval_chars=2000",
+    "trainer.test_chars=2000",
+    "trainer.eval_batch_size=8",
+    "trainer.progress=false",
+    "optim=adam",
+    "optim.lr=3e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +61,11 @@ def run(command, cache, cwd, timeout=240):
     """Run a command in its own process group. If it is still running after `timeout` s, every process in the group
     gets SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER) prints each one's stack: a hang then fails the
     test with where every rank was stuck, instead of a bare timeout."""
-    env = dict(os.environ, MLSTM_DATA_DIR=str(cache), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1",
-               PYTHONFAULTHANDLER="1")
+    env = dict(os.environ, MLSTM_DATA_DIR=str(cache), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", PYTHONFAULTHANDLER="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -75,8 +89,7 @@ def single(args, cache, cwd):
 def ddp(args, cache, cwd, nproc=2):
     if not TORCHRUN.exists():
         pytest.skip(f"{TORCHRUN} not found: DDP tests need torchrun beside the Python interpreter")
-    return run([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "mlstm.cli.train", *args],
-               cache, cwd)
+    return run([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "mlstm.cli.train", *args], cache, cwd)
 
 
 def checkpoint(run_dir, step):
@@ -88,8 +101,13 @@ def assert_same_training_state(got, expected):
     assert got["batcher"] == expected["batcher"]
     assert got["model"].keys() == expected["model"].keys()
     for name in expected["model"]:
-        torch.testing.assert_close(got["model"][name], expected["model"][name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"parameter {name} at step {expected['step']}: {m}")
+        torch.testing.assert_close(
+            got["model"][name],
+            expected["model"][name],
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f"parameter {name} at step {expected['step']}: {m}",
+        )
     # the carried state of all B streams, gathered from the ranks in stream order
     for got_layer, expected_layer in zip(got["hidden_state"], expected["hidden_state"]):
         for g, e in zip(got_layer, expected_layer):
@@ -112,14 +130,18 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     common = ["dataset=file", f"dataset.path={path}", *SMALL]
     straight, chain = tmp_path / "straight", tmp_path / "chain"
     # the finished runs also read the test split as 4 cold-started streams (on rank 0 under DDP)
-    single([*common, "logger=none", "trainer.max_steps=6", "trainer.cold_start_streams=4",
-            f"hydra.run.dir={straight}"], cache, tmp_path)
+    single(
+        [*common, "logger=none", "trainer.max_steps=6", "trainer.cold_start_streams=4", f"hydra.run.dir={straight}"],
+        cache,
+        tmp_path,
+    )
 
     # each rank's Hydra gets its own run dir (as ${now:...} can give); the trainer must settle on rank 0's
     per_rank_dir = "hydra.run.dir=" + str(tmp_path / "chain${oc.env:RANK}")
     # (the interrupted segments of the chain skip the test-set evaluation a finished run does)
-    out = ddp([*common, "logger=wandb", "trainer.max_steps=2", "trainer.test_at_end=false", per_rank_dir], cache,
-              tmp_path)
+    out = ddp(
+        [*common, "logger=wandb", "trainer.max_steps=2", "trainer.test_at_end=false", per_rank_dir], cache, tmp_path
+    )
     (tmp_path / "chain0").rename(chain)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chain", "straight"], "a rank made its own run directory"
     assert "world_size': 2" in out.stderr
@@ -141,14 +163,20 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     assert_same_training_state(checkpoint(chain, 2), checkpoint(straight, 2))
 
     # the DDP checkpoint resumes in a single process (full-batch hidden state, same batcher position)
-    out = single([*common, "logger=none", "trainer.max_steps=4", "trainer.test_at_end=false",
-                  f"hydra.run.dir={chain}"], cache, tmp_path)
+    out = single(
+        [*common, "logger=none", "trainer.max_steps=4", "trainer.test_at_end=false", f"hydra.run.dir={chain}"],
+        cache,
+        tmp_path,
+    )
     assert "resumed from step 2" in out.stderr
     assert_same_training_state(checkpoint(chain, 4), checkpoint(straight, 4))
 
     # and a single-process checkpoint resumes under DDP
-    out = ddp([*common, "logger=none", "trainer.max_steps=6", "trainer.cold_start_streams=4",
-               f"hydra.run.dir={chain}"], cache, tmp_path)
+    out = ddp(
+        [*common, "logger=none", "trainer.max_steps=6", "trainer.cold_start_streams=4", f"hydra.run.dir={chain}"],
+        cache,
+        tmp_path,
+    )
     assert "resumed from step 4" in out.stderr
     assert_same_training_state(checkpoint(chain, 6), checkpoint(straight, 6))
 
@@ -198,9 +226,23 @@ def test_ddp_teardown_ends_the_gloo_threads(text, tmp_path):
     script.write_text(THREADS_AFTER_TEARDOWN)
     if not TORCHRUN.exists():
         pytest.skip(f"{TORCHRUN} not found: DDP tests need torchrun beside the Python interpreter")
-    done = run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "run"),
-                "dataset=file", f"dataset.path={path}", *SMALL, "logger=none",
-                "trainer.max_steps=2", "trainer.test_at_end=false"], cache, tmp_path)
+    done = run(
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "run"),
+            "dataset=file",
+            f"dataset.path={path}",
+            *SMALL,
+            "logger=none",
+            "trainer.max_steps=2",
+            "trainer.test_at_end=false",
+        ],
+        cache,
+        tmp_path,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
     assert len(lines) == 2, done.stdout
     for line in lines:
@@ -250,10 +292,24 @@ def test_mixed_precision_trains_on_cpu_with_fp32_state(text, tmp_path, precision
         pytest.skip(reason)
     path, cache = text
     # tiny: CPU bf16/fp16 kernels for small matrices are slow (this checks the code path, not speed)
-    cfg = load_config(["dataset=file", f"dataset.path={path}", "logger=none", *SMALL, "trainer.max_steps=3",
-                       "trainer.batch_size=4", "trainer.seq_len=10", "trainer.eval_batch_size=4",
-                       "trainer.eval_chars=100", "trainer.test_chars=100", "trainer.log_every=1",
-                       "trainer.eval_every=3", f"trainer.precision={precision}", f"data_dir={cache}"])
+    cfg = load_config(
+        [
+            "dataset=file",
+            f"dataset.path={path}",
+            "logger=none",
+            *SMALL,
+            "trainer.max_steps=3",
+            "trainer.batch_size=4",
+            "trainer.seq_len=10",
+            "trainer.eval_batch_size=4",
+            "trainer.eval_chars=100",
+            "trainer.test_chars=100",
+            "trainer.log_every=1",
+            "trainer.eval_every=3",
+            f"trainer.precision={precision}",
+            f"data_dir={cache}",
+        ]
+    )
     result = train(cfg, run_dir=tmp_path)
     records = read_metrics(tmp_path / "metrics.jsonl")
     bpcs = [r["train/bpc"] for r in records if "train/bpc" in r]
@@ -286,8 +342,10 @@ hydra:
 
 @pytest.mark.parametrize("sweep", [None, *SWEEPS], ids=lambda s: s or "inline-sweep")
 def test_sweeps_compose_with_the_slurm_launcher(sweep, tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed "
-                        "(pip install -e '.[slurm]')")
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher",
+        reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')",
+    )
     search_path = None
     if sweep is None:  # a convergence-style sweep (cells x seeds) from a config directory outside configs/
         (tmp_path / "sweep").mkdir()

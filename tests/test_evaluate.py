@@ -44,21 +44,40 @@ def test_each_column_is_its_stream_read_alone_from_a_zero_state(trained):
     together = bits_per_position(model, tokens, batch_size=4, seq_len=50)
     L = len(tokens) // 4
     for b in range(4):
-        alone = bits_per_position(model, tokens[b * L:(b + 1) * L], batch_size=1, seq_len=50)[:, 0]
+        alone = bits_per_position(model, tokens[b * L : (b + 1) * L], batch_size=1, seq_len=50)[:, 0]
         torch.testing.assert_close(together[:, b], alone, atol=1e-4, rtol=1e-5)
     # and not the stream continued from its neighbour's state: stream 1 read on from stream 0 scores otherwise
-    continued = bits_per_position(model, tokens[:2 * L], batch_size=1, seq_len=50)[:, 0]
-    assert not torch.allclose(continued[L:L + 50], together[:50, 1], atol=1e-2)
+    continued = bits_per_position(model, tokens[: 2 * L], batch_size=1, seq_len=50)[:, 0]
+    assert not torch.allclose(continued[L : L + 50], together[:50, 1], atol=1e-2)
 
 
 @pytest.mark.slow
 def test_eval_streams_reports_bpc_per_stream_count_and_per_window(trained, tmp_path):
     model, tokens, checkpoint = trained
     out = tmp_path / "streams.md"
-    done = subprocess.run([sys.executable, "scripts/eval_streams.py", str(checkpoint), "--streams", "1,4",
-                           "--max-chars", "8000", "--seq-len", "50", "--window", "2000", "--threads", "1",
-                           "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/eval_streams.py",
+            str(checkpoint),
+            "--streams",
+            "1,4",
+            "--max-chars",
+            "8000",
+            "--seq-len",
+            "50",
+            "--window",
+            "2000",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     assert text == done.stdout
@@ -78,7 +97,12 @@ def test_eval_streams_reports_bpc_per_stream_count_and_per_window(trained, tmp_p
 
 @pytest.mark.slow
 def test_eval_streams_on_a_missing_checkpoint_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/eval_streams.py", str(tmp_path / "none.pt")],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "scripts/eval_streams.py", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1

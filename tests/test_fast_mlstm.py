@@ -168,8 +168,9 @@ def test_fast_matches_reference_float32(form, variant, pointwise_path):
 
 # from this many B x H cells on, the C loops split the rows over threads: read from the C source, so that the test
 # follows the threshold wherever it moves
-PARALLEL_MIN = int(re.search(r"#define MLSTM_PARALLEL_MIN (\d+)",
-                             (cpu_kernel.SOURCE_DIR / "mlstm_cpu.c").read_text())[1])
+PARALLEL_MIN = int(
+    re.search(r"#define MLSTM_PARALLEL_MIN (\d+)", (cpu_kernel.SOURCE_DIR / "mlstm_cpu.c").read_text())[1]
+)
 
 
 @pytest.mark.parametrize("products", ["packed", "mm"])

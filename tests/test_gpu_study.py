@@ -16,16 +16,26 @@ def test_dry_run_writes_the_results_folder_and_report(enwik8_sample, text8_sampl
     assert enwik8_sample.parent == text8_sample.parent  # the script takes the folder that holds both samples
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "WORK": str(work), "OMP_NUM_THREADS": "1", "MPS": "0"}
-    done = subprocess.run(["bash", "scripts/gpu_study.sh", "--dry-run", str(enwik8_sample.parent), str(out)],
-                          capture_output=True, text=True, timeout=2400, cwd=REPO_ROOT, env=env)
+    done = subprocess.run(
+        ["bash", "scripts/gpu_study.sh", "--dry-run", str(enwik8_sample.parent), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        cwd=REPO_ROOT,
+        env=env,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
     log = (out / "log.txt").read_text()
     assert "DRY_RUN=1" in log and "the ladder: 36 tuning runs in 12 grids" in log
     # paper presets timed, hours estimated per paper row
     hours = json.loads((out / "gpu_hours.json").read_text())
-    assert [r["preset"] for r in hours] == ["paper_hutter_mlstm", "paper_hutter_lstm", "paper_hutter_large",
-                                            "paper_text8_large"]
+    assert [r["preset"] for r in hours] == [
+        "paper_hutter_mlstm",
+        "paper_hutter_lstm",
+        "paper_hutter_large",
+        "paper_text8_large",
+    ]
     assert all(r["ms_per_step"] > 0 and r["gpu_hours"] > 0 for r in hours)
     assert [r["recipe_steps"] for r in hours] == [36000, 36000, 108000, 108000]
     assert "| paper row | preset |" in (out / "gpu_hours.md").read_text()
@@ -55,10 +65,18 @@ def test_dry_run_writes_the_results_folder_and_report(enwik8_sample, text8_sampl
 
     # run again with the same OUT (one rung of one dataset, to keep it short): every run is found finished
     # (restored from OUT), nothing is trained again
-    again = subprocess.run(["bash", "scripts/gpu_study.sh", "--dry-run", str(enwik8_sample.parent), str(out)],
-                           capture_output=True, text=True, timeout=2400, cwd=REPO_ROOT,
-                           env={**env, "WORK": str(tmp_path / "work2"),
-                                "STUDY_ARGS": "--skip-paper --rungs 300k --datasets enwik8_sample"})
+    again = subprocess.run(
+        ["bash", "scripts/gpu_study.sh", "--dry-run", str(enwik8_sample.parent), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        cwd=REPO_ROOT,
+        env={
+            **env,
+            "WORK": str(tmp_path / "work2"),
+            "STUDY_ARGS": "--skip-paper --rungs 300k --datasets enwik8_sample",
+        },
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "finished runs of an earlier call restored" in (out / "log.txt").read_text()
     logs = list((tmp_path / "work2").rglob("train.log"))

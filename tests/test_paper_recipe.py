@@ -108,8 +108,14 @@ def test_schedule_values_at_chosen_steps():
     optimizer, scheduler = build_optimizer(load_config().optim, [torch.nn.Parameter(torch.zeros(1))])
     assert scheduler.lr_lambdas[0](54_000) * 1e-3 == pytest.approx(5.35e-4)
     # MATLAB: norm threshold 10 (mLSTM) / 2 (LSTM), x 0.9999 per step, floor 0.01 (from 10: reached at step 69,075)
-    for step, value in [(0, 10.0), (1, 9.999), (10_000, 10 * 0.9999**10_000), (69_074, 10 * 0.9999**69_074),
-                        (69_075, 0.01), (100_000, 0.01)]:
+    for step, value in [
+        (0, 10.0),
+        (1, 9.999),
+        (10_000, 10 * 0.9999**10_000),
+        (69_074, 10 * 0.9999**69_074),
+        (69_075, 0.01),
+        (100_000, 0.01),
+    ]:
         assert norm_threshold(step, 10.0) == pytest.approx(value, rel=1e-12)
     assert norm_threshold(10_000, 2.0) == pytest.approx(0.7357, abs=1e-4)
     # the optimizer's own per-step multiplication follows the closed form
@@ -130,13 +136,16 @@ def test_matlab_presets_use_rmsprop_norm(experiment, threshold):
     assert (cfg.trainer.batch_size, cfg.trainer.seq_len) == (100, 100)  # 100 streams x segments of 100
 
 
-@pytest.mark.parametrize("overrides, eval_chars", [
-    ([], 500_000),  # the default = the Chainer protocol: valid on its first 500k characters, test on all of it
-    (["+experiment=paper_hutter_large"], 500_000),
-    (["+experiment=paper_text8_large"], 500_000),
-    (["+experiment=paper_hutter_mlstm"], None),  # MATLAB runs: the whole valid split
-    (["+experiment=paper_hutter_lstm"], None),
-])
+@pytest.mark.parametrize(
+    "overrides, eval_chars",
+    [
+        ([], 500_000),  # the default = the Chainer protocol: valid on its first 500k characters, test on all of it
+        (["+experiment=paper_hutter_large"], 500_000),
+        (["+experiment=paper_text8_large"], 500_000),
+        (["+experiment=paper_hutter_mlstm"], None),  # MATLAB runs: the whole valid split
+        (["+experiment=paper_hutter_lstm"], None),
+    ],
+)
 def test_evaluation_protocol_of_each_preset(overrides, eval_chars):
     cfg = load_config(overrides)
     assert cfg.trainer.eval_chars == eval_chars
@@ -232,8 +241,15 @@ def run_cli(module, *args, cwd):
 def test_dynamic_eval_cli_reports_both_numbers_and_writes_json(trained, tmp_path):
     digest = sha256(trained)
     out = tmp_path / "result.json"
-    proc = run_cli("mlstm.cli.dynamic_eval", f"checkpoint={trained}", "max_chars=3000", "progress=false",
-                   f"output={out}", "threads=1", cwd=tmp_path)
+    proc = run_cli(
+        "mlstm.cli.dynamic_eval",
+        f"checkpoint={trained}",
+        "max_chars=3000",
+        "progress=false",
+        f"output={out}",
+        "threads=1",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.decode().strip().splitlines()[-1]
     match = re.fullmatch(r"static bpc: (\d+\.\d{4})  dynamic bpc: (\d+\.\d{4})", last)
@@ -248,8 +264,15 @@ def test_dynamic_eval_cli_reports_both_numbers_and_writes_json(trained, tmp_path
 
 @pytest.mark.slow
 def test_sample_cli_prints_the_prompt_and_its_continuation(trained, tmp_path):
-    proc = run_cli("mlstm.cli.sample", f"checkpoint={trained}", "prompt='<title>'", "length=60", "temperature=0.8",
-                   "seed=0", cwd=tmp_path)
+    proc = run_cli(
+        "mlstm.cli.sample",
+        f"checkpoint={trained}",
+        "prompt='<title>'",
+        "length=60",
+        "temperature=0.8",
+        "seed=0",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(b"<title>") and proc.stdout.endswith(b"\n")
     assert len(proc.stdout) == len(b"<title>") + 60 + 1
@@ -268,6 +291,8 @@ def test_experiment_is_chosen_with_or_without_a_plus(experiment):
     same config; without either the default stays the default."""
     plain, plus = load_config([f"experiment={experiment}"]), load_config([f"+experiment={experiment}"])
     assert plain == plus
-    assert plain != load_config([]) and plain.cell.hidden_size == {"paper_hutter_large": 2800,
-                                                                  "paper_hutter_mlstm": 1900}[experiment]
+    assert (
+        plain != load_config([])
+        and plain.cell.hidden_size == {"paper_hutter_large": 2800, "paper_hutter_mlstm": 1900}[experiment]
+    )
     assert load_config([f"experiment={experiment}", "cell.hidden_size=64"]).cell.hidden_size == 64

@@ -90,10 +90,18 @@ class Protocol:
     def state(self) -> dict:
         """What a checkpoint carries of the protocol, through torch.save / torch.load(weights_only=True)."""
         buffer = io.BytesIO()
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "plateau": self.plateau.state_dict() if self.plateau else None,
-                    "early_stop": self.early_stop.state_dict(), "step": self.step, "evaluations": self.evaluations,
-                    "best_valid": self.best_valid}, buffer)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "plateau": self.plateau.state_dict() if self.plateau else None,
+                "early_stop": self.early_stop.state_dict(),
+                "step": self.step,
+                "evaluations": self.evaluations,
+                "best_valid": self.best_valid,
+            },
+            buffer,
+        )
         buffer.seek(0)
         return torch.load(buffer, weights_only=True)
 
@@ -206,10 +214,24 @@ def test_a_state_dict_round_trip_mid_curve_gives_the_same_decisions(curve, optim
 # 10 steps on 2,000 characters (as 4 streams), and a rate high enough (0.05) that validation soon stops improving:
 # seed 0 stops by the rule after 2 halvings, at step 150 of the 400 allowed.
 TIMING_KEYS = {"time", "perf/chars_per_s", "perf/chars_per_s_per_rank"}
-CONVERGE = ["logger=none", "optim=adam_plateau", "trainer=cpu_converge", "cell=mlstm", "cell.hidden_size=16",
-            "trainer.batch_size=8", "trainer.seq_len=20", "trainer.eval_every=10", "trainer.eval_chars=2000",
-            "trainer.eval_batch_size=4", "trainer.test_chars=2000", "trainer.cold_start_streams=4",
-            "trainer.log_every=10", "trainer.max_steps=400", "trainer.threads=1", "optim.lr=0.05"]
+CONVERGE = [
+    "logger=none",
+    "optim=adam_plateau",
+    "trainer=cpu_converge",
+    "cell=mlstm",
+    "cell.hidden_size=16",
+    "trainer.batch_size=8",
+    "trainer.seq_len=20",
+    "trainer.eval_every=10",
+    "trainer.eval_chars=2000",
+    "trainer.eval_batch_size=4",
+    "trainer.test_chars=2000",
+    "trainer.cold_start_streams=4",
+    "trainer.log_every=10",
+    "trainer.max_steps=400",
+    "trainer.threads=1",
+    "optim.lr=0.05",
+]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -273,16 +295,28 @@ def test_best_pt_holds_the_best_point_and_the_test_pass_reads_it(converged_run):
 
     def test_bpc(path):
         model, _ = load_model(path)
-        return evaluate_bpc(model, corpus.split("test"), batch_size=4, seq_len=20, device=torch.device("cpu"),
-                            max_chars=2000, split_name="test")
+        return evaluate_bpc(
+            model,
+            corpus.split("test"),
+            batch_size=4,
+            seq_len=20,
+            device=torch.device("cpu"),
+            max_chars=2000,
+            split_name="test",
+        )
 
     assert test_bpc(run / "best.pt") == pytest.approx(tested["test/bpc"], abs=1e-12, rel=0) == result["test/bpc"]
     assert abs(test_bpc(run / "last.pt") - tested["test/bpc"]) > 1e-4
 
 
 def run_cli(args):
-    return subprocess.Popen([sys.executable, "-m", "mlstm.cli.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlstm.cli.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
 
 
 @pytest.mark.parametrize("which", ["first", "last"])
@@ -321,8 +355,13 @@ def test_a_run_stopped_mid_plateau_resumes_exactly(enwik8_head200k, tmp_path):
     aside), the later halvings and the test pass included. The stop rule is left out here (a patience no run meets,
     so the run ends at its cap): the signal then always lands in the 1,000 and more steps after the first halving,
     never after the end (the in-process test above stops runs at exact points, the stop rule's state included)."""
-    args = converge_args(enwik8_head200k, tmp_path / "cache", "trainer.early_stop_patience=1000",
-                         "trainer.max_steps=1500", "trainer.eval_every=25")
+    args = converge_args(
+        enwik8_head200k,
+        tmp_path / "cache",
+        "trainer.early_stop_patience=1000",
+        "trainer.max_steps=1500",
+        "trainer.eval_every=25",
+    )
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     done = run_cli([*args, f"hydra.run.dir={straight}"])
     _, err = done.communicate(timeout=600)
@@ -361,10 +400,24 @@ def test_the_tuning_sweep_runs_two_cells_to_the_rule_then_skips_them(enwik8_samp
     sample = tmp_path / "enwik8_head20k.xml"
     sample.write_bytes(enwik8_sample.read_bytes()[:20_000])
     sweep_dir = tmp_path / "sweep"
-    args = ["--multirun", "+sweep=converge_tune_cpu", "dataset=file", f"dataset.path={sample}",
-            f"data_dir={tmp_path / 'cache'}", "+variant=lstm_1m,mlstm_paper_1m", "optim.lr=0.05", "seed=0",
-            "cell.hidden_size=16", "model.embedding_size=8", "trainer.batch_size=8", "trainer.seq_len=20",
-            "trainer.eval_every=10", "trainer.max_steps=2000", "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    args = [
+        "--multirun",
+        "+sweep=converge_tune_cpu",
+        "dataset=file",
+        f"dataset.path={sample}",
+        f"data_dir={tmp_path / 'cache'}",
+        "+variant=lstm_1m,mlstm_paper_1m",
+        "optim.lr=0.05",
+        "seed=0",
+        "cell.hidden_size=16",
+        "model.embedding_size=8",
+        "trainer.batch_size=8",
+        "trainer.seq_len=20",
+        "trainer.eval_every=10",
+        "trainer.max_steps=2000",
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     command = [sys.executable, "-m", "mlstm.cli.train", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -372,8 +425,11 @@ def test_the_tuning_sweep_runs_two_cells_to_the_rule_then_skips_them(enwik8_samp
     before = {}
     for preset, run in runs.items():
         config = OmegaConf.load(run / "config.yaml")
-        assert (config.optim.schedule, config.trainer.early_stop_patience, config.trainer.test_at_end) == \
-            ("plateau", 2, False)
+        assert (config.optim.schedule, config.trainer.early_stop_patience, config.trainer.test_at_end) == (
+            "plateau",
+            2,
+            False,
+        )
         records = metrics(run)
         events = [r for r in records if "event" in r]
         valids = [r for r in records if "valid/bpc" in r]
@@ -388,8 +444,10 @@ def test_the_tuning_sweep_runs_two_cells_to_the_rule_then_skips_them(enwik8_samp
         before[preset] = (run / "metrics.jsonl").read_bytes()
     # the tuning rule reads them as finished (one rate per cell: the choice is that rate, at the grid's edge)
     study = converged.analyse([], load_runs([str(sweep_dir)]))
-    assert {(s.variant, s.selection.chosen, s.selection.complete) for s in study.selections} == \
-        {("lstm", 0.05, True), ("mlstm-paper", 0.05, True)}
+    assert {(s.variant, s.selection.chosen, s.selection.complete) for s in study.selections} == {
+        ("lstm", 0.05, True),
+        ("mlstm-paper", 0.05, True),
+    }
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert again.returncode == 0, again.stderr[-3000:]

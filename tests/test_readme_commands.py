@@ -25,8 +25,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
-SKIPPED_TARGETS = {"setup": "installs the environment", "test": "the test suite itself",
-                   "test-fast": "the test suite itself", "lint": "run by `make test` before the suite"}
+SKIPPED_TARGETS = {
+    "setup": "installs the environment",
+    "test": "the test suite itself",
+    "test-fast": "the test suite itself",
+    "lint": "run by `make test` before the suite",
+}
 RUN_TARGETS = {"help", "params"}
 
 
@@ -61,7 +65,7 @@ def module_args(words: list[str], module: str) -> list[str] | None:
     """The arguments after `-m MODULE`, or None when the command does not run that module."""
     for i in range(len(words) - 1):
         if words[i] == "-m" and words[i + 1] == module:
-            return words[i + 2:]
+            return words[i + 2 :]
     return None
 
 
@@ -89,9 +93,12 @@ def action(words: list[str]) -> tuple[str, str]:
 
 COMMANDS = readme_commands()
 # the commands that start a Python process of their own (seconds each) are slow; composing a config is not
-PARAMS = [pytest.param(words, id=shlex.join(words)[:80],
-                       marks=[pytest.mark.slow] if action(words)[0] in ("run", "help") else [])
-          for words in COMMANDS]
+PARAMS = [
+    pytest.param(
+        words, id=shlex.join(words)[:80], marks=[pytest.mark.slow] if action(words)[0] in ("run", "help") else []
+    )
+    for words in COMMANDS
+]
 
 
 def test_the_readme_has_commands_of_every_kind():
@@ -112,8 +119,9 @@ def compose_like_the_entry_point(argv: list[str]):
     first_job = []
     for override in OverridesParser.create().parse_overrides(overrides):
         value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else override.value()
-        first_job.append(override.input_line if not override.is_sweep_override() else
-                         f"{override.get_key_element()}={value}")
+        first_job.append(
+            override.input_line if not override.is_sweep_override() else f"{override.get_key_element()}={value}"
+        )
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=first_job, return_hydra_config=True)
 

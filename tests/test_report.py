@@ -44,7 +44,7 @@ def script_command(script: str, starts: str, variables: dict[str, str]) -> list[
 
 def with_out(command: list[str], out: Path) -> list[str]:
     i = command.index("--out")
-    return [sys.executable, *command[1:i + 1], str(out), *command[i + 2:]]
+    return [sys.executable, *command[1 : i + 1], str(out), *command[i + 2 :]]
 
 
 def assert_same_files(made: Path, committed: Path, names: list[str]) -> None:
@@ -60,9 +60,18 @@ def test_tuned_report_regenerates_byte_for_byte(tmp_path):
     done = subprocess.run(with_out(command, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     committed = REPO_ROOT / "results/convergence/tuned"
-    assert_same_files(tmp_path, committed, ["report.md", "summary.csv", "enwik8_head3M_final/report.md",
-                                            "enwik8_head3M_final/summary.csv", "text8_head2M_final/report.md",
-                                            "text8_head2M_final/summary.csv"])
+    assert_same_files(
+        tmp_path,
+        committed,
+        [
+            "report.md",
+            "summary.csv",
+            "enwik8_head3M_final/report.md",
+            "enwik8_head3M_final/summary.csv",
+            "text8_head2M_final/report.md",
+            "text8_head2M_final/summary.csv",
+        ],
+    )
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in committed.glob("*.png"))
 
 
@@ -70,8 +79,11 @@ def test_tuned_report_regenerates_byte_for_byte(tmp_path):
 def test_scale_report_regenerates_byte_for_byte(tmp_path):
     """results/convergence/scale (written by the last step of scripts/scale_study.sh): report.md, scale_summary.csv
     and selection.json from the committed runs of the ladder and of the tuned study."""
-    command = script_command("scripts/scale_study.sh", '"$PY" scripts/scale_report.py',
-                             {"SCALE": "results/convergence/scale", "TUNED": "results/convergence/tuned"})
+    command = script_command(
+        "scripts/scale_study.sh",
+        '"$PY" scripts/scale_report.py',
+        {"SCALE": "results/convergence/scale", "TUNED": "results/convergence/tuned"},
+    )
     done = subprocess.run(with_out(command, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     committed = REPO_ROOT / "results/convergence/scale"

@@ -80,12 +80,17 @@ def _flip_a_weight(path: Path, payload: dict) -> None:
         f.write(bytes([data[at + len(weights) // 2] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("damage, reported", [
-    (_truncate, "is unreadable or corrupted"),
-    (_flip_a_weight, "is corrupted (its content does not match its SHA-256 digest)"),
-], ids=["truncated", "bit-flipped"])
+@pytest.mark.parametrize(
+    "damage, reported",
+    [
+        (_truncate, "is unreadable or corrupted"),
+        (_flip_a_weight, "is corrupted (its content does not match its SHA-256 digest)"),
+    ],
+    ids=["truncated", "bit-flipped"],
+)
 def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_one_and_still_resumes_exactly(
-        corpus, data_dir, tmp_path, capsys, damage, reported):
+    corpus, data_dir, tmp_path, capsys, damage, reported
+):
     common = ["optim=adam", "trainer.eval_every=4", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=3"]
     straight = train(tiny_config(corpus, data_dir, *common, "trainer.max_steps=12"), run_dir=tmp_path / "straight")
 
@@ -100,8 +105,9 @@ def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_one_and_still_re
     err = capsys.readouterr().err
     assert f"checkpoint {run / 'last.pt'} {reported}" in err and "resumed from step 4" in err, err
     assert (run / "ckpt-00000008.pt.corrupt").exists()  # kept for inspection, never read again
-    assert without_timing(read_metrics(run / "metrics.jsonl")) == \
-        without_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    assert without_timing(read_metrics(run / "metrics.jsonl")) == without_timing(
+        read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    )
     assert resumed["test/bpc"] == straight["test/bpc"]
 
 
@@ -127,8 +133,10 @@ DIVERGING = ["optim=adam", "optim.lr=1e30", "optim.grad_clip=null"]  # Adam's fi
 
 
 def test_a_real_nan_is_skipped_counted_and_logged(corpus, data_dir, tmp_path, capsys):
-    train(tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=6", "trainer.max_nonfinite_in_row=100"),
-          run_dir=tmp_path)
+    train(
+        tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=6", "trainer.max_nonfinite_in_row=100"),
+        run_dir=tmp_path,
+    )
     train_records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/nonfinite_steps" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]  # logged even when every step is skipped
     assert [r["train/nonfinite_steps"] for r in train_records] == [0, 1, 2, 3, 4, 5]
@@ -141,9 +149,18 @@ def test_a_real_nan_is_skipped_counted_and_logged(corpus, data_dir, tmp_path, ca
 
 
 def test_divergence_reload_goes_back_with_a_lower_learning_rate_and_recovers(corpus, data_dir, tmp_path, capsys):
-    result = train(tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=3",
-                               "trainer.on_divergence=reload", "trainer.divergence_lr_factor=1e-33"),
-                   run_dir=tmp_path)
+    result = train(
+        tiny_config(
+            corpus,
+            data_dir,
+            *DIVERGING,
+            "trainer.max_steps=8",
+            "trainer.max_nonfinite_in_row=3",
+            "trainer.on_divergence=reload",
+            "trainer.divergence_lr_factor=1e-33",
+        ),
+        run_dir=tmp_path,
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     (event,) = [r for r in records if r.get("event") == "divergence_reload"]
     assert event["step"] == 0 and event["train/lr"] == pytest.approx(1e-3)  # 1e30 x 1e-33
@@ -160,8 +177,15 @@ def test_divergence_reload_goes_back_with_a_lower_learning_rate_and_recovers(cor
 
 
 def test_divergence_stops_with_one_line_after_the_allowed_reloads(corpus, data_dir, tmp_path):
-    cfg = tiny_config(corpus, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=2",
-                      "trainer.on_divergence=reload", "trainer.max_divergence_reloads=2")  # lr halves: still 2.5e29
+    cfg = tiny_config(
+        corpus,
+        data_dir,
+        *DIVERGING,
+        "trainer.max_steps=8",
+        "trainer.max_nonfinite_in_row=2",
+        "trainer.on_divergence=reload",
+        "trainer.max_divergence_reloads=2",
+    )  # lr halves: still 2.5e29
     with pytest.raises(UserError, match=r"after 2 reload\(s\) with a lower learning rate"):
         train(cfg, run_dir=tmp_path)
     events = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event")]
@@ -170,8 +194,16 @@ def test_divergence_stops_with_one_line_after_the_allowed_reloads(corpus, data_d
 
 @pytest.mark.slow
 def test_divergence_with_on_divergence_stop_exits_2_with_one_line(corpus, data_dir, tmp_path):
-    result = train_cli(tiny_args(corpus, data_dir, *DIVERGING, "trainer.max_steps=8", "trainer.max_nonfinite_in_row=3",
-                                 f"hydra.run.dir={tmp_path}"))
+    result = train_cli(
+        tiny_args(
+            corpus,
+            data_dir,
+            *DIVERGING,
+            "trainer.max_steps=8",
+            "trainer.max_nonfinite_in_row=3",
+            f"hydra.run.dir={tmp_path}",
+        )
+    )
     assert_one_line_error(result, "training diverged", "3 non-finite", "optim.lr", "on_divergence=reload")
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]  # nothing written is lost
 
@@ -187,8 +219,9 @@ def test_a_resumed_run_continues_the_same_wandb_run(corpus, data_dir, tmp_path):
     # W&B names a run directory offline-run-<second>-<id>, with "-1" added when both starts fall in the same
     # second; the run file inside names the id either way.
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all([f.name for f in d.glob("run-*.wandb")] == [f"run-{run_id}.wandb"] for d in runs), \
-        [(d.name, [f.name for f in d.iterdir()]) for d in runs]  # one W&B run, resumed
+    assert runs and all([f.name for f in d.glob("run-*.wandb")] == [f"run-{run_id}.wandb"] for d in runs), [
+        (d.name, [f.name for f in d.iterdir()]) for d in runs
+    ]  # one W&B run, resumed
 
 
 def test_a_fresh_run_never_overwrites_earlier_metrics(tmp_path):
@@ -204,12 +237,26 @@ def test_wandb_online_with_an_unreachable_server_keeps_training(corpus, data_dir
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_API_KEY": "a" * 40,
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
-           "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
+    env = {
+        "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+        "WANDB_API_KEY": "a" * 40,
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
+    }
     run = tmp_path / "run"
-    result = train_cli(tiny_args(corpus, data_dir, "logger=wandb", "logger.mode=online", "logger.init_timeout=5",
-                                 "trainer.max_steps=4", f"hydra.run.dir={run}"), env=env)
+    result = train_cli(
+        tiny_args(
+            corpus,
+            data_dir,
+            "logger=wandb",
+            "logger.mode=online",
+            "logger.init_timeout=5",
+            "trainer.max_steps=4",
+            f"hydra.run.dir={run}",
+        ),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
@@ -225,15 +272,18 @@ def test_wandb_online_with_an_unreachable_server_keeps_training(corpus, data_dir
 def test_make_train_with_a_missing_data_path_says_one_line(tmp_path):
     if shutil.which("make") is None or not (REPO_ROOT / ".venv" / "bin" / "python").exists():
         pytest.skip("needs make and the project's .venv (make setup)")
-    result = subprocess.run(["make", "-s", "train", f"ARGS=dataset=file dataset.path=/nonexistent "
-                                                   f"hydra.run.dir={tmp_path}"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["make", "-s", "train", f"ARGS=dataset=file dataset.path=/nonexistent hydra.run.dir={tmp_path}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     # make adds its own "make: *** ..." line ("make[1]: ..." when the tests themselves run under make test)
     ours = [line for line in result.stderr.splitlines() if not re.match(r"make(\[\d+\])?: ", line)]
-    assert ours == ["error: dataset.path /nonexistent does not exist; point dataset.path at a text file"], \
-        result.stderr
+    assert ours == ["error: dataset.path /nonexistent does not exist; point dataset.path at a text file"], result.stderr
 
 
 def _missing(tmp):
@@ -251,15 +301,26 @@ def _directory(tmp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make_path, fragments", [
-    (_missing, ["does not exist", "point dataset.path at a text file"]),
-    (_empty, ["is empty", "point dataset.path at a file with text"]),
-    (_directory, ["is a directory", "point dataset.path at a single text file"]),
-], ids=["missing", "empty", "directory"])
+@pytest.mark.parametrize(
+    "make_path, fragments",
+    [
+        (_missing, ["does not exist", "point dataset.path at a text file"]),
+        (_empty, ["is empty", "point dataset.path at a file with text"]),
+        (_directory, ["is a directory", "point dataset.path at a single text file"]),
+    ],
+    ids=["missing", "empty", "directory"],
+)
 def test_bad_data_path_is_one_line(tmp_path, make_path, fragments):
     path = make_path(tmp_path)
-    result = train_cli(["dataset=file", f"dataset.path={path}", f"data_dir={tmp_path / 'data'}", *TINY,
-                        f"hydra.run.dir={tmp_path / 'run'}"])
+    result = train_cli(
+        [
+            "dataset=file",
+            f"dataset.path={path}",
+            f"data_dir={tmp_path / 'data'}",
+            *TINY,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert_one_line_error(result, str(path), *fragments)
 
 
@@ -276,18 +337,32 @@ def test_unreadable_data_path_is_one_line(corpus, tmp_path):
     path = tmp_path / "secret.txt"
     path.write_bytes(corpus.read_bytes())
     path.chmod(0)
-    result = train_cli(["dataset=file", f"dataset.path={path}", f"data_dir={tmp_path / 'data'}", *TINY,
-                        f"hydra.run.dir={tmp_path / 'run'}"], preexec_fn=without_file_permission_override())
+    result = train_cli(
+        [
+            "dataset=file",
+            f"dataset.path={path}",
+            f"data_dir={tmp_path / 'data'}",
+            *TINY,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        preexec_fn=without_file_permission_override(),
+    )
     assert_one_line_error(result, str(path), "Permission denied", "fix its permissions")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, fragments", [
-    (["trainer.batch_size=2000", "trainer.seq_len=100"], ["'train' has", "fewer than batch_size*(seq_len+1)",
-                                                         "smaller trainer.batch_size"]),
-    (["trainer.seq_len=500000"], ["'train' has", "smaller trainer.batch_size / trainer.seq_len"]),
-    (["trainer.eval_chars=100"], ["valid evaluation", "trainer.eval_chars=100", "larger trainer.eval_chars"]),
-], ids=["batch-larger-than-data", "sequence-larger-than-data", "eval-smaller-than-one-batch"])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (
+            ["trainer.batch_size=2000", "trainer.seq_len=100"],
+            ["'train' has", "fewer than batch_size*(seq_len+1)", "smaller trainer.batch_size"],
+        ),
+        (["trainer.seq_len=500000"], ["'train' has", "smaller trainer.batch_size / trainer.seq_len"]),
+        (["trainer.eval_chars=100"], ["valid evaluation", "trainer.eval_chars=100", "larger trainer.eval_chars"]),
+    ],
+    ids=["batch-larger-than-data", "sequence-larger-than-data", "eval-smaller-than-one-batch"],
+)
 def test_batch_or_sequence_larger_than_the_data_is_one_line(corpus, data_dir, tmp_path, overrides, fragments):
     result = train_cli(tiny_args(corpus, data_dir, *overrides, f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, *fragments)
@@ -297,19 +372,32 @@ def test_batch_or_sequence_larger_than_the_data_is_one_line(corpus, data_dir, tm
 def test_corpus_smaller_than_one_batch_is_one_line(corpus, tmp_path):
     small = tmp_path / "small.txt"
     small.write_bytes(corpus.read_bytes()[:1000])  # 900 training characters < 16 streams x 101 characters
-    result = train_cli(["dataset=file", f"dataset.path={small}", f"data_dir={tmp_path / 'data'}", *TINY,
-                        "trainer.batch_size=16", "trainer.seq_len=100", f"hydra.run.dir={tmp_path / 'run'}"])
+    result = train_cli(
+        [
+            "dataset=file",
+            f"dataset.path={small}",
+            f"data_dir={tmp_path / 'data'}",
+            *TINY,
+            "trainer.batch_size=16",
+            "trainer.seq_len=100",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert_one_line_error(result, "'train' has 900 characters", "bigger file")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, fragments", [
-    ("cell=nope", ["unknown cell 'nope'", "lstm, mlstm"]),
-    ("cell.form=nope", ["cell.form='nope' must be one of paper, matlab, seed"]),
-    ("dataset=nope", ["unknown dataset 'nope'", "enwik8"]),
-    ("dataset.name=nope", ["dataset.name='nope' must be one of", "file"]),
-    ("trainer.on_divergence=maybe", ["trainer.on_divergence='maybe'", "stop, reload"]),
-], ids=["cell", "form", "dataset-group", "dataset-name", "on-divergence"])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("cell=nope", ["unknown cell 'nope'", "lstm, mlstm"]),
+        ("cell.form=nope", ["cell.form='nope' must be one of paper, matlab, seed"]),
+        ("dataset=nope", ["unknown dataset 'nope'", "enwik8"]),
+        ("dataset.name=nope", ["dataset.name='nope' must be one of", "file"]),
+        ("trainer.on_divergence=maybe", ["trainer.on_divergence='maybe'", "stop, reload"]),
+    ],
+    ids=["cell", "form", "dataset-group", "dataset-name", "on-divergence"],
+)
 def test_unknown_names_are_one_line(corpus, data_dir, tmp_path, override, fragments):
     result = train_cli(tiny_args(corpus, data_dir, override, f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, *fragments)
@@ -322,12 +410,16 @@ def test_conflicting_hydra_flags_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, fragments", [
-    ("cell.hidden_size=0", ["cell.hidden_size=0 must be a positive integer"]),
-    ("optim.lr=-0.001", ["optim.lr=-0.001 must be a positive number"]),
-    ("trainer.batch_size=0", ["trainer.batch_size=0 must be a positive integer"]),
-    ("trainer.divergence_lr_factor=1.5", ["trainer.divergence_lr_factor=1.5", "(0, 1)"]),
-], ids=["hidden-0", "lr-negative", "batch-0", "lr-factor"])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("cell.hidden_size=0", ["cell.hidden_size=0 must be a positive integer"]),
+        ("optim.lr=-0.001", ["optim.lr=-0.001 must be a positive number"]),
+        ("trainer.batch_size=0", ["trainer.batch_size=0 must be a positive integer"]),
+        ("trainer.divergence_lr_factor=1.5", ["trainer.divergence_lr_factor=1.5", "(0, 1)"]),
+    ],
+    ids=["hidden-0", "lr-negative", "batch-0", "lr-factor"],
+)
 def test_invalid_numbers_are_one_line_before_any_data_is_read(tmp_path, override, fragments):
     missing = tmp_path / "not_read.txt"  # never opened: numbers are checked before the data
     result = train_cli(["dataset=file", f"dataset.path={missing}", *TINY, override, f"hydra.run.dir={tmp_path}"])
@@ -335,11 +427,18 @@ def test_invalid_numbers_are_one_line_before_any_data_is_read(tmp_path, override
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, fragments", [
-    ("cell.hidden_sizee=3", ["unknown config key 'cell.hidden_sizee'", "did you mean cell.hidden_size?", "spelling"]),
-    ("trainer.batch_size=[", ["cannot parse the override 'trainer.batch_size=['", "key=value"]),
-    ("trainer.max_steps=${nope}", ["Interpolation key 'nope' not found", "overrides"]),
-], ids=["unknown-key", "unparsable", "bad-interpolation"])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        (
+            "cell.hidden_sizee=3",
+            ["unknown config key 'cell.hidden_sizee'", "did you mean cell.hidden_size?", "spelling"],
+        ),
+        ("trainer.batch_size=[", ["cannot parse the override 'trainer.batch_size=['", "key=value"]),
+        ("trainer.max_steps=${nope}", ["Interpolation key 'nope' not found", "overrides"]),
+    ],
+    ids=["unknown-key", "unparsable", "bad-interpolation"],
+)
 def test_hydra_config_errors_are_one_line(corpus, data_dir, tmp_path, override, fragments):
     result = train_cli(tiny_args(corpus, data_dir, override, f"hydra.run.dir={tmp_path}"))
     assert_one_line_error(result, *fragments)
@@ -361,8 +460,10 @@ def test_read_only_output_directory_is_one_line(corpus, data_dir, tmp_path):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        result = train_cli(tiny_args(corpus, data_dir, f"hydra.run.dir={locked / 'run'}"),
-                           preexec_fn=without_file_permission_override())
+        result = train_cli(
+            tiny_args(corpus, data_dir, f"hydra.run.dir={locked / 'run'}"),
+            preexec_fn=without_file_permission_override(),
+        )
     finally:
         locked.chmod(0o755)
     assert_one_line_error(result, "cannot write the run directory", "Permission denied", "writable path")
@@ -409,8 +510,12 @@ def archive(text8_sample, tmp_path_factory) -> dict:
         zf.writestr("text8", text)
     folder = tmp_path_factory.mktemp("mirror")
     (folder / "text8.zip").write_bytes(buffer.getvalue())
-    overrides = ["dataset=text8", "dataset.num_bytes=20000", "dataset.split_sizes=[18000,1000,1000]",
-                 f"dataset.checksum={hashlib.sha1(text).hexdigest()}"]
+    overrides = [
+        "dataset=text8",
+        "dataset.num_bytes=20000",
+        "dataset.split_sizes=[18000,1000,1000]",
+        f"dataset.checksum={hashlib.sha1(text).hexdigest()}",
+    ]
     return {"path": folder / "text8.zip", "bytes": buffer.getvalue(), "overrides": overrides}
 
 
@@ -418,8 +523,16 @@ def archive(text8_sample, tmp_path_factory) -> dict:
 def test_checksum_mismatch_sets_the_archive_aside_and_uses_nothing(archive, tmp_path):
     data = tmp_path / "data"
     overrides = [o for o in archive["overrides"] if not o.startswith("dataset.checksum=")]
-    result = train_cli([*overrides, f"dataset.url=file://{archive['path']}", "dataset.checksum=" + "0" * 40,
-                        f"data_dir={data}", *TINY, f"hydra.run.dir={tmp_path / 'run'}"])
+    result = train_cli(
+        [
+            *overrides,
+            f"dataset.url=file://{archive['path']}",
+            "dataset.checksum=" + "0" * 40,
+            f"data_dir={data}",
+            *TINY,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert_one_line_error(result, "sha1 checksum mismatch", "moved it aside", "text8.zip.bad", "dataset.checksum")
     assert (data / "text8.zip.bad").read_bytes() == archive["bytes"]  # kept for inspection
     assert not (data / "text8.zip").exists() and not (data / "cache").exists()  # and not used

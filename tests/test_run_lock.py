@@ -29,10 +29,25 @@ pytestmark = pytest.mark.slow  # every test here runs real training processes
 # 4 streams x 20 characters, 16 units, one thread; validation at step 25 only, no periodic checkpoint (so a stop
 # before step 25 has no checkpoint to fall back on but the one it writes)
 STEPS, FIRST_EVAL = 60, 25
-COMMON = ["trainer=cpu", "logger=none", "cell=mlstm", "cell.hidden_size=16", "cell.dropout=0.1",
-          "trainer.batch_size=4", "trainer.seq_len=20", "trainer.eval_batch_size=4", "trainer.eval_chars=2000",
-          "trainer.test_chars=2000", "trainer.progress=false", "trainer.threads=1", "trainer.log_every=1",
-          f"trainer.eval_every={FIRST_EVAL}", "trainer.checkpoint_every=null", "optim=adam", "optim.lr=3e-3"]
+COMMON = [
+    "trainer=cpu",
+    "logger=none",
+    "cell=mlstm",
+    "cell.hidden_size=16",
+    "cell.dropout=0.1",
+    "trainer.batch_size=4",
+    "trainer.seq_len=20",
+    "trainer.eval_batch_size=4",
+    "trainer.eval_chars=2000",
+    "trainer.test_chars=2000",
+    "trainer.progress=false",
+    "trainer.threads=1",
+    "trainer.log_every=1",
+    f"trainer.eval_every={FIRST_EVAL}",
+    "trainer.checkpoint_every=null",
+    "optim=adam",
+    "optim.lr=3e-3",
+]
 
 
 def overriding(args: list[str], *overrides: str) -> list[str]:
@@ -54,8 +69,15 @@ def environ() -> dict:
 def start(args, *, preexec_fn=None, wrapper: str | None = None) -> subprocess.Popen:
     """`python -m mlstm.cli.train *args` (or the same through a `python -c` wrapper), stdout/stderr piped."""
     head = [sys.executable, "-c", wrapper, "mlstm.cli.train"] if wrapper else [sys.executable, "-m", "mlstm.cli.train"]
-    return subprocess.Popen([*head, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO_ROOT, env=environ(), preexec_fn=preexec_fn)
+    return subprocess.Popen(
+        [*head, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=environ(),
+        preexec_fn=preexec_fn,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -92,8 +114,11 @@ def lock_holder(run_dir: Path) -> dict:
 
 
 def snapshot(run_dir: Path) -> dict:
-    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +151,11 @@ def test_a_second_training_on_a_busy_run_directory_exits_2_and_writes_nothing(ar
     finally:
         first.send_signal(signal.SIGCONT)
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-    assert_one_line_error(second, f"run directory {tmp_path} is in use by pid {first.pid} on host "
-                                  f"{socket.gethostname()} since {holder['since']}", "another hydra.run.dir")
+    assert_one_line_error(
+        second,
+        f"run directory {tmp_path} is in use by pid {first.pid} on host {socket.gethostname()} since {holder['since']}",
+        "another hydra.run.dir",
+    )
 
     done = finish(first)
     assert done.returncode == 0, done.stderr
@@ -164,7 +192,8 @@ runpy.run_module("mlstm.cli.train", run_name="__main__", alter_sys=True)
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_signal_before_any_checkpoint_saves_last_pt_and_the_resumed_run_equals_an_uninterrupted_one(
-        args, straight, tmp_path, signum):
+    args, straight, tmp_path, signum
+):
     command = [*args, f"trainer.max_steps={STEPS}", f"hydra.run.dir={tmp_path}"]
     # SIGUSR1 through a wrapper that installed its own handler first: it must be called, after the save
     victim = start(command, wrapper=CHAINED_HANDLER if signum == signal.SIGUSR1 else None)
@@ -179,8 +208,9 @@ def test_a_signal_before_any_checkpoint_saves_last_pt_and_the_resumed_run_equals
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped by")]
     assert len(lines) == 1, stopped.stderr
     step = int(lines[0].split(" at step ")[1].split(";")[0])
-    assert lines[0] == (f"stopped by {name} at step {step}; last.pt saved in {tmp_path}; rerun the same command to "
-                        f"resume")
+    assert lines[0] == (
+        f"stopped by {name} at step {step}; last.pt saved in {tmp_path}; rerun the same command to resume"
+    )
     assert 3 <= step < FIRST_EVAL  # stopped before the first checkpoint the run would have written itself
     assert checkpoint.load_file(tmp_path / "last.pt")["step"] == step  # complete and verified
     assert logged_step(tmp_path) == step  # metrics.jsonl flushed up to the step reached, nothing after
@@ -195,8 +225,15 @@ def test_a_signal_before_any_checkpoint_saves_last_pt_and_the_resumed_run_equals
 
 def test_a_second_signal_exits_at_once(enwik8_sample, args, tmp_path):
     # a long validation at step 2 (one stream through the 150k characters of the valid split) holds the run there
-    command = overriding(args, f"dataset.path={enwik8_sample}", "trainer.max_steps=10", "trainer.eval_every=2",
-                         "trainer.eval_batch_size=1", "trainer.eval_chars=null", f"hydra.run.dir={tmp_path / 'run'}")
+    command = overriding(
+        args,
+        f"dataset.path={enwik8_sample}",
+        "trainer.max_steps=10",
+        "trainer.eval_every=2",
+        "trainer.eval_batch_size=1",
+        "trainer.eval_chars=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     victim = start(command)
     wait_for_step(victim, tmp_path / "run", 2)  # step 2's train record is written just before its validation
     victim.send_signal(signal.SIGTERM)
@@ -218,10 +255,19 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip(f"{torchrun} not found: DDP tests need torchrun beside the Python interpreter")
-    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mlstm.cli.train",
-               *overriding(args, "cell.dropout=0.0"), f"trainer.max_steps={STEPS}", f"hydra.run.dir={tmp_path}"]
-    victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                              env=environ())
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mlstm.cli.train",
+        *overriding(args, "cell.dropout=0.0"),
+        f"trainer.max_steps={STEPS}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    victim = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ()
+    )
     wait_for_step(victim, tmp_path, 3)
     victim.send_signal(signal.SIGTERM)
     stopped = finish(victim)
@@ -233,8 +279,11 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
     assert payload["step"] == step < FIRST_EVAL and logged_step(tmp_path) == step
     assert lock_holder(tmp_path) == {}  # rank 0 released it on the way out
 
-    resumed = finish(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      cwd=REPO_ROOT, env=environ()))
+    resumed = finish(
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ()
+        )
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {step}" in resumed.stderr
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -262,8 +311,11 @@ def test_a_checkpoint_write_failing_with_efbig_keeps_the_previous_checkpoint(arg
 
     # metrics.jsonl, config.yaml and Hydra's files stay far below 64 kB; every checkpoint is about 250 kB
     full = run([*command, f"trainer.max_steps={STEPS}"], preexec_fn=file_size_limit(64_000))
-    assert_one_line_error(full, f"cannot write a checkpoint in {tmp_path}: File too large",
-                          "last.pt still points to the previous checkpoint")
+    assert_one_line_error(
+        full,
+        f"cannot write a checkpoint in {tmp_path}: File too large",
+        "last.pt still points to the previous checkpoint",
+    )
     assert (tmp_path / "last.pt").read_bytes() == previous
     assert checkpoint.load_file(tmp_path / "last.pt")["step"] == FIRST_EVAL
     assert sorted(p.name for p in tmp_path.glob("*.pt*")) == ["best.pt", "ckpt-00000025.pt", "last.pt"]
@@ -320,9 +372,15 @@ def test_joblib_jobs_whose_parent_is_killed_stop_gracefully_exit_and_resume_exac
     # (SIGSTOP) once it has logged step 3, until both have: however the workers' starts are staggered, both are
     # caught mid-run, and after the parent's death they go on from step 3 or so, far from the end
     steps = 120
-    sweep = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
-             "hydra.sweep.subdir=seed${seed}", f"trainer.max_steps={steps}",
-             *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50")]
+    sweep = [
+        "--multirun",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=0,1",
+        "hydra.sweep.subdir=seed${seed}",
+        f"trainer.max_steps={steps}",
+        *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50"),
+    ]
     straight = run([*sweep, f"hydra.sweep.dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = {p.parent.name: without_timing(read_metrics(p)) for p in (tmp_path / "straight").rglob("metrics.jsonl")}
@@ -361,9 +419,15 @@ def test_a_joblib_worker_between_jobs_exits_when_its_parent_is_killed(args, tmp_
     """One job of 3 steps, one of 120: once the short one is done its worker waits for the next job. Its parent
     killed, that worker must exit (nothing of a run is held then), and the busy one stop gracefully. The long job's
     worker is frozen from its step 3 until the parent is dead, so it is caught mid-run however slow the short one."""
-    command = ["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_steps=3,120",
-               "hydra.sweep.subdir=steps${trainer.max_steps}", f"hydra.sweep.dir={tmp_path}",
-               *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50")]
+    command = [
+        "--multirun",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.max_steps=3,120",
+        "hydra.sweep.subdir=steps${trainer.max_steps}",
+        f"hydra.sweep.dir={tmp_path}",
+        *overriding(args, "cell.hidden_size=192", "trainer.batch_size=16", "trainer.seq_len=50"),
+    ]
     parent = start(command, preexec_fn=os.setsid)
     short, long = tmp_path / "steps3", tmp_path / "steps120"
     deadline = time.time() + 120
@@ -412,9 +476,15 @@ def test_a_worker_whose_run_ends_after_its_parent_died_exits_instead_of_waiting(
     waiting = 300  # far longer than the test allows (a third of it: a busy machine imports torch slowly)
     script = tmp_path / "orphaned_run.py"  # a file: a spawned child imports its parent's main module
     script.write_text(ORPHANED_RUN)
-    parent = subprocess.Popen([sys.executable, str(script), str(waiting)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ(),
-                              preexec_fn=os.setsid)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(waiting)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=environ(),
+        preexec_fn=os.setsid,
+    )
     done = output_when_children_gone(parent, waiting / 3, "the worker waited for its dead parent")
     out, err = done.stdout, done.stderr
     assert done.returncode == 0, err

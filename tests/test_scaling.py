@@ -26,9 +26,11 @@ RUNGS = {"300k": 300_000, "1m": 1_200_000, "5m": 4_800_000}
 PAPER_RATIO = {"300k": 0.6, "1m": 0.45, "5m": 0.3}
 GATED_RATIO = {"300k": 0.7, "1m": 0.8, "5m": 0.95}
 FLOOR = {"300k": 3.2, "1m": 2.9, "5m": 2.6}  # final bpc falls with size
-CELLS = {"lstm": {"name": "lstm", "impl": "cudnn"},
-         "mlstm_paper": {"name": "mlstm", "form": "paper", "impl": "fast"},
-         "mlstm_seed_gated": {"name": "mlstm", "form": "seed", "seed_output": "gated", "impl": "fast"}}
+CELLS = {
+    "lstm": {"name": "lstm", "impl": "cudnn"},
+    "mlstm_paper": {"name": "mlstm", "form": "paper", "impl": "fast"},
+    "mlstm_seed_gated": {"name": "mlstm", "form": "seed", "seed_output": "gated", "impl": "fast"},
+}
 TAU_LSTM = 900_000.0  # characters
 
 
@@ -39,9 +41,14 @@ def write_run(root: Path, dataset_dir: str, preset: str, lr: float, seed: int, p
     cell = CELLS[preset.rsplit("_", 1)[0]]
     run = root / dataset_dir / preset / f"lr{lr:g}-seed{seed}"
     run.mkdir(parents=True)
-    config = {"cell": {**cell, "hidden_size": 100}, "seed": seed, "num_parameters": params,
-              "dataset": {"name": "file", "path": "../shared/data/enwik8_head3M.xml"},
-              "trainer": {"max_steps": STEPS, "batch_size": 32, "seq_len": 100}, "optim": {"name": "adam", "lr": lr}}
+    config = {
+        "cell": {**cell, "hidden_size": 100},
+        "seed": seed,
+        "num_parameters": params,
+        "dataset": {"name": "file", "path": "../shared/data/enwik8_head3M.xml"},
+        "trainer": {"max_steps": STEPS, "batch_size": 32, "seq_len": 100},
+        "optim": {"name": "adam", "lr": lr},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     train = train or (lambda c: valid(c) - 0.05)
     records = []
@@ -63,8 +70,11 @@ def make_finals(root: Path, seeds=(100, 101, 102)):
     for rung, params in RUNGS.items():
         for seed in seeds:
             jitter = 1 + 0.01 * rng.standard_normal()
-            tau = {"lstm": TAU_LSTM * jitter, "mlstm_paper": TAU_LSTM * PAPER_RATIO[rung] * jitter,
-                   "mlstm_seed_gated": TAU_LSTM * GATED_RATIO[rung] * jitter}
+            tau = {
+                "lstm": TAU_LSTM * jitter,
+                "mlstm_paper": TAU_LSTM * PAPER_RATIO[rung] * jitter,
+                "mlstm_seed_gated": TAU_LSTM * GATED_RATIO[rung] * jitter,
+            }
             for cell, t in tau.items():
                 valid = exp_curve(FLOOR[rung], t)
                 train = None
@@ -77,8 +87,16 @@ def make_finals(root: Path, seeds=(100, 101, 102)):
                     def train(c, base=base):
                         return base(c) - 0.05
 
-                write_run(root, "enwik8_sample", f"{cell}_{rung}", 0.004, seed,
-                          int(params * (1.01 if cell != "lstm" else 1.0)), valid, train)
+                write_run(
+                    root,
+                    "enwik8_sample",
+                    f"{cell}_{rung}",
+                    0.004,
+                    seed,
+                    int(params * (1.01 if cell != "lstm" else 1.0)),
+                    valid,
+                    train,
+                )
 
 
 def make_tuning(root: Path):
@@ -135,11 +153,12 @@ def test_the_level_both_reach_has_a_ratio_where_the_lstms_best_level_has_none(tm
     cell is the faster one and ends lower (make_finals) the level both reach is the LSTM's best level, same ratio."""
     for seed, jitter in zip((100, 101, 102), (1.0, 1.01, 0.99)):
         for cell, tau in (("lstm", TAU_LSTM * jitter), ("mlstm_paper", 1.5 * TAU_LSTM * jitter)):
-            write_run(tmp_path / "slow", "enwik8_sample", f"{cell}_1m", 0.004, seed, 1_200_000,
-                      exp_curve(FLOOR["1m"], tau))
+            write_run(
+                tmp_path / "slow", "enwik8_sample", f"{cell}_1m", 0.004, seed, 1_200_000, exp_curve(FLOOR["1m"], tau)
+            )
     ds = scaling.analyse(load_runs([str(tmp_path / "slow")])).datasets["enwik8_head3M"]
-    best, = scaling_report.headline_rows(ds)
-    both, = scaling_report.headline_rows(ds, "common")
+    (best,) = scaling_report.headline_rows(ds)
+    (both,) = scaling_report.headline_rows(ds, "common")
     assert math.isnan(best.ratio.value) and best.fraction_reached < 1 and best.ratio_lower_bound > 1
     assert both.target > best.target and both.fraction_reached == 1
     assert both.ratio.value == pytest.approx(1.5, rel=0.03) and both.ratio.low <= both.ratio.value <= both.ratio.high
@@ -169,8 +188,9 @@ def test_selection_per_rung(tmp_path):
     assert edge.selection.at_edge and edge.next_lr == pytest.approx(0.004)
     inside = selections[("1m", "mlstm-paper")]
     assert not inside.selection.at_edge and inside.next_lr is None
-    assert inside.as_dict()["final_command"] == ('make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample '
-                                                 '+variant=mlstm_paper_1m optim.lr=0.004"')
+    assert inside.as_dict()["final_command"] == (
+        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=mlstm_paper_1m optim.lr=0.004"'
+    )
 
 
 def test_rungs_from_parameter_counts_without_presets():
@@ -183,7 +203,10 @@ def test_rungs_from_parameter_counts_without_presets():
     rungs = scaling.assign_rungs(runs)
     assert rungs["a"] == rungs["b"] != rungs["c"] == rungs["d"]
     assert scaling.preset_of("x/enwik8_sample/mlstm_seed_gated_20m/lr0.001-seed0") == (
-        "enwik8_sample", "mlstm_seed_gated_20m", "20m")
+        "enwik8_sample",
+        "mlstm_seed_gated_20m",
+        "20m",
+    )
 
 
 @pytest.mark.slow
@@ -191,10 +214,24 @@ def test_report_script_writes_figure_table_and_selection(tmp_path):
     make_finals(tmp_path / "final")
     make_tuning(tmp_path / "runs")
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "scale_report.py"), "--final",
-                           str(tmp_path / "final"), "--tuning", str(tmp_path / "runs"), "--out", str(out),
-                           "--target", "enwik8_head3M=3.5"], capture_output=True, text=True, timeout=300,
-                          cwd=REPO_ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "scale_report.py"),
+            "--final",
+            str(tmp_path / "final"),
+            "--tuning",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+            "--target",
+            "enwik8_head3M=3.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figure = out / "enwik8_head3M_scale.png"
     assert figure.is_file() and figure.stat().st_size > 10_000
@@ -230,15 +267,17 @@ def test_plan_centres_new_grids_on_the_tuned_choice_then_extends_then_runs_the_s
 
     def commands(cells_by_rung):
         selections = scaling.select_by_rung(load_runs([str(runs)])) if runs.exists() else []
-        return [s.command() for s in scale_plan.plan("enwik8_sample", "enwik8_head3M", cells_by_rung, centres,
-                                                     selections)]
+        return [
+            s.command() for s in scale_plan.plan("enwik8_sample", "enwik8_head3M", cells_by_rung, centres, selections)
+        ]
 
     tune = 'make sweep SWEEP=scale_tune_cpu ARGS="dataset=enwik8_sample +variant='
     # nothing run yet: 0.3M one step up from the 1.2M choice, 4.8M one step down
     assert commands({"300k": ["lstm", "mlstm_paper"], "5m": ["lstm"]}) == [
         tune + 'lstm_300k optim.lr=0.008,0.016,0.032 seed=0,1"',
         tune + 'mlstm_paper_300k optim.lr=0.004,0.008,0.016 seed=0,1"',
-        tune + 'lstm_5m optim.lr=0.002,0.004,0.008 seed=0,1"']
+        tune + 'lstm_5m optim.lr=0.002,0.004,0.008 seed=0,1"',
+    ]
     with pytest.raises(scale_plan.UserError, match="mlstm-seed-gated has no tuned 1.2M choice"):
         commands({"300k": ["mlstm_seed_gated"]})
 
@@ -247,11 +286,13 @@ def test_plan_centres_new_grids_on_the_tuned_choice_then_extends_then_runs_the_s
     grid_runs(runs, "mlstm_paper_300k", [0.004, 0.008, 0.016], best=0.008)
     assert commands({"300k": ["lstm", "mlstm_paper"]}) == [
         tune + 'lstm_300k optim.lr=0.064 seed=0,1"',
-        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=mlstm_paper_300k optim.lr=0.008"']
+        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=mlstm_paper_300k optim.lr=0.008"',
+    ]
     # the extension runs and the LSTM's best is inside: seeds for both
     grid_runs(runs, "lstm_300k", [0.064], best=0.032)
     assert commands({"300k": ["lstm"]}) == [
-        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=lstm_300k optim.lr=0.032"']
+        'make sweep SWEEP=scale_final_cpu ARGS="dataset=enwik8_sample +variant=lstm_300k optim.lr=0.032"'
+    ]
 
     # a grid with a run cut short (the study was stopped) is run again, rate for rate, to finish it
     grid_runs(runs, "lstm_5m", [0.002, 0.004, 0.008], best=0.004, params=4_800_000)
@@ -279,15 +320,26 @@ def test_plan_below_a_grid_that_diverged_everywhere_and_exact_rate_names(tmp_pat
 def test_plan_script_prints_the_commands_and_refuses_bad_input_in_one_line(tmp_path):
     tuned = tmp_path / "tuned"
     grid_runs(tuned, "lstm_1m", [0.004, 0.008, 0.016], best=0.008, params=1_200_000)
-    script = [sys.executable, str(REPO_ROOT / "scripts" / "scale_plan.py"), "enwik8_sample", "--tuned", str(tuned),
-              "--runs", str(tmp_path / "runs")]
+    script = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "scale_plan.py"),
+        "enwik8_sample",
+        "--tuned",
+        str(tuned),
+        "--runs",
+        str(tmp_path / "runs"),
+    ]
     done = subprocess.run(script + ["--rung", "300k=lstm"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ('make sweep SWEEP=scale_tune_cpu ARGS="dataset=enwik8_sample +variant=lstm_300k '
-                           'optim.lr=0.008,0.016,0.032 seed=0,1"\n')
-    for bad, message in ((["--rung", "300k"], "expected RUNG=CELL,CELL"),
-                         (["--rung", "300k=mlstm_paper"], "mlstm-paper has no tuned 1.2M choice"),
-                         (["--rung", "300k=lstm", "--tuning-seeds", "a"], "--tuning-seeds must be integers")):
+    assert done.stdout == (
+        'make sweep SWEEP=scale_tune_cpu ARGS="dataset=enwik8_sample +variant=lstm_300k '
+        'optim.lr=0.008,0.016,0.032 seed=0,1"\n'
+    )
+    for bad, message in (
+        (["--rung", "300k"], "expected RUNG=CELL,CELL"),
+        (["--rung", "300k=mlstm_paper"], "mlstm-paper has no tuned 1.2M choice"),
+        (["--rung", "300k=lstm", "--tuning-seeds", "a"], "--tuning-seeds must be integers"),
+    ):
         done = subprocess.run(script + bad, capture_output=True, text=True, timeout=120)
         # one line says what is wrong (argparse puts its usage above it), never a traceback
         last = done.stderr.strip().splitlines()[-1]
@@ -300,10 +352,13 @@ def test_test_split_and_cold_starts_per_cell_and_rung(tmp_path):
         preset, run = metrics.parts[-3], metrics.parts[-2]
         blown = preset == "lstm_5m" and run.endswith("seed100")
         last_train = [json.loads(line) for line in metrics.read_text().splitlines()][-2]["train/bpc"]
-        record = {"step": STEPS, "chars": STEPS * CHARS_PER_STEP, "time": 80.0,
-                  "test/bpc": 40.0 if blown else last_train + 0.1,
-                  "test/cold_start_stream_bpc": [40.0, 39.0] + [last_train + 0.1] * 30 if blown else
-                  [last_train + 0.1] * 32}
+        record = {
+            "step": STEPS,
+            "chars": STEPS * CHARS_PER_STEP,
+            "time": 80.0,
+            "test/bpc": 40.0 if blown else last_train + 0.1,
+            "test/cold_start_stream_bpc": [40.0, 39.0] + [last_train + 0.1] * 30 if blown else [last_train + 0.1] * 32,
+        }
         metrics.write_text(metrics.read_text() + json.dumps(record) + "\n")
     study = scaling.analyse(load_runs([str(tmp_path / "final")]))
     cells = study.datasets["enwik8_head3M"].cells
@@ -319,7 +374,8 @@ def test_test_split_and_cold_starts_per_cell_and_rung(tmp_path):
     # runs without a test pass: no test table (older runs, or a study stopped before its test passes)
     make_finals(tmp_path / "untested")
     assert "### Test split" not in scaling_report.report_markdown(
-        scaling.analyse(load_runs([str(tmp_path / "untested")])), {})
+        scaling.analyse(load_runs([str(tmp_path / "untested")])), {}
+    )
 
 
 @pytest.mark.slow
@@ -331,11 +387,20 @@ def test_scale_study_runs_a_rung_from_grid_to_report_and_a_rerun_trains_nothing(
     if not (tuned / "runs" / "enwik8_sample" / "lstm_1m").is_dir():
         pytest.skip("the tuned study's enwik8 runs are not in this checkout")
     scale = tmp_path / "scale"
-    tiny = ("logger=none cell.hidden_size=16 model.embedding_size=8 trainer.batch_size=4 trainer.seq_len=20 "
-            "trainer.max_steps=4 trainer.eval_every=2 trainer.log_every=2 trainer.eval_chars=2000 "
-            "trainer.test_chars=2000 trainer.cold_start_streams=4 trainer.checkpoint_every=4")
-    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1]), "SCALE": str(scale),
-           "TUNED": str(tuned), "RUN_ARGS": tiny, "CELLS_300k": "lstm", "MLSTM_SHARED_DATA": str(enwik8_sample.parent)}
+    tiny = (
+        "logger=none cell.hidden_size=16 model.embedding_size=8 trainer.batch_size=4 trainer.seq_len=20 "
+        "trainer.max_steps=4 trainer.eval_every=2 trainer.log_every=2 trainer.eval_chars=2000 "
+        "trainer.test_chars=2000 trainer.cold_start_streams=4 trainer.checkpoint_every=4"
+    )
+    env = {
+        **os.environ,
+        "VENV": str(Path(sys.executable).parents[1]),
+        "SCALE": str(scale),
+        "TUNED": str(tuned),
+        "RUN_ARGS": tiny,
+        "CELLS_300k": "lstm",
+        "MLSTM_SHARED_DATA": str(enwik8_sample.parent),
+    }
     command = ["bash", "scripts/scale_study.sh", "enwik8_sample", "300k"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

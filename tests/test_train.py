@@ -19,9 +19,18 @@ from mlstm.training.trainer import train
 UNIGRAM_ENTROPY_ENWIK8_SAMPLE = 5.07  # bits/char, ../shared/data/README.md
 
 # a tiny CPU run: 16 streams x 50 characters, 64 units, validation on the first 20k characters
-SMALL = ["trainer=cpu", "trainer.batch_size=16", "trainer.seq_len=50", "cell.hidden_size=64",
-         "trainer.eval_chars=20000", "trainer.test_chars=20000", "trainer.eval_batch_size=8",
-         "trainer.progress=false", "optim.lr=3e-3", "optim.schedule=constant"]
+SMALL = [
+    "trainer=cpu",
+    "trainer.batch_size=16",
+    "trainer.seq_len=50",
+    "cell.hidden_size=64",
+    "trainer.eval_chars=20000",
+    "trainer.test_chars=20000",
+    "trainer.eval_batch_size=8",
+    "trainer.progress=false",
+    "optim.lr=3e-3",
+    "optim.schedule=constant",
+]
 
 
 def small_config(sample, *overrides, logger="none"):
@@ -62,8 +71,9 @@ def test_wandb_offline_run_holds_the_logged_keys(enwik8_sample, tmp_path):
 
 def test_cold_start_check_reads_the_test_split_as_streams_from_zero_states(enwik8_sample, tmp_path):
     """With as many cold-start streams as test streams, the check is the test pass itself, stream by stream."""
-    cfg = small_config(enwik8_sample, "trainer.max_steps=30", "trainer.eval_every=30",
-                       "trainer.cold_start_streams=8")  # SMALL tests on 20k characters as 8 streams
+    cfg = small_config(
+        enwik8_sample, "trainer.max_steps=30", "trainer.eval_every=30", "trainer.cold_start_streams=8"
+    )  # SMALL tests on 20k characters as 8 streams
     result = train(cfg, run_dir=tmp_path)
     (last,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "test/bpc" in r]
     assert last["step"] == 30 and len(last["test/cold_start_stream_bpc"]) == 8
@@ -96,8 +106,16 @@ def test_subnormal_floats_are_flushed_as_configured_and_logged(enwik8_sample, tm
     cpu_kernel.set_flush_denormal(not flush)  # the opposite of what the run asks for, on every thread
     assert unflushed_products(threads) == (0 if not flush else 65536 * threads)  # the pool is up, set the other way
     try:
-        train(small_config(enwik8_sample, "trainer.max_steps=2", "trainer.eval_every=2", f"trainer.threads={threads}",
-                           f"trainer.flush_denormal={str(flush).lower()}"), run_dir=tmp_path)
+        train(
+            small_config(
+                enwik8_sample,
+                "trainer.max_steps=2",
+                "trainer.eval_every=2",
+                f"trainer.threads={threads}",
+                f"trainer.flush_denormal={str(flush).lower()}",
+            ),
+            run_dir=tmp_path,
+        )
         assert unflushed_products(threads) == (0 if flush else 65536 * threads)
         assert OmegaConf.load(tmp_path / "config.yaml").runtime.flush_denormal is flush
     finally:
@@ -124,8 +142,13 @@ def without_timing(records):
 
 
 def run_cli(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "mlstm.cli.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlstm.cli.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def logged_steps(path):
@@ -135,8 +158,17 @@ def logged_steps(path):
 @pytest.mark.slow
 def test_sigkill_then_resume_logs_exactly_the_uninterrupted_metrics(enwik8_sample, tmp_path):
     """kill -9 mid-run, rerun the same command: every metric equals an uninterrupted run's (timings aside)."""
-    args = ["dataset=file", f"dataset.path={enwik8_sample}", "logger=none", *SMALL, "cell=mlstm",
-            "cell.dropout=0.1", "trainer.max_steps=80", "trainer.eval_every=20", "trainer.checkpoint_every=7"]
+    args = [
+        "dataset=file",
+        f"dataset.path={enwik8_sample}",
+        "logger=none",
+        *SMALL,
+        "cell=mlstm",
+        "cell.dropout=0.1",
+        "trainer.max_steps=80",
+        "trainer.eval_every=20",
+        "trainer.checkpoint_every=7",
+    ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     done = run_cli([*args, f"hydra.run.dir={straight}"])
     assert done.wait(timeout=300) == 0, done.stderr.read()
@@ -155,5 +187,6 @@ def test_sigkill_then_resume_logs_exactly_the_uninterrupted_metrics(enwik8_sampl
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resumed from step" in err
-    assert without_timing(read_metrics(crashed / "metrics.jsonl")) == \
-        without_timing(read_metrics(straight / "metrics.jsonl"))
+    assert without_timing(read_metrics(crashed / "metrics.jsonl")) == without_timing(
+        read_metrics(straight / "metrics.jsonl")
+    )

@@ -125,8 +125,9 @@ def _train_steps(layer, segments, lr=0.05, hold=None):
         loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + h.square().sum() + c.sum()
         layer.zero_grad()
         loss.backward()
-        record.append([y.detach().clone(), h.detach().clone(), c.detach().clone()]
-                      + [p.grad.clone() for p in layer.parameters()])
+        record.append(
+            [y.detach().clone(), h.detach().clone(), c.detach().clone()] + [p.grad.clone() for p in layer.parameters()]
+        )
         with torch.no_grad():
             for p in layer.parameters():
                 p -= lr * p.grad
@@ -250,8 +251,23 @@ def test_segment_function_unchanged_without_graphs():
 @pytest.mark.slow
 def test_gpu_selfcheck_dry_run_on_cpu():
     """scripts/gpu_selfcheck.py with --device cpu (the C kernel, no graphs): every case passes its tolerances."""
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_selfcheck.py"), "--device", "cpu", "--hidden", "16",
-                           "--batch", "3", "--seq-len", "4"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/gpu_selfcheck.py"),
+            "--device",
+            "cpu",
+            "--hidden",
+            "16",
+            "--batch",
+            "3",
+            "--seq-len",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "gpu_selfcheck: 0 of 12 cases failed" in done.stdout and done.stdout.count("\nok   ") == 12
 
@@ -260,8 +276,9 @@ def test_gpu_selfcheck_dry_run_on_cpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
 def test_gpu_scripts_say_one_line_without_a_gpu():
     for script in ("gpu_selfcheck.py", "gpu_profile.py"):
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / script)], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"{script[:-3]}: no CUDA device"]
 
 

@@ -17,8 +17,17 @@ from mlstm.training.tracking import read_metrics
 BUDGET = 800
 
 
-def synthetic_run(lr: float, seed: int, late: float, *, variant: str = "lstm", diverge_at: int | None = None,
-                  early: float = 4.0, train_gap: float = 0.0, dataset: str = "toy") -> Run:
+def synthetic_run(
+    lr: float,
+    seed: int,
+    late: float,
+    *,
+    variant: str = "lstm",
+    diverge_at: int | None = None,
+    early: float = 4.0,
+    train_gap: float = 0.0,
+    dataset: str = "toy",
+) -> Run:
     """A run whose validation bpc falls linearly from `early` at step 50 to `late` at step 600 and stays there
     (the last-quarter mean is then exactly `late`), its training bpc `train_gap` below its validation bpc."""
     records = []
@@ -30,8 +39,13 @@ def synthetic_run(lr: float, seed: int, late: float, *, variant: str = "lstm", d
         records.append({"step": step, "chars": step * 3200, "time": step * 0.2, "train/bpc": valid - train_gap})
         records.append({"step": step, "chars": step * 3200, "time": step * 0.2, "valid/bpc": valid})
     name, _, form = variant.partition("-")
-    config = {"cell": {"name": name, "form": form or None, "impl": "fast" if form else "cudnn", "hidden_size": 8},
-              "dataset": {"name": dataset}, "optim": {"lr": lr}, "trainer": {"max_steps": BUDGET}, "seed": seed}
+    config = {
+        "cell": {"name": name, "form": form or None, "impl": "fast" if form else "cudnn", "hidden_size": 8},
+        "dataset": {"name": dataset},
+        "optim": {"lr": lr},
+        "trainer": {"max_steps": BUDGET},
+        "seed": seed,
+    }
     run = Run(f"{variant}/lr{lr}-seed{seed}", config, records)
     run.label = variant_label(config)
     return run
@@ -86,8 +100,10 @@ def test_ties_go_to_the_smaller_rate():
 
 def test_a_diverged_run_counts_as_the_worst():
     # 4e-3 would win on seed 0, but its seed 1 diverged: the rate scores +inf and is never chosen
-    runs = grid({1e-3: 3.0, 2e-3: 2.8, 8e-3: 2.9}) + [synthetic_run(4e-3, 0, 2.0),
-                                                      synthetic_run(4e-3, 1, 2.0, diverge_at=300)]
+    runs = grid({1e-3: 3.0, 2e-3: 2.8, 8e-3: 2.9}) + [
+        synthetic_run(4e-3, 0, 2.0),
+        synthetic_run(4e-3, 1, 2.0, diverge_at=300),
+    ]
     (sel,) = tuning.select(runs)
     rate = next(r for r in sel.rates if r.lr == 4e-3)
     assert rate.score == math.inf and rate.diverged_seeds == [1]
@@ -102,10 +118,13 @@ def test_every_rate_diverged_means_no_choice():
     assert "no rate chosen" in sel.notes[0]
 
 
-@pytest.mark.parametrize("scores, chosen, side, next_rate", [
-    ({1e-3: 2.4, 2e-3: 2.6, 4e-3: 2.9}, 1e-3, "smallest", "0.0005"),
-    ({1e-3: 3.0, 2e-3: 2.6, 4e-3: 2.3}, 4e-3, "largest", "0.008"),
-])
+@pytest.mark.parametrize(
+    "scores, chosen, side, next_rate",
+    [
+        ({1e-3: 2.4, 2e-3: 2.6, 4e-3: 2.9}, 1e-3, "smallest", "0.0005"),
+        ({1e-3: 3.0, 2e-3: 2.6, 4e-3: 2.3}, 4e-3, "largest", "0.008"),
+    ],
+)
 def test_a_best_rate_at_the_grid_edge_is_flagged(scores, chosen, side, next_rate):
     (sel,) = tuning.select(grid(scores))
     assert sel.chosen == chosen and sel.at_edge
@@ -153,8 +172,12 @@ def test_posthoc_check_sets_other_rates_beside_the_finals_relative_to_the_baseli
     text = "\n".join(tuning_report.posthoc_lines(finals, posthoc, [3.4, 3.0], "lstm", n_resamples=200))
     assert "not part of the rule" in text and "Ratios and differences are to lstm @ 0.004." in text
     assert "mlstm-seed" not in text  # a cell without post-hoc runs stays out of the check
-    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in text.splitlines()
-            if line.startswith("| ")}
+    rows = {
+        tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
+
     # the paper form at its chosen rate reaches 3.4 before the LSTM at 4e-3 (late 2.5 against 2.7), at 2e-3 after
     def ratio(key):
         return float(rows[key].split("|")[3].split("×")[0])
@@ -177,8 +200,15 @@ def test_cold_start_blow_ups_are_counted_per_stream_and_tabled():
     lstm = [synthetic_run(8e-3, seed, 2.6) for seed in (100, 101)]  # last train bpc 2.6: blown above 3.6
     paper = [synthetic_run(4e-3, 100, 2.5, variant="mlstm-paper")]
     for run, streams in zip(lstm + paper, ([2.5, 36.7, 2.6, float("nan")], [2.4, 2.7, 3.5, 2.6], [2.4] * 4)):
-        run.records.append({"step": BUDGET, "chars": BUDGET * 3200, "time": 200.0, "test/bpc": 2.6,
-                            "test/cold_start_stream_bpc": streams})
+        run.records.append(
+            {
+                "step": BUDGET,
+                "chars": BUDGET * 3200,
+                "time": 200.0,
+                "test/bpc": 2.6,
+                "test/cold_start_stream_bpc": streams,
+            }
+        )
     assert [tuning.blown_streams(r.records) for r in lstm + paper] == [(2, 4), (0, 4), (0, 4)]
     assert tuning.blown_streams(synthetic_run(1e-3, 0, 3.0).records) is None  # no check in this run
     text = "\n".join(tuning_report.cold_start_lines(lstm + paper))
@@ -222,11 +252,25 @@ def test_tiny_grid_through_multirun_and_the_joblib_launcher(enwik8_sample, tmp_p
     """2 cells x 2 rates x 2 steps through the real sweep config; the rule picks the argmin of the scores the runs
     returned; a rerun trains nothing and changes nothing."""
     sweep_dir = tmp_path / "grid"
-    args = ["--multirun", "+sweep=tune_lr_cpu", "dataset=file", f"dataset.path={enwik8_sample}",
-            "+variant=lstm_1m,mlstm_paper_1m", "optim.lr=0.002,0.02", "seed=0", "logger=none",
-            "cell.hidden_size=16", "trainer.batch_size=4", "trainer.seq_len=20", "trainer.max_steps=2",
-            "trainer.eval_every=1", "trainer.eval_chars=2000", "trainer.eval_batch_size=2", "model.embedding_size=8",
-            f"hydra.sweep.dir={sweep_dir}"]
+    args = [
+        "--multirun",
+        "+sweep=tune_lr_cpu",
+        "dataset=file",
+        f"dataset.path={enwik8_sample}",
+        "+variant=lstm_1m,mlstm_paper_1m",
+        "optim.lr=0.002,0.02",
+        "seed=0",
+        "logger=none",
+        "cell.hidden_size=16",
+        "trainer.batch_size=4",
+        "trainer.seq_len=20",
+        "trainer.max_steps=2",
+        "trainer.eval_every=1",
+        "trainer.eval_chars=2000",
+        "trainer.eval_batch_size=2",
+        "model.embedding_size=8",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     done = train_cli(args, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dirs = sorted(p.parent for p in sweep_dir.rglob("metrics.jsonl"))
@@ -234,16 +278,24 @@ def test_tiny_grid_through_multirun_and_the_joblib_launcher(enwik8_sample, tmp_p
         launcher = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["launcher"]
         assert launcher["_target_"].endswith("JoblibLauncher") and launcher["n_jobs"] == 2
     assert [p.relative_to(sweep_dir).as_posix() for p in run_dirs] == [
-        "file/lstm_1m/lr0.002-seed0", "file/lstm_1m/lr0.02-seed0",
-        "file/mlstm_paper_1m/lr0.002-seed0", "file/mlstm_paper_1m/lr0.02-seed0"]
+        "file/lstm_1m/lr0.002-seed0",
+        "file/lstm_1m/lr0.02-seed0",
+        "file/mlstm_paper_1m/lr0.002-seed0",
+        "file/mlstm_paper_1m/lr0.02-seed0",
+    ]
     for run_dir in run_dirs:  # tuning runs never touch the test split
         assert not any("test/bpc" in r for r in read_metrics(run_dir / "metrics.jsonl"))
     scores = {}
     for run in load_runs([str(sweep_dir)]):
         scores.setdefault(run.label, {})[run.config["optim"]["lr"]] = tuning.run_score(run.records, 2)
     out = tmp_path / "selection.json"
-    select = subprocess.run([sys.executable, "scripts/tune.py", "select", str(sweep_dir), "--json", str(out)],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    select = subprocess.run(
+        [sys.executable, "scripts/tune.py", "select", str(sweep_dir), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert select.returncode == 0, select.stderr
     for entry in json.loads(out.read_text()):
         by_lr = scores[entry["variant"]]
@@ -259,10 +311,24 @@ def test_tiny_grid_through_multirun_and_the_joblib_launcher(enwik8_sample, tmp_p
 @pytest.mark.slow
 def test_optuna_sweeper_runs_two_trials_ranked_by_the_rule(enwik8_sample, tmp_path):
     sweep_dir = tmp_path / "optuna"
-    args = ["--multirun", "+sweep=optuna_lr", "+variant=lstm_1m", "dataset=file", f"dataset.path={enwik8_sample}",
-            "hydra.sweeper.n_trials=2", "logger=none", "cell.hidden_size=16", "model.embedding_size=8",
-            "trainer.batch_size=4", "trainer.seq_len=20", "trainer.max_steps=4", "trainer.eval_every=1",
-            "trainer.eval_chars=2000", "trainer.eval_batch_size=2", f"hydra.sweep.dir={sweep_dir}"]
+    args = [
+        "--multirun",
+        "+sweep=optuna_lr",
+        "+variant=lstm_1m",
+        "dataset=file",
+        f"dataset.path={enwik8_sample}",
+        "hydra.sweeper.n_trials=2",
+        "logger=none",
+        "cell.hidden_size=16",
+        "model.embedding_size=8",
+        "trainer.batch_size=4",
+        "trainer.seq_len=20",
+        "trainer.max_steps=4",
+        "trainer.eval_every=1",
+        "trainer.eval_chars=2000",
+        "trainer.eval_batch_size=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     done = train_cli(args, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = sorted(p.parent for p in sweep_dir.rglob("metrics.jsonl"))
@@ -279,11 +345,27 @@ def test_a_diverging_run_ends_as_a_result_and_is_not_rerun(enwik8_sample, tmp_pa
     """on_divergence=end: the divergence is logged as the run's last record, the run exits 0, and a rerun finds
     it finished."""
     run_dir = tmp_path / "run"
-    args = ["trainer=cpu", "logger=none", "cell.hidden_size=16", "dataset=file",
-            f"dataset.path={enwik8_sample}", "trainer.batch_size=4", "trainer.seq_len=20", "trainer.max_steps=20",
-            "trainer.eval_every=5", "trainer.eval_chars=2000", "trainer.eval_batch_size=2", "trainer.progress=false",
-            "trainer.max_nonfinite_in_row=2", "trainer.on_divergence=end", "trainer.test_at_end=false",
-            "optim=adam", "optim.lr=1e30", "optim.grad_clip=null", f"hydra.run.dir={run_dir}"]
+    args = [
+        "trainer=cpu",
+        "logger=none",
+        "cell.hidden_size=16",
+        "dataset=file",
+        f"dataset.path={enwik8_sample}",
+        "trainer.batch_size=4",
+        "trainer.seq_len=20",
+        "trainer.max_steps=20",
+        "trainer.eval_every=5",
+        "trainer.eval_chars=2000",
+        "trainer.eval_batch_size=2",
+        "trainer.progress=false",
+        "trainer.max_nonfinite_in_row=2",
+        "trainer.on_divergence=end",
+        "trainer.test_at_end=false",
+        "optim=adam",
+        "optim.lr=1e30",
+        "optim.grad_clip=null",
+        f"hydra.run.dir={run_dir}",
+    ]
     done = train_cli(args)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")

@@ -31,8 +31,9 @@ from mlstm.evaluate import LN2, autocast, cross_entropy_nats, evaluate_bpc
 from mlstm.model import detach_state
 
 
-def check_hyperparameters(*, seq_len: int, batch_size: int, lr: float, rms_decay: float, decay_to_init: float,
-                          eps: float) -> None:
+def check_hyperparameters(
+    *, seq_len: int, batch_size: int, lr: float, rms_decay: float, decay_to_init: float, eps: float
+) -> None:
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"{name}={value!r} must be a positive integer")
@@ -68,18 +69,31 @@ class _EvalModeWithGradients:
         self.model.train(self.was_training)
 
 
-def dynamic_evaluate(model: nn.Module, tokens: np.ndarray, *, seq_len: int = 50, lr: float = 2e-4,
-                     rms_decay: float = 0.99, decay_to_init: float = 0.01, eps: float = 1e-8, batch_size: int = 1,
-                     device: torch.device | str | None = None, max_chars: int | None = None,
-                     precision: str = "fp32", static: bool = True, progress: bool = False,
-                     split_name: str = "test") -> dict:
+def dynamic_evaluate(
+    model: nn.Module,
+    tokens: np.ndarray,
+    *,
+    seq_len: int = 50,
+    lr: float = 2e-4,
+    rms_decay: float = 0.99,
+    decay_to_init: float = 0.01,
+    eps: float = 1e-8,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    max_chars: int | None = None,
+    precision: str = "fp32",
+    static: bool = True,
+    progress: bool = False,
+    split_name: str = "test",
+) -> dict:
     """Static and dynamic bits per character of `tokens` (uint8 ids in the model's vocabulary).
 
     Returns {"static_bpc", "dynamic_bpc", "chars", "segments"}; static_bpc is NaN when static=False. The model is
     left with its original weights and training/eval mode.
     """
-    check_hyperparameters(seq_len=seq_len, batch_size=batch_size, lr=lr, rms_decay=rms_decay,
-                          decay_to_init=decay_to_init, eps=eps)
+    check_hyperparameters(
+        seq_len=seq_len, batch_size=batch_size, lr=lr, rms_decay=rms_decay, decay_to_init=decay_to_init, eps=eps
+    )
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -88,8 +102,15 @@ def dynamic_evaluate(model: nn.Module, tokens: np.ndarray, *, seq_len: int = 50,
     batches = StreamBatcher(tokens, batch_size, seq_len, device=device, split_name=split_name)
     static_bpc = math.nan
     if static:
-        static_bpc = evaluate_bpc(model, tokens, batch_size=batch_size, seq_len=seq_len, device=device,
-                                  precision=precision, split_name=split_name)
+        static_bpc = evaluate_bpc(
+            model,
+            tokens,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            device=device,
+            precision=precision,
+            split_name=split_name,
+        )
 
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]  # theta_0
@@ -107,8 +128,17 @@ def dynamic_evaluate(model: nn.Module, tokens: np.ndarray, *, seq_len: int = 50,
                 total_chars += batch.y.numel()
                 state = detach_state(state)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                _rms_step(params, grads, mean_square, trained, step=k, lr=lr, rms_decay=rms_decay,
-                          decay_to_init=decay_to_init, eps=eps)
+                _rms_step(
+                    params,
+                    grads,
+                    mean_square,
+                    trained,
+                    step=k,
+                    lr=lr,
+                    rms_decay=rms_decay,
+                    decay_to_init=decay_to_init,
+                    eps=eps,
+                )
                 if progress and k % 100 == 0:
                     bar.set_postfix(bpc=f"{total_nats / total_chars / LN2:.4f}")
     finally:
@@ -116,15 +146,20 @@ def dynamic_evaluate(model: nn.Module, tokens: np.ndarray, *, seq_len: int = 50,
         with torch.no_grad():  # leave the caller's model as it was given
             for p, p0 in zip(params, trained):
                 p.copy_(p0)
-    return {"static_bpc": static_bpc, "dynamic_bpc": total_nats / total_chars / LN2, "chars": total_chars,
-            "segments": len(batches)}
+    return {
+        "static_bpc": static_bpc,
+        "dynamic_bpc": total_nats / total_chars / LN2,
+        "chars": total_chars,
+        "segments": len(batches),
+    }
 
 
 @torch.no_grad()
-def _rms_step(params, grads, mean_square, trained, *, step: int, lr: float, rms_decay: float, decay_to_init: float,
-              eps: float) -> None:
+def _rms_step(
+    params, grads, mean_square, trained, *, step: int, lr: float, rms_decay: float, decay_to_init: float, eps: float
+) -> None:
     """theta <- theta - lr g / (sqrt(MS / (1 - rms_decay^step)) + eps) + decay_to_init (theta_0 - theta)."""
-    correction = 1.0 - rms_decay ** step
+    correction = 1.0 - rms_decay**step
     for p, g, ms, p0 in zip(params, grads, mean_square, trained):
         pull = (p0 - p).mul_(decay_to_init)  # from theta before this step, as in the rule above
         if g is not None:

@@ -32,25 +32,53 @@ def cross_entropy_nats(logits: torch.Tensor, targets: torch.Tensor, reduction: s
 
 
 @torch.no_grad()
-def evaluate_bpc(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, device: torch.device,
-                 max_chars: int | None = None, precision: str = "fp32", split_name: str = "tokens") -> float:
-    total_nats, total_chars = evaluate_nats(model, tokens, batch_size=batch_size, seq_len=seq_len, device=device,
-                                            max_chars=max_chars, precision=precision, split_name=split_name)
+def evaluate_bpc(
+    model,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    max_chars: int | None = None,
+    precision: str = "fp32",
+    split_name: str = "tokens",
+) -> float:
+    total_nats, total_chars = evaluate_nats(
+        model,
+        tokens,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        device=device,
+        max_chars=max_chars,
+        precision=precision,
+        split_name=split_name,
+    )
     return total_nats / total_chars / LN2
 
 
 @torch.no_grad()
-def evaluate_nats(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, device: torch.device,
-                  max_chars: int | None = None, precision: str = "fp32", split_name: str = "tokens",
-                  rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+def evaluate_nats(
+    model,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    max_chars: int | None = None,
+    precision: str = "fp32",
+    split_name: str = "tokens",
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int]:
     """(summed nats, characters scored) over this rank's streams. Under DDP each rank scores B/W of the B streams
     (as in training); the sums of all ranks are exactly the single-process sums, so bpc does not depend on W."""
     if max_chars:
         tokens = tokens[: int(max_chars)]
     was_training = model.training
     model.eval()
-    batches = StreamBatcher(tokens, batch_size, seq_len, rank=rank, world_size=world_size, device=device,
-                            split_name=split_name)
+    batches = StreamBatcher(
+        tokens, batch_size, seq_len, rank=rank, world_size=world_size, device=device, split_name=split_name
+    )
     state = model.init_state(batch_size // world_size, device)
     total_nats, total_chars = 0.0, 0
     for batch in batches:
@@ -63,8 +91,15 @@ def evaluate_nats(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, d
 
 
 @torch.no_grad()
-def bits_per_position(model, tokens: np.ndarray, *, batch_size: int, seq_len: int,
-                      device: torch.device = torch.device("cpu"), precision: str = "fp32") -> torch.Tensor:
+def bits_per_position(
+    model,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+) -> torch.Tensor:
     """(characters per stream, B) float64 bits of every predicted character, the split cut into B streams from zero
     states as in `evaluate_nats`: its mean is the split's bpc, and a column read in windows shows where along a
     stream its state goes wrong (scripts/eval_streams.py), and its column means are the per-stream bpc of the

@@ -34,7 +34,7 @@ class ModelConfig:
     skip_connections: bool = False  # input to every layer, every layer to the decoder (MATLAB 2x1250 LSTM)
 
     @classmethod
-    def from_cfg(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+    def from_cfg(cls, model_cfg, vocab_size: int) -> ModelConfig:
         cfg = cls(
             vocab_size=int(vocab_size),
             embedding_size=int(model_cfg.get("embedding_size", 0) or 0),

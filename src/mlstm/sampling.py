@@ -32,14 +32,23 @@ def encode_prompt(prompt: bytes, symbols: bytes) -> np.ndarray:
     unknown = np.unique(data[ids < 0])
     if unknown.size:
         shown = ", ".join(repr(bytes([b])) for b in unknown[:8])
-        raise UserError(f"the prompt holds {unknown.size} byte value(s) outside the model's {len(symbols)}-symbol "
-                        f"vocabulary ({shown}); use only characters of the training corpus")
+        raise UserError(
+            f"the prompt holds {unknown.size} byte value(s) outside the model's {len(symbols)}-symbol "
+            f"vocabulary ({shown}); use only characters of the training corpus"
+        )
     return ids
 
 
 @torch.no_grad()
-def sample(model, symbols, prompt: bytes | str, length: int, temperature: float = 1.0, seed: int = 0,
-           device: torch.device | str | None = None) -> bytes:
+def sample(
+    model,
+    symbols,
+    prompt: bytes | str,
+    length: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> bytes:
     """`length` bytes generated after `prompt` (the prompt itself is not returned)."""
     symbols = symbol_table(symbols)
     if isinstance(prompt, str):
@@ -49,13 +58,14 @@ def sample(model, symbols, prompt: bytes | str, length: int, temperature: float 
     if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise UserError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
     if len(symbols) != model.decoder.out_features:
-        raise UserError(f"the vocabulary has {len(symbols)} symbols but the model predicts "
-                        f"{model.decoder.out_features}; the checkpoint is inconsistent")
+        raise UserError(
+            f"the vocabulary has {len(symbols)} symbols but the model predicts "
+            f"{model.decoder.out_features}; the checkpoint is inconsistent"
+        )
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    ids = encode_prompt(prompt, symbols) if prompt else encode_prompt(b" " if b" " in symbols else symbols[:1],
-                                                                      symbols)
+    ids = encode_prompt(prompt, symbols) if prompt else encode_prompt(b" " if b" " in symbols else symbols[:1], symbols)
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(int(seed))

@@ -36,10 +36,20 @@ def run(args) -> int:
     )
     if args.iters < 20:
         print(f"note: --iters {args.iters} < 20: fine for a smoke test, not for reported numbers", file=sys.stderr)
-    groups = bench.groups_for(args.preset, cells=args.cells, hidden=args.hidden, batch=args.batch,
-                              seq_len=args.seq_len, embedding=args.embedding, vocab=args.vocab)
-    rows = bench.plan([row for g in groups for row in g.rows()], baselines=not args.no_baselines,
-                      multiple=bench.baseline_multiple(settings.device))
+    groups = bench.groups_for(
+        args.preset,
+        cells=args.cells,
+        hidden=args.hidden,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        embedding=args.embedding,
+        vocab=args.vocab,
+    )
+    rows = bench.plan(
+        [row for g in groups for row in g.rows()],
+        baselines=not args.no_baselines,
+        multiple=bench.baseline_multiple(settings.device),
+    )
 
     def save(table: list[dict]) -> None:
         if args.json:

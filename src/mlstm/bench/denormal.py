@@ -94,8 +94,14 @@ def run_seconds_table(root: Path) -> str:
             continue
         last = timed[-1]
         bpc = valid[-1]
-        rows.append((last["time"], metrics.parent.relative_to(root).as_posix(), last["step"],
-                     f"{bpc:.3f}" if math.isfinite(bpc) else "non-finite"))
+        rows.append(
+            (
+                last["time"],
+                metrics.parent.relative_to(root).as_posix(),
+                last["step"],
+                f"{bpc:.3f}" if math.isfinite(bpc) else "non-finite",
+            )
+        )
     lines = ["| run | steps | training s | last valid bpc |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {step} | {seconds:.0f} | {bpc} |" for seconds, name, step, bpc in sorted(rows, reverse=True)]
     return "\n".join(lines)

@@ -22,13 +22,19 @@ def gemm_table(hidden: list[int], batch: int) -> None:
     if hasattr(torch.backends.cuda, "preferred_blas_library"):
         libraries, original = ["cublas", "cublaslt"], torch.backends.cuda.preferred_blas_library()
     columns = [(lib, layout) for lib in libraries for layout in ("NN", "TN")]
-    print(f"per-step products, B={batch}, bf16, µs per product (TFLOP/s), over a graph of 100; NN: a @ W where W is"
-          " stored (K, N) (the layer's transposed copy), TN: a @ W.t() with W stored (N, K) (F.linear's layout)")
+    print(
+        f"per-step products, B={batch}, bf16, µs per product (TFLOP/s), over a graph of 100; NN: a @ W where W is"
+        " stored (K, N) (the layer's transposed copy), TN: a @ W.t() with W stored (N, K) (F.linear's layout)"
+    )
     print("| H | product | " + " | ".join(f"{lib} {layout}" for lib, layout in columns) + " |")
     print("| ---: | --- |" + " ---: |" * len(columns))
     for H in hidden:
-        shapes = {"r = h W_mh^T": (batch, H, H), "z = m W_m^T": (batch, H, 4 * H),
-                  "dm = dz W_m": (batch, 4 * H, H), "dh = dr W_mh": (batch, H, H)}
+        shapes = {
+            "r = h W_mh^T": (batch, H, H),
+            "z = m W_m^T": (batch, H, 4 * H),
+            "dm = dz W_m": (batch, 4 * H, H),
+            "dh = dr W_mh": (batch, H, H),
+        }
         for name, (m, k, n) in shapes.items():
             cells = []
             for lib, layout in columns:
@@ -84,9 +90,11 @@ def profile_step(cell: str, hidden: int, batch: int, seq_len: int, graphs: bool)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"\n{cell} H={hidden} B={batch} T={seq_len} bf16, CUDA graphs {'on' if graphs else 'off'}: "
-          f"wall {sorted(wall)[2] * 1e3:.2f} ms/step (median of 5), "
-          f"GPU kernel time {total:.2f} ms in the profiled step")
+    print(
+        f"\n{cell} H={hidden} B={batch} T={seq_len} bf16, CUDA graphs {'on' if graphs else 'off'}: "
+        f"wall {sorted(wall)[2] * 1e3:.2f} ms/step (median of 5), "
+        f"GPU kernel time {total:.2f} ms in the profiled step"
+    )
     print("| kernel | calls | total ms | share |")
     print("| --- | ---: | ---: | ---: |")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
@@ -110,7 +118,7 @@ def run(hidden: str, batch: int, seq_len: int, cells: str) -> int:
         print(f"gemm table failed: {type(e).__name__}: {e}")
         failed = 1
     for cell in cells.split(","):
-        for graphs in ((True, False) if cell.endswith(":fast") else (True,)):
+        for graphs in (True, False) if cell.endswith(":fast") else (True,):
             try:
                 profile_step(cell, sizes[-1], batch, seq_len, graphs)
             except Exception as e:

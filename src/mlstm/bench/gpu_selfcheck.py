@@ -94,18 +94,30 @@ def run(hidden: int = 64, batch: int = 8, seq_len: int = 12, device_name: str = 
                     got = forward_backward(fast, x, h0, c0, 9 + call)
                 outputs = ("y", "h", "c")
                 low_out.append(worst({k: want[k] for k in outputs}, {k: got[k] for k in outputs}))
-                low_grad.append(worst({k: v for k, v in want.items() if k not in outputs},
-                                      {k: v for k, v in got.items() if k not in outputs}))
+                low_grad.append(
+                    worst(
+                        {k: v for k, v in want.items() if k not in outputs},
+                        {k: v for k, v in got.items() if k not in outputs},
+                    )
+                )
             graphs = fast.segment_graphs(device)
             captured = graphs is not None and any(e.graph is not None for e in graphs.entries.values())
-            ok = (all(e <= 1e-4 for e, _ in errors) and all(e <= 1e-2 for e, _ in low_out)
-                  and all(e <= 3e-2 for e, _ in low_grad))
+            ok = (
+                all(e <= 1e-4 for e, _ in errors)
+                and all(e <= 1e-2 for e, _ in low_out)
+                and all(e <= 3e-2 for e, _ in low_grad)
+            )
             failed += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {form:10s} {variant:8s} pointwise={spec.pointwise:7s} "
-                  f"graph={'captured' if captured else 'none':8s} fp32 " + " ".join(f"{e:.1e}({k})" for e, k in errors)
-                  + "  bf16 outputs " + " ".join(f"{e:.1e}" for e, _ in low_out)
-                  + "  bf16 grads " + " ".join(f"{e:.1e}({k})" for e, k in low_grad)
-                  + f"  {time.perf_counter() - start:.1f}s", flush=True)
+            print(
+                f"{'ok  ' if ok else 'FAIL'} {form:10s} {variant:8s} pointwise={spec.pointwise:7s} "
+                f"graph={'captured' if captured else 'none':8s} fp32 "
+                + " ".join(f"{e:.1e}({k})" for e, k in errors)
+                + "  bf16 outputs "
+                + " ".join(f"{e:.1e}" for e, _ in low_out)
+                + "  bf16 grads "
+                + " ".join(f"{e:.1e}({k})" for e, k in low_grad)
+                + f"  {time.perf_counter() - start:.1f}s",
+                flush=True,
+            )
     print(f"gpu_selfcheck: {failed} of {len(FORMS) * len(VARIANTS)} cases failed")
     return 1 if failed else 0
-

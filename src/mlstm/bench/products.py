@@ -33,8 +33,12 @@ def median_ms(fn, iters: int, warmup: int) -> float:
 def rows_for(batch: int, hidden: int, threads: int, iters: int, warmup: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
-    for name, k, n in (("W_mh h", hidden, hidden), ("W_m m", hidden, 4 * hidden),
-                       ("W_m^T dz", 4 * hidden, hidden), ("W_mh^T dr", hidden, hidden)):
+    for name, k, n in (
+        ("W_mh h", hidden, hidden),
+        ("W_m m", hidden, 4 * hidden),
+        ("W_m^T dz", 4 * hidden, hidden),
+        ("W_mh^T dr", hidden, hidden),
+    ):
         a = torch.randn(batch, k, generator=g)
         weight = torch.randn(n, k, generator=g) / k**0.5  # L (N, K): the product is a @ L^T
         right, out = weight.t().contiguous(), torch.empty(batch, n)
@@ -43,28 +47,37 @@ def rows_for(batch: int, hidden: int, threads: int, iters: int, warmup: int) -> 
         torch.set_num_threads(1)
         one_thread = packed.product(a)
         torch.set_num_threads(threads)
-        rows.append({
-            "hidden": hidden, "product": name, "shape": f"({batch}, {k}) x ({k}, {n})",
-            "mm_ms": median_ms(lambda: torch.mm(a, right, out=out), iters, warmup),
-            "packed_ms": median_ms(lambda: packed.product(a), iters, warmup),
-            "pack_ms": median_ms(lambda: packed_gemm.PackedWeight(weight, batch), max(3, iters // 20), 1),
-            "repeatable": torch.equal(first, packed.product(a)),
-            "thread_independent": torch.equal(first, one_thread),
-            "max_abs_diff_vs_mm": (first - a @ right).abs().max().item(),
-        })
+        rows.append(
+            {
+                "hidden": hidden,
+                "product": name,
+                "shape": f"({batch}, {k}) x ({k}, {n})",
+                "mm_ms": median_ms(lambda: torch.mm(a, right, out=out), iters, warmup),
+                "packed_ms": median_ms(lambda: packed.product(a), iters, warmup),
+                "pack_ms": median_ms(lambda: packed_gemm.PackedWeight(weight, batch), max(3, iters // 20), 1),
+                "repeatable": torch.equal(first, packed.product(a)),
+                "thread_independent": torch.equal(first, one_thread),
+                "max_abs_diff_vs_mm": (first - a @ right).abs().max().item(),
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict], batch: int, threads: int) -> str:
-    lines = [f"torch {torch.__version__}, {threads} threads, B={batch}, float32; median ms per call. "
-             "Written by scripts/bench_products.py.", "",
-             "| H | product | shape | torch.mm ms | packed ms | packed / mm | packing ms (once per segment) | "
-             "bitwise repeatable | same with 1 thread | max abs diff vs mm |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+    lines = [
+        f"torch {torch.__version__}, {threads} threads, B={batch}, float32; median ms per call. "
+        "Written by scripts/bench_products.py.",
+        "",
+        "| H | product | shape | torch.mm ms | packed ms | packed / mm | packing ms (once per segment) | "
+        "bitwise repeatable | same with 1 thread | max abs diff vs mm |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['hidden']} | {r['product']} | {r['shape']} | {r['mm_ms']:.4f} | {r['packed_ms']:.4f} | "
-                     f"{r['packed_ms'] / r['mm_ms']:.2f} | {r['pack_ms']:.3f} | {r['repeatable']} | "
-                     f"{r['thread_independent']} | {r['max_abs_diff_vs_mm']:.2g} |")
+        lines.append(
+            f"| {r['hidden']} | {r['product']} | {r['shape']} | {r['mm_ms']:.4f} | {r['packed_ms']:.4f} | "
+            f"{r['packed_ms'] / r['mm_ms']:.2f} | {r['pack_ms']:.3f} | {r['repeatable']} | "
+            f"{r['thread_independent']} | {r['max_abs_diff_vs_mm']:.2g} |"
+        )
     return "\n".join(lines) + "\n"
 
 

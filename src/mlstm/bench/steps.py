@@ -52,10 +52,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from omegaconf import OmegaConf
@@ -80,7 +80,7 @@ class CellSpec:
     impl: str  # mlstm: "fast" | "reference"; lstm: "cudnn" | "loop"
 
     @classmethod
-    def parse(cls, text: str) -> "CellSpec":
+    def parse(cls, text: str) -> CellSpec:
         match = _SPEC.match(text.strip())
         if not match:
             raise UserError(f"cell spec {text!r} is not name[-form]:impl, e.g. lstm:cudnn or mlstm-paper:fast")
@@ -143,7 +143,7 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-@lru_cache(maxsize=None)
+@cache
 def _base_config(name: str, optim: str | None):
     from mlstm.config import load_config
 
@@ -170,7 +170,7 @@ def build_row_model(spec: CellSpec, shape: Shape, optim: str | None = None, init
     return build_model(row_config(spec, shape.hidden, shape.embedding, optim, init), shape.vocab)
 
 
-@lru_cache(maxsize=None)
+@cache
 def count_parameters(spec: CellSpec, shape: Shape) -> int:
     """Whole-model parameter count (embedding, layer, decoder), built on the meta device (no memory, no init)."""
     from mlstm.model import num_parameters
@@ -312,8 +312,16 @@ class TrainStep:
     detached) from one call to the next: a benchmark row's fresh model (`for_row`), or any model and optimizer
     (mlstm.bench.denormal times a checkpoint's)."""
 
-    def __init__(self, model, optimizer, tokens: torch.Tensor, device: torch.device, precision: str = "fp32",
-                 clip: float = math.inf, scheduler=None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        tokens: torch.Tensor,
+        device: torch.device,
+        precision: str = "fp32",
+        clip: float = math.inf,
+        scheduler=None,
+    ):
         from mlstm.model import detach_state
 
         self._detach = detach_state
@@ -325,7 +333,7 @@ class TrainStep:
         self.state = model.init_state(self.x.shape[1], device)
 
     @classmethod
-    def for_row(cls, spec: CellSpec, shape: Shape, settings: Settings) -> "TrainStep":
+    def for_row(cls, spec: CellSpec, shape: Shape, settings: Settings) -> TrainStep:
         from mlstm.training.optim import build_optimizer
 
         torch.manual_seed(settings.seed)
@@ -336,8 +344,9 @@ class TrainStep:
         generator = torch.Generator().manual_seed(settings.seed)
         tokens = torch.randint(shape.vocab, (shape.seq_len + 1, shape.batch), generator=generator)
         # the trainer computes the gradient norm even without clipping: so does the step (clip = inf)
-        return cls(model, optimizer, tokens, settings.device, settings.dtype, float(clip) if clip else math.inf,
-                   scheduler)
+        return cls(
+            model, optimizer, tokens, settings.device, settings.dtype, float(clip) if clip else math.inf, scheduler
+        )
 
     def __call__(self) -> None:
         from mlstm.evaluate import autocast, cross_entropy_nats
@@ -461,8 +470,12 @@ def plan(requested: Iterable[Row], baselines: bool = True, multiple: int = 1) ->
     return list(order.items())
 
 
-def run(rows: list[tuple[Row, str]], settings: Settings, on_result: Callable[[list[dict]], None] | None = None,
-        log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> list[dict]:
+def run(
+    rows: list[tuple[Row, str]],
+    settings: Settings,
+    on_result: Callable[[list[dict]], None] | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> list[dict]:
     """Time every row; after each, `on_result(table)` gets the table so far (so a killed run leaves its rows)."""
     apply_settings(settings)
     env = environment(settings)
@@ -478,10 +491,14 @@ def run(rows: list[tuple[Row, str]], settings: Settings, on_result: Callable[[li
                 torch.cuda.empty_cache()
         results.append(result)
         s = row.shape
-        what = result.error or (f"{result.ms:.2f} ms/step, {result.measured['chars_per_s']:,.0f} chars/s, "
-                                f"{result.measured['tflops']:.3g} TFLOP/s")
-        log(f"[{index}/{len(rows)}] {row.spec.label} H={s.hidden} B={s.batch} T={s.seq_len} E={s.embedding} "
-            f"V={s.vocab} {settings.dtype} ({role}): {what}")
+        what = result.error or (
+            f"{result.ms:.2f} ms/step, {result.measured['chars_per_s']:,.0f} chars/s, "
+            f"{result.measured['tflops']:.3g} TFLOP/s"
+        )
+        log(
+            f"[{index}/{len(rows)}] {row.spec.label} H={s.hidden} B={s.batch} T={s.seq_len} E={s.embedding} "
+            f"V={s.vocab} {settings.dtype} ({role}): {what}"
+        )
         if on_result is not None:
             on_result(table(results, settings, env))
     return table(results, settings, env)
@@ -507,49 +524,51 @@ def table(results: list[Result], settings: Settings, env: dict) -> list[dict]:
         h_eq, params_eq = same_params_hidden(params, shape, baseline_multiple(settings.device))
         same_h, same_p = ms_of(Row(lstm, shape)), ms_of(Row(lstm, replace(shape, hidden=h_eq)))
         reference = ms_of(Row(replace(spec, impl="reference"), shape)) if spec.impl == "fast" else None
-        rows.append({
-            "cell": spec.cell,
-            "impl": spec.impl,
-            "name": spec.name,
-            "form": spec.form,
-            "spec": spec.label,
-            "role": r.role,
-            "hidden": shape.hidden,
-            "batch": shape.batch,
-            "seq_len": shape.seq_len,
-            "embedding": shape.embedding,
-            "vocab": shape.vocab,
-            "dtype": settings.dtype,
-            "device": settings.device.type,
-            "iters": settings.iters,
-            "warmup": settings.warmup,
-            "optim": settings.optim or "default",
-            "init": settings.init or "default",
-            "params": params,
-            "ms_per_step": r.ms,
-            "ms_q1": r.measured.get("ms_q1"),
-            "ms_q3": r.measured.get("ms_q3"),
-            "ms_min": r.measured.get("ms_min"),
-            "chars_per_s": r.measured.get("chars_per_s"),
-            "peak_mem_mib": r.measured.get("peak_mem_mib"),
-            "peak_mem_kind": r.measured.get("peak_mem_kind"),
-            "flops_per_step": flops_per_step(spec, shape),
-            "tflops": r.measured.get("tflops"),
-            "lstm_ms_same_hidden": same_h,
-            "ratio_lstm_same_hidden": ratio(r.ms, same_h),
-            "lstm_hidden_same_params": h_eq,
-            "lstm_hidden_closest_params": h_exact,  # before rounding to lstm_hidden_multiple
-            "lstm_hidden_multiple": baseline_multiple(settings.device),
-            "lstm_params_same_params": params_eq,
-            "params_rel_diff": (params_eq - params) / params,
-            "lstm_ms_same_params": same_p,
-            "ratio_lstm_same_params": ratio(r.ms, same_p),
-            "reference_ms": reference,
-            "speedup_vs_reference": ratio(reference, r.ms),
-            "error": r.error,
-            "timestamp": r.timestamp,  # UTC, when the row started
-            **env,
-        })
+        rows.append(
+            {
+                "cell": spec.cell,
+                "impl": spec.impl,
+                "name": spec.name,
+                "form": spec.form,
+                "spec": spec.label,
+                "role": r.role,
+                "hidden": shape.hidden,
+                "batch": shape.batch,
+                "seq_len": shape.seq_len,
+                "embedding": shape.embedding,
+                "vocab": shape.vocab,
+                "dtype": settings.dtype,
+                "device": settings.device.type,
+                "iters": settings.iters,
+                "warmup": settings.warmup,
+                "optim": settings.optim or "default",
+                "init": settings.init or "default",
+                "params": params,
+                "ms_per_step": r.ms,
+                "ms_q1": r.measured.get("ms_q1"),
+                "ms_q3": r.measured.get("ms_q3"),
+                "ms_min": r.measured.get("ms_min"),
+                "chars_per_s": r.measured.get("chars_per_s"),
+                "peak_mem_mib": r.measured.get("peak_mem_mib"),
+                "peak_mem_kind": r.measured.get("peak_mem_kind"),
+                "flops_per_step": flops_per_step(spec, shape),
+                "tflops": r.measured.get("tflops"),
+                "lstm_ms_same_hidden": same_h,
+                "ratio_lstm_same_hidden": ratio(r.ms, same_h),
+                "lstm_hidden_same_params": h_eq,
+                "lstm_hidden_closest_params": h_exact,  # before rounding to lstm_hidden_multiple
+                "lstm_hidden_multiple": baseline_multiple(settings.device),
+                "lstm_params_same_params": params_eq,
+                "params_rel_diff": (params_eq - params) / params,
+                "lstm_ms_same_params": same_p,
+                "ratio_lstm_same_params": ratio(r.ms, same_p),
+                "reference_ms": reference,
+                "speedup_vs_reference": ratio(reference, r.ms),
+                "error": r.error,
+                "timestamp": r.timestamp,  # UTC, when the row started
+                **env,
+            }
+        )
     return rows
 
 
@@ -560,11 +579,13 @@ def _num(value, fmt: str) -> str:
 
 def same_params_rule(multiple: int) -> str:
     """The line under a table's header that says how the equal-parameter nn.LSTM was chosen."""
-    rule = ("LSTM H same params: the nn.LSTM hidden size whose whole-model parameter count is closest to the row's")
+    rule = "LSTM H same params: the nn.LSTM hidden size whose whole-model parameter count is closest to the row's"
     if multiple > 1:
-        return (f"{rule}, rounded to a multiple of {multiple} (the neighbouring multiple with the closer count), "
-                f"where cuDNN runs an LSTM on tensor cores; unrounded, its time would measure cuDNN's misalignment, "
-                f"not the cells.")
+        return (
+            f"{rule}, rounded to a multiple of {multiple} (the neighbouring multiple with the closer count), "
+            f"where cuDNN runs an LSTM on tensor cores; unrounded, its time would measure cuDNN's misalignment, "
+            f"not the cells."
+        )
     return rule + " (no rounding off CUDA)."
 
 
@@ -605,8 +626,14 @@ def markdown(rows: list[dict], with_header: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- presets
-CPU_CELLS = ("lstm:cudnn", "mlstm-paper:fast", "mlstm-paper:reference", "mlstm-seed:fast", "mlstm-matlab:fast",
-             "lstm:loop")
+CPU_CELLS = (
+    "lstm:cudnn",
+    "mlstm-paper:fast",
+    "mlstm-paper:reference",
+    "mlstm-seed:fast",
+    "mlstm-matlab:fast",
+    "lstm:loop",
+)
 
 
 @dataclass(frozen=True)
@@ -628,15 +655,22 @@ class Group:
 # Run-wide settings and the groups of each preset (the targets of the speed issue; see results/bench/README.md).
 PRESETS: dict[str, dict] = {
     "cpu": {  # 2 threads, B=32, T=100, embedding 128, enwik8's 205 symbols, fp32
-        "device": "cpu", "dtype": "fp32", "threads": 2,
+        "device": "cpu",
+        "dtype": "fp32",
+        "threads": 2,
         "groups": (Group(CPU_CELLS, (256, 512), 32, 100, 128, 205),),
     },
     "gpu": {  # one GPU, bf16: H 1024/2048 at B=128, T=200; the 4096-unit NVIDIA-style model (E=64, 256 bytes).
         # init torch: the orthogonal init's float64 SVDs of up to 18k x 4.6k matrices would take minutes of CPU time
         # to build the rows (not timed, and the values do not change the speed)
-        "device": "cuda", "dtype": "bf16", "threads": None, "init": "torch",
-        "groups": (Group(("lstm:cudnn", "mlstm-paper:fast", "mlstm-seed:fast"), (1024, 2048), 128, 200, 128, 205),
-                   Group(("mlstm-paper:fast",), (4096,), 128, 200, 64, 256)),
+        "device": "cuda",
+        "dtype": "bf16",
+        "threads": None,
+        "init": "torch",
+        "groups": (
+            Group(("lstm:cudnn", "mlstm-paper:fast", "mlstm-seed:fast"), (1024, 2048), 128, 200, 128, 205),
+            Group(("mlstm-paper:fast",), (4096,), 128, 200, 64, 256),
+        ),
     },
 }
 DEFAULT_GROUP = Group(("lstm:cudnn", "mlstm-paper:fast"), (256,), 32, 100, 128, 205)

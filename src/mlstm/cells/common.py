@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class CellConfig:
         return self.num_proj or self.hidden_size
 
     @classmethod
-    def resolve(cls, cell_cfg: Any) -> "CellConfig":
+    def resolve(cls, cell_cfg: Any) -> CellConfig:
         """Validate a DictConfig or dict of the `cell:` group and fill the form's defaults; UserError if invalid."""
         if cell_cfg is None:
             raise UserError("cell config is missing; give at least cell.name and cell.hidden_size")
@@ -115,8 +116,9 @@ class CellConfig:
             seed_output=_choice(raw.get("seed_output", "posted"), "seed_output", SEED_OUTPUTS) if seed else None,
         )
         if not seed and raw.get("seed_output") is not None:
-            raise UserError(f"cell.seed_output applies to cell.form=seed only; leave it null, got "
-                            f"{raw['seed_output']!r}")
+            raise UserError(
+                f"cell.seed_output applies to cell.form=seed only; leave it null, got {raw['seed_output']!r}"
+            )
         if cfg.proj_clip is not None and cfg.num_proj is None:
             raise UserError("cell.proj_clip needs cell.num_proj (the clip applies to the projected output)")
         return cfg

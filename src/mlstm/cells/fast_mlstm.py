@@ -137,8 +137,14 @@ class _Products:
     product rounds its result to that dtype before it is added to float32, exactly as the reference's
     `F.linear(...).to(float32)` under autocast."""
 
-    def __init__(self, compute_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device, batch: int,
-                 widening_reader: bool = False):
+    def __init__(
+        self,
+        compute_dtype: torch.dtype,
+        state_dtype: torch.dtype,
+        device: torch.device,
+        batch: int,
+        widening_reader: bool = False,
+    ):
         self.dtype = compute_dtype
         self.low = compute_dtype != state_dtype
         self.widening = self.low and widening_reader  # the kernel reading `product` widens it itself (Triton)
@@ -250,6 +256,7 @@ def _backward_segment(ctx, need, dY, dh_T, dc_T):
 # the eager segment, as the CUDA-graph wrapper captures it (cells.kernels.cuda_graph.GraphedSegment)
 SEGMENT = SimpleNamespace(forward=_forward_segment, backward=_backward_segment)
 
+
 def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, keep=(), xp_bias=None):
     """xp_bias (fused only): xp is the product W_in x in the products' dtype, and the kernels add this bias (K,) to
     it as they load it (the same float32 sum as the reference's, in the same order, without writing xp in
@@ -278,6 +285,7 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     C = buf(H, T if save else 2)  # c_t after the clip (two slots when not saving: c_{t-1} and c_t)
     CR = buf(H) if clip is not None else C  # c_t before the clip
     gated = spec.gated_output  # h = o act(c)
+
     def saved_activations():  # (the Triton kernels recompute these in the backward: not kept for them)
         AC = buf(H) if gated or (seed and peep) else None  # act(c_t); posted seed + peepholes: act(c_t o'_t)
         SO = buf(H) if seed and peep and not gated else None  # posted seed + peepholes: σ(o'_t)
@@ -292,9 +300,14 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
     # per-step views, made once (indexing costs about as much as a small kernel)
     gates = (0, 2 * H, H, 3 * H) if seed else (H, 2 * H, 0, 3 * H)  # offsets of i, f, candidate, o in z
     r, m, g, c, cr, y, hr, pr = (_steps(v, T) for v in (R, M, G, C, CR, Y, HR, PR))
-    kern = _kernel_call(spec, xp, h0.dtype, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
-                        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h),
-                        dict(H_lo=H_lo, Y=Y, mask=mask, bias=xp_bias) if fused else None)
+    kern = _kernel_call(
+        spec,
+        xp,
+        h0.dtype,
+        dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
+        dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h),
+        dict(H_lo=H_lo, Y=Y, mask=mask, bias=xp_bias) if fused else None,
+    )
     if fused and kern is None:  # the PyTorch path after all (it takes R and M in the lower dtype as well): float32 xp
         xp, fused = torch.add(xp, xp_bias), False
     if kern is None and spec.pointwise.startswith("triton"):
@@ -341,8 +354,20 @@ def _forward(ctx, spec, save, xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_
         keep_c = CR.abs() <= clip if clip is not None and kern is None else None  # torch.clamp's gradient mask
         keep_p = PR.abs() <= pclip if pclip is not None else None
         ctx.spec = spec
-        ctx.buffers = (R, M, G, C, CR if kern is not None else None, AC, SO, None if HR is Y else HR, keep_c, keep_p,
-                       H_lo if fused else None, xp_bias if fused else None)
+        ctx.buffers = (
+            R,
+            M,
+            G,
+            C,
+            CR if kern is not None else None,
+            AC,
+            SO,
+            None if HR is Y else HR,
+            keep_c,
+            keep_p,
+            H_lo if fused else None,
+            xp_bias if fused else None,
+        )
         ctx.save_for_backward(xp, W_r, W_m, h0, c0, mask, w_I, w_F, w_O, W_P, b_h, Y, *keep)
     return Y, h_T, c_T
 
@@ -409,16 +434,21 @@ def _kernel_call(spec, xp, state_dtype, buffers: dict, tensors: dict, low: dict 
         return None
     if any(v is not None and v.stride(-1) != 1 for v in (low or {}).values()):  # (rows may be apart: DR_lo)
         return None
-    return triton_kernel.TritonSegmentCall(spec, xp, buffers, tensors, low,
-                                           interpret=spec.pointwise == "triton-interpret")
+    return triton_kernel.TritonSegmentCall(
+        spec, xp, buffers, tensors, low, interpret=spec.pointwise == "triton-interpret"
+    )
 
 
 def _fused_io(spec, W_P, state_dtype, mask) -> bool:
     """Whether the Triton kernels also do the layer's output, the mask, the products' operands and the input
     projection's bias (`TritonSegmentCall`'s low): a layer without projection whose products run in a lower dtype
     (autocast)."""
-    return (spec.pointwise.startswith("triton") and W_P is None and spec.compute_dtype != state_dtype
-            and (mask is None or mask.is_contiguous()))
+    return (
+        spec.pointwise.startswith("triton")
+        and W_P is None
+        and spec.compute_dtype != state_dtype
+        and (mask is None or mask.is_contiguous())
+    )
 
 
 def _steps(buffer: torch.Tensor | None, T: int) -> list:
@@ -463,10 +493,25 @@ def _backward(ctx, need, dY, dh_T, dc_T):
     dh0 = None
     kern = None
     if CR is not None:  # the forward ran the fused kernels: so does the backward
-        kern = _kernel_call(spec, xp, h0.dtype, dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
-                            dict(c0=c0, w_I=w_I, w_F=w_F, w_O=w_O, b_h=b_h, dXP=dXP,
-                                 dR=None if seed or fused else dR, dU=dU, dhr=tmp if W_P is not None else dh, dc=dc),
-                            dict(DXP_lo=DXP_lo, DR_lo=DR_lo, dY=dY, mask=mask, bias=xp_bias) if fused else None)
+        kern = _kernel_call(
+            spec,
+            xp,
+            h0.dtype,
+            dict(R=R, M=M, G=G, C=C, CR=CR, AC=AC, SO=SO, HR=HR),
+            dict(
+                c0=c0,
+                w_I=w_I,
+                w_F=w_F,
+                w_O=w_O,
+                b_h=b_h,
+                dXP=dXP,
+                dR=None if seed or fused else dR,
+                dU=dU,
+                dhr=tmp if W_P is not None else dh,
+                dc=dc,
+            ),
+            dict(DXP_lo=DXP_lo, DR_lo=DR_lo, dY=dY, mask=mask, bias=xp_bias) if fused else None,
+        )
         assert kern is not None, "the backward's buffers are those of the forward, which the kernel accepted"
 
     if fused:  # four launches a step: the grad of h from the last product and dY, products from DZ_lo and DR_lo
@@ -493,8 +538,26 @@ def _backward(ctx, need, dY, dh_T, dc_T):
             if kern is not None:
                 kern.bwd_cell(t)  # the pointwise backward below, in one C loop
             else:
-                _cell_step_backward(spec, act, t, G[t], C[t], c0 if t == 0 else C[t - 1], d, dhr, dc, tmp, AC, SO, HR,
-                                    dU, keep_c, w_I, w_F, w_O)
+                _cell_step_backward(
+                    spec,
+                    act,
+                    t,
+                    G[t],
+                    C[t],
+                    c0 if t == 0 else C[t - 1],
+                    d,
+                    dhr,
+                    dc,
+                    tmp,
+                    AC,
+                    SO,
+                    HR,
+                    dU,
+                    keep_c,
+                    w_I,
+                    w_F,
+                    w_O,
+                )
             # the products: z = xp_z + W_m m, m from r = W_r h_{t-1}
             if kern is not None:
                 kern.bwd_product(t, pm.product(d, op_m, dm))  # d xp_F, dr_t from the grad of m_t (B, H)
@@ -636,8 +699,20 @@ class _FastForward:
         # the reference's own prologue: same state casts, weights, hoisted projection (autograd) and dropout mask
         h, c, w, x, mask = self._begin(x, state)
         W_r = w["A_h"] if self.cfg.form == "seed" else w["W_mh"]
-        tensors = (x, *self._input_projection(w), W_r, w["W_m"], h, c, mask, w.get("w_I"), w.get("w_F"), w.get("w_O"),
-                   w.get("W_P"), w.get("b_h"))
+        tensors = (
+            x,
+            *self._input_projection(w),
+            W_r,
+            w["W_m"],
+            h,
+            c,
+            mask,
+            w.get("w_I"),
+            w.get("w_F"),
+            w.get("w_O"),
+            w.get("W_P"),
+            w.get("b_h"),
+        )
         save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
         spec = self.segment_spec(x.device.type)
         graphs = self.segment_graphs(x.device)
@@ -678,5 +753,8 @@ class FastMultiplicativeLSTM(_FastForward, MultiplicativeLSTM):
         return super().__new__(cls)
 
 
-FAST_MLSTM_FORMS = {"paper": FastMultiplicativeLSTM, "matlab": FastMatlabMultiplicativeLSTM,
-                    "seed": FastSeedMultiplicativeLSTM}
+FAST_MLSTM_FORMS = {
+    "paper": FastMultiplicativeLSTM,
+    "matlab": FastMatlabMultiplicativeLSTM,
+    "seed": FastSeedMultiplicativeLSTM,
+}

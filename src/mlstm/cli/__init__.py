@@ -14,6 +14,7 @@ from mlstm.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/mlstm: where a traceback counts as the project's own
 
+
 def write_atomic(path: Path, text: str) -> None:
     """Write text through a temporary file and a rename: a reader (or a run killed mid-write) never sees half a file."""
     path = Path(path)
@@ -69,8 +70,12 @@ def fail_with_one_line(argv: list[str]):
 
 
 # for commands that only read a config (params, sample, ...): no run directory, no Hydra log files
-NO_OUTPUT_DIR = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
-                 "hydra/hydra_logging=disabled"]
+NO_OUTPUT_DIR = [
+    "hydra.output_subdir=null",
+    "hydra.run.dir=.",
+    "hydra/job_logging=disabled",
+    "hydra/hydra_logging=disabled",
+]
 
 
 def hydra_entry(task, extra_overrides: list[str] | None = None):
@@ -109,8 +114,10 @@ def run_with_one_line_errors(task, argv: list[str]):
         if error.filename is None or _raised_in_project(error):
             raise
         # Hydra creates the run directory, writes .hydra/ and opens the job log before the task starts
-        raise UserError(f"cannot write the run directory: {error.strerror}: {error.filename}; set hydra.run.dir "
-                        f"(hydra.sweep.dir with --multirun) to a writable path") from None
+        raise UserError(
+            f"cannot write the run directory: {error.strerror}: {error.filename}; set hydra.run.dir "
+            f"(hydra.sweep.dir with --multirun) to a writable path"
+        ) from None
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
 
@@ -137,10 +144,13 @@ def describe_config_error(error: BaseException, argv: list[str]) -> str:
     listing = schema.LISTING
     if isinstance(error, OverrideParseException):
         bad = _unparsable_override(argv)
-        return (f"cannot parse the override {bad!r} ({_lines(error)[0]}); write key=value and quote values with "
-                f"special characters (https://hydra.cc/docs/advanced/override_grammar/basic)" if bad else
-                f"cannot parse the overrides ({_lines(error)[0]}); write key=value "
-                f"(https://hydra.cc/docs/advanced/override_grammar/basic)")
+        return (
+            f"cannot parse the override {bad!r} ({_lines(error)[0]}); write key=value and quote values with "
+            f"special characters (https://hydra.cc/docs/advanced/override_grammar/basic)"
+            if bad
+            else f"cannot parse the overrides ({_lines(error)[0]}); write key=value "
+            f"(https://hydra.cc/docs/advanced/override_grammar/basic)"
+        )
     for exc in (error, cause):  # a wrong type, refused by the schema (mlstm.config.schema) while Hydra composes
         if isinstance(exc, ValidationError) and getattr(exc, "full_key", None):
             key = re.split(r"\[", str(exc.full_key))[0]
@@ -154,8 +164,7 @@ def describe_config_error(error: BaseException, argv: list[str]) -> str:
         return schema.unknown_key_line(key.lstrip("+~"))
     match = re.search(r"An item is already at '([^']+)'", str(cause) + str(error))
     if match:  # `+trainer.early_stop_patience=3`: the schema has the key already
-        return (f"'{match.group(1)}' is a key of the config already: set it without the '+', e.g. "
-                f"{match.group(1)}=...")
+        return f"'{match.group(1)}' is a key of the config already: set it without the '+', e.g. {match.group(1)}=..."
     for exc in (error, cause):
         if isinstance(exc, MissingMandatoryValue):
             key = getattr(exc, "full_key", None) or "?"

@@ -16,8 +16,10 @@ from mlstm.model import count_parameters
 @exit_on_user_error
 def task(cfg: DictConfig) -> None:
     count = count_parameters(cfg)
-    print(f"cell: {cfg.cell.name}{'/' + cfg.cell.form if cfg.cell.get('form') else ''}  "
-          f"hidden: {cfg.cell.hidden_size}  layers: {cfg.model.num_layers}  dataset: {cfg.dataset.name}")
+    print(
+        f"cell: {cfg.cell.name}{'/' + cfg.cell.form if cfg.cell.get('form') else ''}  "
+        f"hidden: {cfg.cell.hidden_size}  layers: {cfg.model.num_layers}  dataset: {cfg.dataset.name}"
+    )
     print(f"parameters: {count}")
 
 

@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from mlstm.cli import CONFIG_DIR, NO_OUTPUT_DIR, exit_on_user_error, hydra_entry
-from mlstm.training.distributed import resolve_device
 from mlstm.sampling import sample
+from mlstm.training.distributed import resolve_device
 from mlstm.training.trained import load_model
 
 
@@ -22,7 +22,7 @@ def quote_prompt(argv: list[str]) -> list[str]:
     quoted = []
     for arg in argv:
         if arg.startswith("prompt="):
-            value = arg[len("prompt="):]
+            value = arg[len("prompt=") :]
             if not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
                 value = re.sub(r"(\\*)('|\Z)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
                 arg = "prompt='" + value.replace("${", "\\${") + "'"
@@ -41,10 +41,13 @@ def task(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     model, payload = load_model(cfg.checkpoint, device)
     prompt = prompt_bytes(cfg.prompt)
-    text = sample(model, payload["symbols"], prompt, length=cfg.length, temperature=cfg.temperature, seed=cfg.seed,
-                  device=device)
-    print(f"checkpoint {cfg.checkpoint} (step {payload['step']}), temperature {cfg.temperature}, seed {cfg.seed}",
-          file=sys.stderr)
+    text = sample(
+        model, payload["symbols"], prompt, length=cfg.length, temperature=cfg.temperature, seed=cfg.seed, device=device
+    )
+    print(
+        f"checkpoint {cfg.checkpoint} (step {payload['step']}), temperature {cfg.temperature}, seed {cfg.seed}",
+        file=sys.stderr,
+    )
     sys.stdout.buffer.write(prompt + text + b"\n")
     sys.stdout.flush()
 

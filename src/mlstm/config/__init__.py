@@ -26,8 +26,9 @@ LISTED_OPTIONAL_GROUPS = ("experiment",)
 
 def normalise_overrides(argv: list[str]) -> list[str]:
     """`+experiment=X` -> `experiment=X` (see LISTED_OPTIONAL_GROUPS); every other argument unchanged."""
-    return [arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in LISTED_OPTIONAL_GROUPS else arg
-            for arg in argv]
+    return [
+        arg[1:] if arg.startswith("+") and arg[1:].split("=", 1)[0] in LISTED_OPTIONAL_GROUPS else arg for arg in argv
+    ]
 
 
 def check_group_choices(argv: list[str]) -> None:

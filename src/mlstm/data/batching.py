@@ -57,8 +57,17 @@ class StreamBatcher:
     step stay B * T. Each segment is copied out of the (memmapped) array on demand; the whole split never enters torch.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", split_name: str = "tokens"):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        split_name: str = "tokens",
+    ):
         _check_sizes(len(tokens), batch_size, seq_len, rank, world_size, split_name)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
@@ -66,7 +75,7 @@ class StreamBatcher:
         self.stream_len = len(tokens) // batch_size  # L
         streams = np.asarray(tokens)[: batch_size * self.stream_len].reshape(batch_size, self.stream_len)
         per_rank = batch_size // world_size
-        self._streams = streams[rank * per_rank:(rank + 1) * per_rank]  # (B/W, L), still a view of the memmap
+        self._streams = streams[rank * per_rank : (rank + 1) * per_rank]  # (B/W, L), still a view of the memmap
         self.segments_per_epoch = (self.stream_len - 1) // seq_len  # inputs and targets both inside the stream
         self.chars_per_step = batch_size * seq_len  # global, all ranks together
         self.epoch = 0
@@ -79,7 +88,7 @@ class StreamBatcher:
         """Segment k of every local stream, on the batcher's device."""
         start = k * self.seq_len
         # a copy (T+1, B/W) of the read-only memmap: small, and torch may own it
-        window = np.array(self._streams[:, start:start + self.seq_len + 1].T, dtype=np.uint8, order="C")
+        window = np.array(self._streams[:, start : start + self.seq_len + 1].T, dtype=np.uint8, order="C")
         tokens = torch.from_numpy(window).to(device=self.device, dtype=torch.int64, non_blocking=True)
         return Batch(x=tokens[:-1], y=tokens[1:], reset=k == 0)
 
@@ -107,9 +116,11 @@ class StreamBatcher:
         """
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position < self.segments_per_epoch or epoch < 0:
-            raise UserError(f"checkpoint batcher position {position} (epoch {epoch}) does not fit this data: an epoch "
-                            f"has {self.segments_per_epoch} segments; resume with the batch_size, seq_len and dataset "
-                            f"the checkpoint was made with")
+            raise UserError(
+                f"checkpoint batcher position {position} (epoch {epoch}) does not fit this data: an epoch "
+                f"has {self.segments_per_epoch} segments; resume with the batch_size, seq_len and dataset "
+                f"the checkpoint was made with"
+            )
         self.epoch, self.position = epoch, position
 
 
@@ -119,9 +130,13 @@ def _check_sizes(n: int, batch_size: int, seq_len: int, rank: int, world_size: i
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}; launch with torchrun so they are consistent")
     if batch_size % world_size:
-        raise UserError(f"trainer.batch_size={batch_size} is not divisible by the {world_size} processes; use a "
-                        f"batch_size that is a multiple of the number of processes")
+        raise UserError(
+            f"trainer.batch_size={batch_size} is not divisible by the {world_size} processes; use a "
+            f"batch_size that is a multiple of the number of processes"
+        )
     needed = batch_size * (seq_len + 1)
     if n < needed:
-        raise UserError(f"corpus split {split_name!r} has {n} characters, fewer than batch_size*(seq_len+1)={needed}; "
-                        f"use a smaller trainer.batch_size / trainer.seq_len or a bigger file")
+        raise UserError(
+            f"corpus split {split_name!r} has {n} characters, fewer than batch_size*(seq_len+1)={needed}; "
+            f"use a smaller trainer.batch_size / trainer.seq_len or a bigger file"
+        )

@@ -84,8 +84,10 @@ class Corpus:
         unknown = np.unique(data[ids < 0])
         if unknown.size:
             shown = ", ".join(repr(bytes([b])) for b in unknown[:8])
-            raise UserError(f"text holds {unknown.size} byte value(s) outside the {self.name} vocabulary ({shown}); "
-                            f"use only characters that occur in the training corpus")
+            raise UserError(
+                f"text holds {unknown.size} byte value(s) outside the {self.name} vocabulary ({shown}); "
+                f"use only characters that occur in the training corpus"
+            )
         return ids.astype(np.uint8)
 
     def decode(self, ids) -> bytes:
@@ -153,8 +155,9 @@ def _get(cfg, key: str, default: Any = None) -> Any:
 def _require(cfg, key: str, example: str) -> Any:
     value = _get(cfg, key)
     if value in (None, ""):
-        raise UserError(f"dataset.{key} is required for dataset {_get(cfg, 'name')!r}; "
-                        f"pass e.g. dataset.{key}={example}")
+        raise UserError(
+            f"dataset.{key} is required for dataset {_get(cfg, 'name')!r}; pass e.g. dataset.{key}={example}"
+        )
     return value
 
 
@@ -165,8 +168,10 @@ def _split_fractions(cfg) -> list[float]:
     except (TypeError, ValueError):
         fractions = []
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise UserError(f"dataset.split_fractions must be three positive numbers summing to 1 (train, valid, test), "
-                        f"got {_get(cfg, 'split_fractions')!r}")
+        raise UserError(
+            f"dataset.split_fractions must be three positive numbers summing to 1 (train, valid, test), "
+            f"got {_get(cfg, 'split_fractions')!r}"
+        )
     return fractions
 
 
@@ -178,8 +183,10 @@ def _sizes_from_fractions(fractions: list[float], what: str) -> Callable[[int], 
         result = [train, valid, n - train - valid]
         for split, size in zip(SPLITS, result):
             if size <= 0:
-                raise UserError(f"{what} has {n} bytes, too few to split by fractions {fractions} (split {split!r} "
-                                f"would be empty); use a bigger file or other dataset.split_fractions")
+                raise UserError(
+                    f"{what} has {n} bytes, too few to split by fractions {fractions} (split {split!r} "
+                    f"would be empty); use a bigger file or other dataset.split_fractions"
+                )
         return result
 
     return sizes
@@ -194,19 +201,35 @@ def _download_source(cfg, data_dir: Path) -> _Source:
         num_bytes = int(spec["num_bytes"])
         split_sizes = [int(s) for s in spec["split_sizes"]]
     except (TypeError, ValueError):
-        raise UserError(f"dataset.num_bytes must be an integer and dataset.split_sizes three integers, got "
-                        f"{spec['num_bytes']!r} and {spec['split_sizes']!r}") from None
+        raise UserError(
+            f"dataset.num_bytes must be an integer and dataset.split_sizes three integers, got "
+            f"{spec['num_bytes']!r} and {spec['split_sizes']!r}"
+        ) from None
     if len(split_sizes) != 3 or min(split_sizes) <= 0 or sum(split_sizes) > num_bytes:
-        raise UserError(f"dataset.split_sizes must be three positive sizes (train, valid, test) summing to at most "
-                        f"dataset.num_bytes={num_bytes}, got {split_sizes}")
+        raise UserError(
+            f"dataset.split_sizes must be three positive sizes (train, valid, test) summing to at most "
+            f"dataset.num_bytes={num_bytes}, got {split_sizes}"
+        )
 
     def read() -> tuple[bytes, str]:
         _make_dir(data_dir)
-        return fetch_corpus_bytes(data_dir, url=spec["url"], archive_member=spec["archive_member"],
-                                  checksum_algo=spec["checksum_algo"], checksum=spec["checksum"], num_bytes=num_bytes)
+        return fetch_corpus_bytes(
+            data_dir,
+            url=spec["url"],
+            archive_member=spec["archive_member"],
+            checksum_algo=spec["checksum_algo"],
+            checksum=spec["checksum"],
+            num_bytes=num_bytes,
+        )
 
-    identity = {"name": name, "archive_member": spec["archive_member"], "checksum_algo": spec["checksum_algo"],
-                "checksum": str(spec["checksum"]).lower(), "num_bytes": num_bytes, "split_sizes": split_sizes}
+    identity = {
+        "name": name,
+        "archive_member": spec["archive_member"],
+        "checksum_algo": spec["checksum_algo"],
+        "checksum": str(spec["checksum"]).lower(),
+        "num_bytes": num_bytes,
+        "split_sizes": split_sizes,
+    }
     return _Source(name, identity, read, lambda n: split_sizes)
 
 
@@ -228,8 +251,13 @@ def _file_source(cfg, data_dir: Path) -> _Source:
         except OSError as e:
             raise UserError(f"cannot read dataset.path {path} ({e.strerror}); fix its permissions") from None
 
-    identity = {"name": "file", "path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "split_fractions": fractions}
+    identity = {
+        "name": "file",
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "split_fractions": fractions,
+    }
     return _Source(f"file:{path.stem}", identity, read, _sizes_from_fractions(fractions, f"dataset.path {path}"))
 
 
@@ -258,20 +286,31 @@ def _read_hf_text(spec: dict, cache_dir: str | None) -> bytes:
     import datasets  # imported here: it takes seconds and only this source needs it
 
     try:
-        ds = datasets.load_dataset(spec["hf_name"], spec["hf_config"], split=spec["hf_split"],
-                                   data_files=spec["data_files"], cache_dir=cache_dir)
+        ds = datasets.load_dataset(
+            spec["hf_name"],
+            spec["hf_config"],
+            split=spec["hf_split"],
+            data_files=spec["data_files"],
+            cache_dir=cache_dir,
+        )
     except Exception as e:  # the library raises many types for a bad name, config, split or offline hub
         reason = " ".join(str(e).split())[:300]
-        raise UserError(f"could not load Hugging Face dataset {spec['hf_name']!r} (config {spec['hf_config']!r}, "
-                        f"split {spec['hf_split']!r}): {type(e).__name__}: {reason}; check dataset.hf_* and "
-                        f"dataset.data_files, or the network") from None
+        raise UserError(
+            f"could not load Hugging Face dataset {spec['hf_name']!r} (config {spec['hf_config']!r}, "
+            f"split {spec['hf_split']!r}): {type(e).__name__}: {reason}; check dataset.hf_* and "
+            f"dataset.data_files, or the network"
+        ) from None
     if spec["text_column"] not in ds.column_names:
-        raise UserError(f"Hugging Face dataset {spec['hf_name']!r} has no column {spec['text_column']!r} "
-                        f"(columns: {ds.column_names}); set dataset.text_column")
+        raise UserError(
+            f"Hugging Face dataset {spec['hf_name']!r} has no column {spec['text_column']!r} "
+            f"(columns: {ds.column_names}); set dataset.text_column"
+        )
     text = "\n".join(row or "" for row in ds[spec["text_column"]])
     if not text:
-        raise UserError(f"Hugging Face dataset {spec['hf_name']!r} column {spec['text_column']!r} is empty; "
-                        f"choose another dataset.hf_split or dataset.text_column")
+        raise UserError(
+            f"Hugging Face dataset {spec['hf_name']!r} column {spec['text_column']!r} is empty; "
+            f"choose another dataset.hf_split or dataset.text_column"
+        )
     return text.encode("utf-8")
 
 
@@ -306,8 +345,9 @@ def _open_cache(cache_dir: Path, name: str) -> Corpus | None:
     try:
         meta = json.loads((cache_dir / "meta.json").read_text())
         sizes = dict(zip(SPLITS, meta["split_sizes"]))
-        if meta.get("format") != CACHE_FORMAT or any((cache_dir / f"{s}.bin").stat().st_size != sizes[s]
-                                                     for s in SPLITS):
+        if meta.get("format") != CACHE_FORMAT or any(
+            (cache_dir / f"{s}.bin").stat().st_size != sizes[s] for s in SPLITS
+        ):
             return None
         arrays = {s: np.memmap(cache_dir / f"{s}.bin", dtype=np.uint8, mode="r") for s in SPLITS}
     except (OSError, ValueError, KeyError, TypeError):
@@ -326,10 +366,14 @@ def _build_cache(cache_dir: Path, raw: bytes, split_sizes: list[int], descriptio
     _make_dir(cache_dir)
     start = 0
     for split, size in zip(SPLITS, split_sizes):
-        _write_atomic(cache_dir / f"{split}.bin", memoryview(ids[start:start + size]))
+        _write_atomic(cache_dir / f"{split}.bin", memoryview(ids[start : start + size]))
         start += size
-    meta = {"format": CACHE_FORMAT, "symbols": symbols.tolist(), "split_sizes": list(split_sizes),
-            "source": description}
+    meta = {
+        "format": CACHE_FORMAT,
+        "symbols": symbols.tolist(),
+        "split_sizes": list(split_sizes),
+        "source": description,
+    }
     _write_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1).encode())
 
 
@@ -344,13 +388,16 @@ def _write_atomic(path: Path, data) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write corpus cache {path} ({e.strerror}); free disk space or choose another "
-                        f"data directory (MLSTM_DATA_DIR)") from None
+        raise UserError(
+            f"cannot write corpus cache {path} ({e.strerror}); free disk space or choose another "
+            f"data directory (MLSTM_DATA_DIR)"
+        ) from None
 
 
 def _make_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create data directory {path} ({e.strerror}); choose another data directory "
-                        f"(MLSTM_DATA_DIR)") from None
+        raise UserError(
+            f"cannot create data directory {path} ({e.strerror}); choose another data directory (MLSTM_DATA_DIR)"
+        ) from None

@@ -51,9 +51,12 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, progress: bool = Tr
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with open(part, "wb") as out, tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
-            ) as bar:
+            with (
+                open(part, "wb") as out,
+                tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
+                ) as bar,
+            ):
                 received = 0
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
@@ -62,25 +65,30 @@ def download(url: str, dest: Path, *, timeout: float = 30.0, progress: bool = Tr
                 out.flush()
                 os.fsync(out.fileno())
             if total is not None and received != total:  # the connection closed early: never keep a partial file
-                raise UserError(f"download of {url} was interrupted after {received:,} of {total:,} bytes; run the "
-                                f"same command again to restart it, or {_no_network_hint(dest)}")
+                raise UserError(
+                    f"download of {url} was interrupted after {received:,} of {total:,} bytes; run the "
+                    f"same command again to restart it, or {_no_network_hint(dest)}"
+                )
         os.replace(part, dest)
     except urllib.error.HTTPError as e:
-        raise UserError(f"download of {url} failed with HTTP {e.code} {e.reason}; check the url or "
-                        f"{_no_network_hint(dest)}") from None
+        raise UserError(
+            f"download of {url} failed with HTTP {e.code} {e.reason}; check the url or {_no_network_hint(dest)}"
+        ) from None
     except urllib.error.URLError as e:
         raise UserError(f"could not download {url} ({e.reason}); no network? {_no_network_hint(dest)}") from None
     except ValueError as e:  # urllib's complaint about a malformed url, e.g. a missing scheme
         raise UserError(f"invalid download url {url!r} ({e}); use an http(s):// or file:// url") from None
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets or a short read mid-stream, a full disk
-        raise UserError(f"download of {url} to {dest} failed ({type(e).__name__}: {e}); run the same command again "
-                        f"to restart it, or {_no_network_hint(dest)}") from None
+        raise UserError(
+            f"download of {url} to {dest} failed ({type(e).__name__}: {e}); run the same command again "
+            f"to restart it, or {_no_network_hint(dest)}"
+        ) from None
     finally:
         part.unlink(missing_ok=True)  # only present if something went wrong; never trusted later anyway
     return dest
 
 
-def new_hash(algo: str) -> "hashlib._Hash":
+def new_hash(algo: str) -> hashlib._Hash:
     """A hashlib object for `algo` ("md5", "sha1", ...), or a UserError naming the bad config value."""
     try:
         return hashlib.new(algo)
@@ -111,15 +119,19 @@ def verify_bytes(data: bytes, origin: Path, *, num_bytes: int, checksum_algo: st
     """
     if len(data) != num_bytes:
         bad = set_aside(origin)
-        raise UserError(f"{origin.name} holds {len(data):,} bytes of corpus, expected {num_bytes:,} "
-                        f"(dataset.num_bytes); moved it aside to {bad} and will not use it; download it again or "
-                        f"fix dataset.num_bytes")
+        raise UserError(
+            f"{origin.name} holds {len(data):,} bytes of corpus, expected {num_bytes:,} "
+            f"(dataset.num_bytes); moved it aside to {bad} and will not use it; download it again or "
+            f"fix dataset.num_bytes"
+        )
     actual = hashlib.new(checksum_algo, data).hexdigest()
     if actual != str(checksum).lower():
         bad = set_aside(origin)
-        raise UserError(f"{checksum_algo} checksum mismatch for {origin.name}: got {actual}, expected {checksum} "
-                        f"(dataset.checksum); moved it aside to {bad} and will not use it; download it again or "
-                        f"fix dataset.checksum")
+        raise UserError(
+            f"{checksum_algo} checksum mismatch for {origin.name}: got {actual}, expected {checksum} "
+            f"(dataset.checksum); moved it aside to {bad} and will not use it; download it again or "
+            f"fix dataset.checksum"
+        )
 
 
 def read_archive_member(archive: Path, member: str) -> bytes:
@@ -128,19 +140,30 @@ def read_archive_member(archive: Path, member: str) -> bytes:
         with zipfile.ZipFile(archive) as zf:
             if member not in zf.namelist():
                 bad = set_aside(archive)
-                raise UserError(f"archive {archive.name} has no member {member!r} (it has {zf.namelist()[:5]}); "
-                                f"moved it aside to {bad}; fix dataset.archive_member or dataset.url")
+                raise UserError(
+                    f"archive {archive.name} has no member {member!r} (it has {zf.namelist()[:5]}); "
+                    f"moved it aside to {bad}; fix dataset.archive_member or dataset.url"
+                )
             return zf.read(member)  # zipfile checks the member's CRC-32 while reading
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         bad = set_aside(archive)
-        raise UserError(f"{archive.name} is not a valid zip archive ({e}); moved it aside to {bad}; "
-                        f"download it again") from None
+        raise UserError(
+            f"{archive.name} is not a valid zip archive ({e}); moved it aside to {bad}; download it again"
+        ) from None
     except PermissionError as e:
         raise UserError(f"cannot read {archive} ({e.strerror}); fix its permissions") from None
 
 
-def fetch_corpus_bytes(data_dir: Path, *, url: str, archive_member: str, checksum_algo: str, checksum: str,
-                       num_bytes: int, progress: bool = True) -> tuple[bytes, str]:
+def fetch_corpus_bytes(
+    data_dir: Path,
+    *,
+    url: str,
+    archive_member: str,
+    checksum_algo: str,
+    checksum: str,
+    num_bytes: int,
+    progress: bool = True,
+) -> tuple[bytes, str]:
     """The verified bytes of a zipped corpus and a one-line description of where they came from.
 
     Looks, in order, for the unzipped member in `data_dir` (a user may have placed it), then the archive, and only

@@ -39,8 +39,7 @@ class StudyOptions:
 
     def __post_init__(self):
         if self.bootstrap < MIN_RESAMPLES:
-            raise UserError(f"{self.bootstrap} bootstrap resamples are too few for a 95% interval; "
-                            f"use 2000 or more")
+            raise UserError(f"{self.bootstrap} bootstrap resamples are too few for a 95% interval; use 2000 or more")
         if self.band not in BANDS:
             raise UserError(f"band {self.band!r} is not one of {', '.join(BANDS)}")
 

@@ -72,8 +72,9 @@ class FinalRun:
 def epoch_chars(run: Run) -> float:
     """Characters of one pass over the training split, from the records: midway between the last record of the
     first pass and the first of the second (exact to half a logging window); NaN before a second pass."""
-    rows = sorted((r for r in run.records if isinstance(r.get("epoch"), (int, float)) and "chars" in r),
-                  key=lambda r: r["step"])
+    rows = sorted(
+        (r for r in run.records if isinstance(r.get("epoch"), (int, float)) and "chars" in r), key=lambda r: r["step"]
+    )
     second = next((i for i, r in enumerate(rows) if r["epoch"] >= 1), None)
     if not second:
         return math.nan
@@ -97,12 +98,22 @@ def final_run(run: Run) -> FinalRun:
     end_step = run.last("step")
     per_epoch = epoch_chars(run)
     return FinalRun(
-        seed=run.seed, converged=stopped, capped=not stopped and not diverged and end_step >= budget,
-        diverged=diverged, best_valid=best_valid, at_best=at_best, within=within, end_step=end_step,
-        final_valid=final_valid, test=run.final("test/bpc"),
+        seed=run.seed,
+        converged=stopped,
+        capped=not stopped and not diverged and end_step >= budget,
+        diverged=diverged,
+        best_valid=best_valid,
+        at_best=at_best,
+        within=within,
+        end_step=end_step,
+        final_valid=final_valid,
+        test=run.final("test/bpc"),
         epochs_to_best=at_best["chars"] / per_epoch if per_epoch > 0 else math.nan,
         reductions=sum(1 for r in run.records if r.get("event") == "lr_reduced"),
-        cold_starts=tuning.blown_streams(run.records), curve=curve, train_curve=run.curve("train/bpc"))
+        cold_starts=tuning.blown_streams(run.records),
+        curve=curve,
+        train_curve=run.curve("train/bpc"),
+    )
 
 
 @dataclass
@@ -173,15 +184,29 @@ def _pair(cell: Cell, base: Cell, name: str, axis: str | None = None, ratio: boo
 def compare(cell: Cell, base: Cell, ladder_levels: int = 5) -> Comparison:
     level = math.ceil(max(r.best_valid for r in cell.runs + base.runs) * 1000 - 1e-9) / 1000
     groups = {cell.variant: {r.seed: r.curve for r in cell.runs}, base.variant: {r.seed: r.curve for r in base.runs}}
-    reach = {row.axis: row.ratio for row in cv.compare_reach(groups, [level], base.variant, AXES)
-             if row.variant == cell.variant}
+    reach = {
+        row.axis: row.ratio
+        for row in cv.compare_reach(groups, [level], base.variant, AXES)
+        if row.variant == cell.variant
+    }
     firsts = [float(r.curve.y[0]) for r in cell.runs + base.runs if len(r.curve.y)]
     targets = cv.default_targets(firsts, [r.best_valid for r in cell.runs + base.runs], ladder_levels)
-    ladder = [(row.target, row.ratio) for row in cv.compare_reach(groups, targets, base.variant, ("chars",))
-              if row.variant == cell.variant]
-    return Comparison(cell, base, _pair(cell, base, "best_valid", ratio=False), _pair(cell, base, "test", ratio=False),
-                      {axis: _pair(cell, base, "at_best", axis) for axis in AXES},
-                      {axis: _pair(cell, base, "within", axis) for axis in AXES}, level, reach, ladder)
+    ladder = [
+        (row.target, row.ratio)
+        for row in cv.compare_reach(groups, targets, base.variant, ("chars",))
+        if row.variant == cell.variant
+    ]
+    return Comparison(
+        cell,
+        base,
+        _pair(cell, base, "best_valid", ratio=False),
+        _pair(cell, base, "test", ratio=False),
+        {axis: _pair(cell, base, "at_best", axis) for axis in AXES},
+        {axis: _pair(cell, base, "within", axis) for axis in AXES},
+        level,
+        reach,
+        ladder,
+    )
 
 
 def _chosen_runs(runs: list[Run], chosen: float | None) -> tuple[list[Run], float | None, str]:
@@ -199,8 +224,12 @@ def sample_file(run: Run) -> Path | None:
     return Path(path) if isinstance(path, str) and Path(path).is_file() else None
 
 
-def analyse(final_runs: Iterable[Run], tuning_runs: Iterable[Run] = (), baseline: str = BASELINE,
-            xz: Mapping[str, float] | None = None) -> ConvergedStudy:
+def analyse(
+    final_runs: Iterable[Run],
+    tuning_runs: Iterable[Run] = (),
+    baseline: str = BASELINE,
+    xz: Mapping[str, float] | None = None,
+) -> ConvergedStudy:
     """The whole study. `xz` gives the reference per dataset label; a dataset missing there gets it computed from
     the sample file its runs' configs name (NaN when that file is not readable here)."""
     final_runs, tuning_runs = list(final_runs), list(tuning_runs)
@@ -215,16 +244,35 @@ def analyse(final_runs: Iterable[Run], tuning_runs: Iterable[Run] = (), baseline
     for (dataset, rung, variant), runs in grouped.items():
         picked, lr, note = _chosen_runs(runs, chosen.get((dataset, rung, variant)))
         counts = [r.num_parameters for r in picked if r.num_parameters]
-        cells.append(Cell(dataset, rung, variant, float(np.mean(counts)) if counts else math.nan, lr,
-                          [final_run(r) for r in sorted(picked, key=lambda r: str(r.seed))],
-                          [r.source for r in picked], note))
+        cells.append(
+            Cell(
+                dataset,
+                rung,
+                variant,
+                float(np.mean(counts)) if counts else math.nan,
+                lr,
+                [final_run(r) for r in sorted(picked, key=lambda r: str(r.seed))],
+                [r.source for r in picked],
+                note,
+            )
+        )
     base_params = {(c.dataset, c.rung): c.params for c in cells if c.variant == baseline}
-    cells.sort(key=lambda c: (c.dataset, size_key(base_params.get((c.dataset, c.rung), c.params), c.rung),
-                              c.variant != baseline, c.variant))
+    cells.sort(
+        key=lambda c: (
+            c.dataset,
+            size_key(base_params.get((c.dataset, c.rung), c.params), c.rung),
+            c.variant != baseline,
+            c.variant,
+        )
+    )
     by_key = {(c.dataset, c.rung, c.variant): c for c in cells}
-    comparisons = [compare(c, by_key[(c.dataset, c.rung, baseline)]) for c in cells
-                   if c.variant != baseline and (c.dataset, c.rung, baseline) in by_key
-                   and all(math.isfinite(r.best_valid) for r in c.runs + by_key[(c.dataset, c.rung, baseline)].runs)]
+    comparisons = [
+        compare(c, by_key[(c.dataset, c.rung, baseline)])
+        for c in cells
+        if c.variant != baseline
+        and (c.dataset, c.rung, baseline) in by_key
+        and all(math.isfinite(r.best_valid) for r in c.runs + by_key[(c.dataset, c.rung, baseline)].runs)
+    ]
     references = dict(xz or {})
     for run in final_runs + tuning_runs:
         if run.dataset not in references and (path := sample_file(run)) is not None:
@@ -237,8 +285,10 @@ def final_command(selection: RungSelection) -> str | None:
     s = selection.selection
     if not selection.preset or not selection.dataset_choice or s.chosen is None or s.at_edge or not s.complete:
         return None  # no choice yet, one at the grid's edge, or a provisional one (a grid run has not ended)
-    return (f'make sweep SWEEP=converge_final_cpu ARGS="dataset={selection.dataset_choice} '
-            f'+variant={selection.preset} optim.lr={s.chosen:g}"')
+    return (
+        f'make sweep SWEEP=converge_final_cpu ARGS="dataset={selection.dataset_choice} '
+        f'+variant={selection.preset} optim.lr={s.chosen:g}"'
+    )
 
 
 def selection_rows(selections: Sequence[RungSelection]) -> list[dict]:

@@ -21,12 +21,19 @@ from mlstm.studies.scaling import COLORS, format_params
 from mlstm.studies.scaling_report import _fmt, _interval, selection_table, write_csv
 
 PROTOCOL_KEYS = (  # what the report states of the protocol, read from the final runs' configs
-    ("optim.schedule", "schedule"), ("optim.plateau_factor", "rate factor"), ("optim.plateau_patience", "patience"),
-    ("optim.plateau_threshold", "minimum improvement (bpc)"), ("optim.min_lr", "rate floor"),
-    ("trainer.early_stop_patience", "stop patience"), ("trainer.max_steps", "cap (steps)"),
-    ("trainer.eval_every", "validation every (steps)"), ("trainer.eval_chars", "validation characters (null: all)"),
-    ("trainer.eval_batch_size", "validation streams"), ("trainer.batch_size", "batch (streams)"),
-    ("trainer.seq_len", "segment (characters)"))
+    ("optim.schedule", "schedule"),
+    ("optim.plateau_factor", "rate factor"),
+    ("optim.plateau_patience", "patience"),
+    ("optim.plateau_threshold", "minimum improvement (bpc)"),
+    ("optim.min_lr", "rate floor"),
+    ("trainer.early_stop_patience", "stop patience"),
+    ("trainer.max_steps", "cap (steps)"),
+    ("trainer.eval_every", "validation every (steps)"),
+    ("trainer.eval_chars", "validation characters (null: all)"),
+    ("trainer.eval_batch_size", "validation streams"),
+    ("trainer.batch_size", "batch (streams)"),
+    ("trainer.seq_len", "segment (characters)"),
+)
 
 
 def finite(value) -> bool:
@@ -55,17 +62,22 @@ def protocol_lines(study: ConvergedStudy, configs: Sequence[Mapping]) -> list[st
     for key, name in PROTOCOL_KEYS:
         values = sorted({json.dumps(lookup(c, key)) for c in configs})
         parts.append(f"{name} {'/'.join(values)}")
-    return ["Protocol (from the runs' configs, the same for every cell): " + "; ".join(parts) + ". The rate is "
-            "halved by PyTorch's ReduceLROnPlateau after more than `patience` evaluations without an improvement of "
-            "the minimum; a run stops once a halving made since its best point is followed by `stop patience` such "
-            "evaluations (mlstm.training.plateau); the test split is read with best.pt's weights. A run that "
-            "reaches the cap has **not** converged and is flagged.", ""]
+    return [
+        "Protocol (from the runs' configs, the same for every cell): " + "; ".join(parts) + ". The rate is "
+        "halved by PyTorch's ReduceLROnPlateau after more than `patience` evaluations without an improvement of "
+        "the minimum; a run stops once a halving made since its best point is followed by `stop patience` such "
+        "evaluations (mlstm.training.plateau); the test split is read with best.pt's weights. A run that "
+        "reaches the cap has **not** converged and is flagged.",
+        "",
+    ]
 
 
 def cell_rows(cells: Sequence[Cell], comparisons: Mapping, dataset: str) -> list[str]:
-    lines = ["| size | cell | params | lr | seeds | converged | best valid bpc | test bpc (best.pt) | Δ valid vs LSTM "
-             "| Δ test vs LSTM | epochs to best | rate halvings | rise after best | cold starts blown up |",
-             "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- | ---: | ---: | --- | --- |"]
+    lines = [
+        "| size | cell | params | lr | seeds | converged | best valid bpc | test bpc (best.pt) | Δ valid vs LSTM "
+        "| Δ test vs LSTM | epochs to best | rate halvings | rise after best | cold starts blown up |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- | ---: | ---: | --- | --- |",
+    ]
     for c in (c for c in cells if c.dataset == dataset):
         comp = comparisons.get((c.dataset, c.rung, c.variant))
         converged = f"{c.n_converged}/{len(c.runs)}" + (f" ({c.n_capped} capped: NOT converged)" if c.n_capped else "")
@@ -78,7 +90,8 @@ def cell_rows(cells: Sequence[Cell], comparisons: Mapping, dataset: str) -> list
             f"| {_mean_ci(c.mean('best_valid'))} | {_mean_ci(c.mean('test'))} "
             f"| {_signed(comp.d_best_valid) if comp else '–'} | {_signed(comp.d_test) if comp else '–'} "
             f"| {f'{np.mean(epochs):.1f}' if epochs else '–'} | {np.mean([r.reductions for r in c.runs]):.1f} "
-            f"| {rise} | {blown} |")
+            f"| {rise} | {blown} |"
+        )
     return lines
 
 
@@ -86,15 +99,19 @@ def speed_rows(comparisons: Sequence[Comparison], dataset: str) -> list[str]:
     mine = [c for c in comparisons if c.cell.dataset == dataset]
     if not mine:
         return []
-    lines = ["| size | cell | level both reach | × LSTM characters | × LSTM steps | × LSTM seconds | × LSTM characters "
-             f"to the best | × LSTM characters to within {WITHIN} of the best | ladder (level: × characters) |",
-             "| --- | --- | ---: | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| size | cell | level both reach | × LSTM characters | × LSTM steps | × LSTM seconds | × LSTM characters "
+        f"to the best | × LSTM characters to within {WITHIN} of the best | ladder (level: × characters) |",
+        "| --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+    ]
     for c in mine:
         ladder = "; ".join(f"{level:.3f}: {_ratio(iv)}" for level, iv in c.ladder)
-        lines.append(f"| {c.cell.rung} | {c.cell.variant} | {c.level:.3f} | {_ratio(c.to_level['chars'])} "
-                     f"| {_ratio(c.to_level['steps'])} | {_ratio(c.to_level['seconds'])} "
-                     f"| {_ratio(c.to_best['chars'])} "
-                     f"| {_ratio(c.to_within['chars'])} | {ladder} |")
+        lines.append(
+            f"| {c.cell.rung} | {c.cell.variant} | {c.level:.3f} | {_ratio(c.to_level['chars'])} "
+            f"| {_ratio(c.to_level['steps'])} | {_ratio(c.to_level['seconds'])} "
+            f"| {_ratio(c.to_best['chars'])} "
+            f"| {_ratio(c.to_within['chars'])} | {ladder} |"
+        )
     return lines
 
 
@@ -104,16 +121,29 @@ def summary_rows(study: ConvergedStudy) -> list[dict]:
     for cell in study.cells:
         comp = comparisons.get((cell.dataset, cell.rung, cell.variant))
         for run in cell.runs:
-            rows.append({
-                "dataset": cell.dataset, "rung": cell.rung, "cell": cell.variant, "params": cell.params,
-                "lr": cell.lr, "seed": run.seed, "converged": run.converged, "capped": run.capped,
-                "diverged": run.diverged, "best_valid_bpc": run.best_valid, "test_bpc": run.test,
-                "final_valid_bpc": run.final_valid, "end_step": run.end_step,
-                **{f"{axis}_to_best": run.at_best[axis] for axis in AXES},
-                **{f"{axis}_to_within": run.within[axis] for axis in AXES},
-                "epochs_to_best": run.epochs_to_best, "rate_halvings": run.reductions,
-                "level_both_reach": comp.level if comp else math.nan,
-                "xz_bpc": study.xz.get(cell.dataset, math.nan)})
+            rows.append(
+                {
+                    "dataset": cell.dataset,
+                    "rung": cell.rung,
+                    "cell": cell.variant,
+                    "params": cell.params,
+                    "lr": cell.lr,
+                    "seed": run.seed,
+                    "converged": run.converged,
+                    "capped": run.capped,
+                    "diverged": run.diverged,
+                    "best_valid_bpc": run.best_valid,
+                    "test_bpc": run.test,
+                    "final_valid_bpc": run.final_valid,
+                    "end_step": run.end_step,
+                    **{f"{axis}_to_best": run.at_best[axis] for axis in AXES},
+                    **{f"{axis}_to_within": run.within[axis] for axis in AXES},
+                    "epochs_to_best": run.epochs_to_best,
+                    "rate_halvings": run.reductions,
+                    "level_both_reach": comp.level if comp else math.nan,
+                    "xz_bpc": study.xz.get(cell.dataset, math.nan),
+                }
+            )
     return rows
 
 
@@ -139,14 +169,24 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
                 band = cv.mean_band([getattr(r, attr).along("chars") for r in cell.runs], log=True)
                 if not band.grid.size:
                     continue
-                label = (f"{cell.variant} (lr {cell.lr:g}, {len(cell.runs)} seeds)" if style == "-" and cell.lr
-                         else cell.variant if style == "-" else None)
+                label = (
+                    f"{cell.variant} (lr {cell.lr:g}, {len(cell.runs)} seeds)"
+                    if style == "-" and cell.lr
+                    else cell.variant
+                    if style == "-"
+                    else None
+                )
                 ax.plot(band.grid, band.mean, style, color=color, label=label)
                 if style == "-":
                     ax.fill_between(band.grid, band.low, band.high, color=color, alpha=0.2, linewidth=0)
         if finite(study.xz.get(dataset)):
-            ax.axhline(study.xz[dataset], color="gray", linestyle="--", linewidth=1,
-                       label=f"xz -9e on the sample: {study.xz[dataset]:.3f}")
+            ax.axhline(
+                study.xz[dataset],
+                color="gray",
+                linestyle="--",
+                linewidth=1,
+                label=f"xz -9e on the sample: {study.xz[dataset]:.3f}",
+            )
         ax.plot([], [], color="gray", linestyle=":", label="training bpc (dotted)")
         ax.set_xscale("log")
         ax.set_xlabel("training characters")
@@ -180,8 +220,16 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
             y = np.array([s[1].value for s in stats])
             low = np.array([s[1].low if finite(s[1].low) else s[1].value for s in stats])
             high = np.array([s[1].high if finite(s[1].high) else s[1].value for s in stats])
-            ax.errorbar(x, y, yerr=[y - low, high - y], marker=marker, capsize=3, color=COLORS.get(variant, f"C{i}"),
-                        linestyle="-" if name == "best_valid" else ":", label=f"{variant}: {suffix}")
+            ax.errorbar(
+                x,
+                y,
+                yerr=[y - low, high - y],
+                marker=marker,
+                capsize=3,
+                color=COLORS.get(variant, f"C{i}"),
+                linestyle="-" if name == "best_valid" else ":",
+                label=f"{variant}: {suffix}",
+            )
     if finite(study.xz.get(dataset)):
         ax.axhline(study.xz[dataset], color="gray", linestyle="--", linewidth=1, label="xz -9e")
     ax.set_xscale("log")
@@ -195,62 +243,99 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     return path
 
 
-def report_markdown(study: ConvergedStudy, figures: Mapping[str, list[str]], configs: Sequence[Mapping],
-                    title: str) -> str:
+def report_markdown(
+    study: ConvergedStudy, figures: Mapping[str, list[str]], configs: Sequence[Mapping], title: str
+) -> str:
     comparisons = {(c.cell.dataset, c.cell.rung, c.cell.variant): c for c in study.comparisons}
-    lines = [f"# {title}", "", f"{study.n_final} final runs, {study.n_tuning} tuning runs. Each cell at its own "
-             "initial rate, chosen by the tuning rule on seeds 0 and 1 (a run scores its lowest validation bpc; a "
-             "rate the mean over the seeds; the lowest wins and must lie strictly inside a factor-2 grid); fresh "
-             "seeds for the final numbers, the same data order for every cell. CIs: 95% percentile bootstrap over "
-             "seeds (2000 resamples), paired by seed where both cells have the same seeds.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{study.n_final} final runs, {study.n_tuning} tuning runs. Each cell at its own "
+        "initial rate, chosen by the tuning rule on seeds 0 and 1 (a run scores its lowest validation bpc; a "
+        "rate the mean over the seeds; the lowest wins and must lie strictly inside a factor-2 grid); fresh "
+        "seeds for the final numbers, the same data order for every cell. CIs: 95% percentile bootstrap over "
+        "seeds (2000 resamples), paired by seed where both cells have the same seeds.",
+        "",
+    ]
     lines += protocol_lines(study, configs)
     for dataset in dict.fromkeys([c.dataset for c in study.cells] + [s.dataset for s in study.selections]):
         lines += [f"## {dataset}", ""]
         if finite(study.xz.get(dataset)):
-            lines += [f"Reference: `xz -9e` compresses the whole sample to **{study.xz[dataset]:.3f}** bits per "
-                      "character (computed by this report with lzma, preset 9 extreme).", ""]
+            lines += [
+                f"Reference: `xz -9e` compresses the whole sample to **{study.xz[dataset]:.3f}** bits per "
+                "character (computed by this report with lzma, preset 9 extreme).",
+                "",
+            ]
         lines += [f"![{dataset}]({name})" for name in figures.get(dataset, [])] + [""]
         table = selection_table(study.selections, dataset)
         if table:
             lines += ["### Initial learning rates (tuning seeds; score = mean lowest validation bpc)", ""]
             lines += table + [""]
         if any(c.dataset == dataset for c in study.cells):
-            lines += ["### Best against best", "", "Converged: runs stopped by the rule / runs. Rise after best: final "
-                      "minus lowest validation bpc (runs above 0.01 bpc). Epochs to best: characters to the best point "
-                      "over one pass over the training split.", ""]
+            lines += [
+                "### Best against best",
+                "",
+                "Converged: runs stopped by the rule / runs. Rise after best: final "
+                "minus lowest validation bpc (runs above 0.01 bpc). Epochs to best: characters to the best point "
+                "over one pass over the training split.",
+                "",
+            ]
             lines += cell_rows(study.cells, comparisons, dataset) + [""]
             speed = speed_rows(study.comparisons, dataset)
             if speed:
-                lines += ["### How fast: ratios to the LSTM (< 1: fewer than the LSTM)", "", "Level both reach: the "
-                          "highest best validation bpc over every seed of both cells (each run reaches it). Seconds "
-                          "are training seconds on a shared 2-core machine: indicative only.", ""] + speed + [""]
+                lines += (
+                    [
+                        "### How fast: ratios to the LSTM (< 1: fewer than the LSTM)",
+                        "",
+                        "Level both reach: the "
+                        "highest best validation bpc over every seed of both cells (each run reaches it). Seconds "
+                        "are training seconds on a shared 2-core machine: indicative only.",
+                        "",
+                    ]
+                    + speed
+                    + [""]
+                )
             xz = study.xz.get(dataset)
             if finite(xz):
-                beats = [c.variant + f" at {c.rung}" for c in study.cells if c.dataset == dataset
-                         and finite(c.mean("test").value) and c.mean("test").value < xz]
+                beats = [
+                    c.variant + f" at {c.rung}"
+                    for c in study.cells
+                    if c.dataset == dataset and finite(c.mean("test").value) and c.mean("test").value < xz
+                ]
                 lines += [f"- Below xz -9e ({xz:.3f}) on the test split: {', '.join(beats) if beats else 'none'}.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(study: ConvergedStudy, out: str | Path, configs: Sequence[Mapping], title: str,
-                 figures: bool = True) -> dict:
+def write_report(
+    study: ConvergedStudy, out: str | Path, configs: Sequence[Mapping], title: str, figures: bool = True
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     drawn: dict[str, list[str]] = {}
     if figures:
         for dataset in dict.fromkeys(c.dataset for c in study.cells):
-            drawn[dataset] = [plot_curves(study, dataset, out / figure_name(dataset, "converged")).name,
-                              plot_best(study, dataset, out / figure_name(dataset, "best")).name]
+            drawn[dataset] = [
+                plot_curves(study, dataset, out / figure_name(dataset, "converged")).name,
+                plot_best(study, dataset, out / figure_name(dataset, "best")).name,
+            ]
     (out / "report.md").write_text(report_markdown(study, drawn, configs, title))
     (out / "summary.csv").write_text(write_csv(summary_rows(study)))
     (out / "selection.json").write_text(json.dumps(selection_rows(study.selections), indent=1) + "\n")
-    return {"report": out / "report.md", "summary": out / "summary.csv", "selection": out / "selection.json",
-            "figures": [out / name for names in drawn.values() for name in names]}
+    return {
+        "report": out / "report.md",
+        "summary": out / "summary.csv",
+        "selection": out / "selection.json",
+        "figures": [out / name for names in drawn.values() for name in names],
+    }
 
 
-def report_from_runs(final: Sequence[str], tuning_paths: Sequence[str], out: str | Path,
-                     title: str = "Trained to convergence: does the mLSTM converge faster than the LSTM?",
-                     figures: bool = True) -> str:
+def report_from_runs(
+    final: Sequence[str],
+    tuning_paths: Sequence[str],
+    out: str | Path,
+    title: str = "Trained to convergence: does the mLSTM converge faster than the LSTM?",
+    figures: bool = True,
+) -> str:
     """What scripts/converged_report.py does; returns what it prints (the report, then a `wrote PATH` per file)."""
     if not final and not tuning_paths:
         raise UserError("give --final and/or --tuning run directories")

@@ -32,8 +32,38 @@ RNG_SEED = 0
 LEVEL = 0.95
 
 # two-sided 95% quantiles of Student's t (t_{0.975, df}) for df = 1..30; beyond that the normal 1.96 is close enough
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +150,9 @@ def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float, floa
     return float(low), float(high)
 
 
-def bootstrap_mean(values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = RNG_SEED,
-                   level: float = LEVEL) -> Interval:
+def bootstrap_mean(
+    values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = RNG_SEED, level: float = LEVEL
+) -> Interval:
     """Mean across seeds with a percentile bootstrap CI (seeds resampled with replacement); no CI from one seed."""
     values = np.asarray(values, dtype=float)
     if values.size == 0 or np.isnan(values).any():
@@ -142,8 +173,14 @@ def _resampled_means(a: np.ndarray, b: np.ndarray, paired: bool, n_resamples: in
     return a[index_a].mean(axis=1), b[index_b].mean(axis=1)
 
 
-def bootstrap_ratio_of_means(variant: Sequence[float], baseline: Sequence[float], paired: bool = False,
-                             n_resamples: int = N_RESAMPLES, seed: int = RNG_SEED, level: float = LEVEL) -> Interval:
+def bootstrap_ratio_of_means(
+    variant: Sequence[float],
+    baseline: Sequence[float],
+    paired: bool = False,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = RNG_SEED,
+    level: float = LEVEL,
+) -> Interval:
     """mean(variant) / mean(baseline) with a percentile bootstrap CI; NaN if any value is missing (not reached)."""
     a, b = np.asarray(variant, dtype=float), np.asarray(baseline, dtype=float)
     if a.size == 0 or b.size == 0 or np.isnan(a).any() or np.isnan(b).any():
@@ -155,9 +192,14 @@ def bootstrap_ratio_of_means(variant: Sequence[float], baseline: Sequence[float]
     return Interval(ratio, *_percentile_interval(means_a / means_b, level))
 
 
-def bootstrap_difference_of_means(variant: Sequence[float], baseline: Sequence[float], paired: bool = False,
-                                  n_resamples: int = N_RESAMPLES, seed: int = RNG_SEED,
-                                  level: float = LEVEL) -> Interval:
+def bootstrap_difference_of_means(
+    variant: Sequence[float],
+    baseline: Sequence[float],
+    paired: bool = False,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = RNG_SEED,
+    level: float = LEVEL,
+) -> Interval:
     """mean(variant) - mean(baseline) with a percentile bootstrap CI (< 0: the variant has lower bpc)."""
     a, b = np.asarray(variant, dtype=float), np.asarray(baseline, dtype=float)
     if a.size == 0 or b.size == 0 or np.isnan(a).any() or np.isnan(b).any():
@@ -231,14 +273,21 @@ def reached_at_first_point(curve: Curve, target: float) -> bool:
     return len(curve.y) > 0 and float(curve.y[0]) <= target
 
 
-def compare_reach(groups: Mapping[str, Mapping[Hashable, Curve]], targets: Sequence[float], baseline: str,
-                  axes: Sequence[str] = AXES, n_resamples: int = N_RESAMPLES, seed: int = RNG_SEED) -> list[ReachRow]:
+def compare_reach(
+    groups: Mapping[str, Mapping[Hashable, Curve]],
+    targets: Sequence[float],
+    baseline: str,
+    axes: Sequence[str] = AXES,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = RNG_SEED,
+) -> list[ReachRow]:
     """Time-to-target of every variant (per seed, mean, fraction reached) and its ratio to the baseline variant."""
     rows = []
     for target in targets:
         for axis in axes:
-            reached = {name: {s: first_reach(*c.along(axis), target) for s, c in runs.items()}
-                       for name, runs in groups.items()}
+            reached = {
+                name: {s: first_reach(*c.along(axis), target) for s, c in runs.items()} for name, runs in groups.items()
+            }
             base = reached.get(baseline)
             for name, per_seed in reached.items():
                 fraction = _fraction_reached(per_seed)
@@ -249,9 +298,19 @@ def compare_reach(groups: Mapping[str, Mapping[Hashable, Curve]], targets: Seque
                     a, b, paired = pair_by_seed(per_seed, base)
                     ratio = bootstrap_ratio_of_means(a, b, paired, n_resamples, seed)
                 at_first = any(reached_at_first_point(c, target) for c in groups[name].values())
-                rows.append(ReachRow(name, target, axis, per_seed, fraction,
-                                     bootstrap_mean(list(per_seed.values()), n_resamples, seed), ratio, paired,
-                                     _reach_note(fraction, base_fraction, base is not None, at_first)))
+                rows.append(
+                    ReachRow(
+                        name,
+                        target,
+                        axis,
+                        per_seed,
+                        fraction,
+                        bootstrap_mean(list(per_seed.values()), n_resamples, seed),
+                        ratio,
+                        paired,
+                        _reach_note(fraction, base_fraction, base is not None, at_first),
+                    )
+                )
     return rows
 
 
@@ -260,12 +319,16 @@ def _fraction_reached(per_seed: Mapping[Hashable, float]) -> float:
     return float(np.mean(~np.isnan(values))) if values.size else math.nan
 
 
-def compare_at_budget(groups: Mapping[str, Mapping[Hashable, Curve]], baseline: str, axis: str,
-                      n_resamples: int = N_RESAMPLES, seed: int = RNG_SEED) -> list[BudgetRow]:
+def compare_at_budget(
+    groups: Mapping[str, Mapping[Hashable, Curve]],
+    baseline: str,
+    axis: str,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = RNG_SEED,
+) -> list[BudgetRow]:
     """Valid bpc of every run at the largest `axis` value all runs reached; mean, range and difference to baseline."""
     budget = common_budget([c for runs in groups.values() for c in runs.values()], axis)
-    at_budget = {name: {s: value_at(*c.along(axis), budget) for s, c in runs.items()}
-                 for name, runs in groups.items()}
+    at_budget = {name: {s: value_at(*c.along(axis), budget) for s, c in runs.items()} for name, runs in groups.items()}
     base = at_budget.get(baseline)
     rows = []
     for name, per_seed in at_budget.items():
@@ -276,10 +339,20 @@ def compare_at_budget(groups: Mapping[str, Mapping[Hashable, Curve]], baseline: 
             a, b, paired = pair_by_seed(per_seed, base)
             difference = bootstrap_difference_of_means(a, b, paired, n_resamples, seed)
             note = "" if np.isfinite(difference.value) else "a run has no validation point before the budget"
-        rows.append(BudgetRow(name, axis, budget, per_seed, bootstrap_mean(values, n_resamples, seed),
-                              float(np.nanmin(values)) if np.isfinite(values).any() else math.nan,
-                              float(np.nanmax(values)) if np.isfinite(values).any() else math.nan,
-                              difference, paired, note))
+        rows.append(
+            BudgetRow(
+                name,
+                axis,
+                budget,
+                per_seed,
+                bootstrap_mean(values, n_resamples, seed),
+                float(np.nanmin(values)) if np.isfinite(values).any() else math.nan,
+                float(np.nanmax(values)) if np.isfinite(values).any() else math.nan,
+                difference,
+                paired,
+                note,
+            )
+        )
     return rows
 
 
@@ -311,8 +384,12 @@ def common_grid(curves: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 2
     return np.linspace(start, end, points)
 
 
-def mean_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], points: int = 200, band: str = "minmax",
-              log: bool = False) -> Band:
+def mean_band(
+    curves: Sequence[tuple[Sequence[float], Sequence[float]]],
+    points: int = 200,
+    band: str = "minmax",
+    log: bool = False,
+) -> Band:
     """Mean across seeds of curves (x, y) on their common grid; band "minmax" (range) or "t95" (95% t-interval)."""
     if band not in ("minmax", "t95"):
         raise ValueError(f"band must be 'minmax' or 't95', not {band!r}")

@@ -29,9 +29,16 @@ def window_bpc(model, tokens, seq_len: int, window: int) -> list[float]:
     return [chunk.mean().item() for chunk in bits.split(window)]
 
 
-def report(checkpoint: str, streams: str = "1,4,32", split: str = "valid", max_chars: int | None = None,
-           seq_len: int = 100, data_dir: str | None = None, window: int | None = None,
-           threads: int | None = None) -> str:
+def report(
+    checkpoint: str,
+    streams: str = "1,4,32",
+    split: str = "valid",
+    max_chars: int | None = None,
+    seq_len: int = 100,
+    data_dir: str | None = None,
+    window: int | None = None,
+    threads: int | None = None,
+) -> str:
     """The markdown report for a checkpoint; `streams` is comma-separated. Raises UserError for a checkpoint or data
     that cannot be read."""
     if threads:
@@ -42,9 +49,13 @@ def report(checkpoint: str, streams: str = "1,4,32", split: str = "valid", max_c
     model.eval()
     tokens = corpus.split(split)[:max_chars] if max_chars else corpus.split(split)
     counts = [int(s) for s in streams.split(",")]
-    lines = [f"checkpoint: `{checkpoint}` (step {payload['step']}, {payload['num_parameters']:,} parameters)",
-             f"split: {split}, {len(tokens):,} characters, segments of {seq_len}", "",
-             "| streams (B) | bpc |", "| --- | --- |"]
+    lines = [
+        f"checkpoint: `{checkpoint}` (step {payload['step']}, {payload['num_parameters']:,} parameters)",
+        f"split: {split}, {len(tokens):,} characters, segments of {seq_len}",
+        "",
+        "| streams (B) | bpc |",
+        "| --- | --- |",
+    ]
     for B in counts:
         bpc = evaluate_bpc(model, tokens, batch_size=B, seq_len=seq_len, device=torch.device("cpu"))
         lines.append(f"| {B} | {bpc:.4f} |")
@@ -52,6 +63,9 @@ def report(checkpoint: str, streams: str = "1,4,32", split: str = "valid", max_c
     lines += ["", f"per-stream bpc with B={max(counts)}: " + " ".join(f"{v:.1f}" for v in worst)]
     if window:
         windows = window_bpc(model, tokens, seq_len, window)
-        lines += ["", f"bpc of every {window:,} characters, one stream from a zero state: "
-                  + " ".join(f"{v:.2f}" for v in windows)]
+        lines += [
+            "",
+            f"bpc of every {window:,} characters, one stream from a zero state: "
+            + " ".join(f"{v:.2f}" for v in windows),
+        ]
     return "\n".join(lines) + "\n"

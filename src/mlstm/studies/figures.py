@@ -17,8 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mlstm.studies import convergence as cv
-from mlstm.studies.report import scope_line
 from mlstm.studies.analysis import DatasetAnalysis, StudyOptions
+from mlstm.studies.report import scope_line
 from mlstm.studies.runs import Run
 
 if TYPE_CHECKING:
@@ -28,8 +28,13 @@ if TYPE_CHECKING:
 METRICS = {"valid/bpc": "validation bpc", "train/bpc": "training bpc"}
 AXIS_LABELS = {"steps": "optimizer steps", "chars": "training characters seen", "seconds": "training seconds"}
 # one colour per variant in every figure, so a variant is recognised at a glance across datasets and axes
-VARIANT_COLOURS = {"lstm": "tab:blue", "lstm-loop": "tab:cyan", "mlstm-paper": "tab:red",
-                   "mlstm-seed": "tab:orange", "mlstm-matlab": "tab:purple"}
+VARIANT_COLOURS = {
+    "lstm": "tab:blue",
+    "lstm-loop": "tab:cyan",
+    "mlstm-paper": "tab:red",
+    "mlstm-seed": "tab:orange",
+    "mlstm-matlab": "tab:purple",
+}
 SPARE_COLOURS = ("tab:green", "tab:brown", "tab:pink", "tab:olive", "tab:gray", "black")
 
 
@@ -56,19 +61,35 @@ def draw_panel(ax: Axes, analysis: DatasetAnalysis, metric: str, axis: str, opti
             # the seeds share no stretch of this axis (e.g. one seed's warm-up took longer than another's whole
             # run): show each seed rather than nothing
             for i, (x, y) in enumerate(curves):
-                ax.plot(x, y, color=colour, lw=0.9, alpha=0.8,
-                        label=f"{variant} (each of {len(curves)} seeds; no common range)" if i == 0 else None)
+                ax.plot(
+                    x,
+                    y,
+                    color=colour,
+                    lw=0.9,
+                    alpha=0.8,
+                    label=f"{variant} (each of {len(curves)} seeds; no common range)" if i == 0 else None,
+                )
             continue
         ax.plot(band.grid, band.mean, color=colour, lw=1.6, label=f"{variant} (n={band.n_seeds})")
         ax.fill_between(band.grid, band.low, band.high, color=colour, alpha=0.2, lw=0)
     if analysis.unigram_entropy is not None:
-        ax.axhline(analysis.unigram_entropy, color="grey", ls="--", lw=1,
-                   label=f"unigram entropy {analysis.unigram_entropy:.2f}")
+        ax.axhline(
+            analysis.unigram_entropy,
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"unigram entropy {analysis.unigram_entropy:.2f}",
+        )
     if analysis.baseline in analysis.variants:
         level = final_valid_level(analysis.variants[analysis.baseline])
         if math.isfinite(level):
-            ax.axhline(level, color=variant_colour(analysis.baseline), ls=":", lw=1,
-                       label=f"{analysis.baseline} final valid {level:.3f}")
+            ax.axhline(
+                level,
+                color=variant_colour(analysis.baseline),
+                ls=":",
+                lw=1,
+                label=f"{analysis.baseline} final valid {level:.3f}",
+            )
     if options.logx:
         ax.set_xscale("log")
     ax.set_xlabel(AXIS_LABELS[axis])

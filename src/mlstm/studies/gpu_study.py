@@ -52,8 +52,12 @@ CELLS = ("lstm", "mlstm_paper", "mlstm_seed_gated")
 RUNGS = ("300k", "1m", "5m", "20m")
 SAMPLES = {"enwik8_sample": "enwik8_head3M.xml", "text8_sample": "text8_head2M.txt"}
 # factor-2 grids, the expected best in the middle, one step lower per rung (the best rate should fall with size)
-GRIDS = {"300k": (0.004, 0.008, 0.016), "1m": (0.002, 0.004, 0.008), "5m": (0.001, 0.002, 0.004),
-         "20m": (0.0005, 0.001, 0.002)}
+GRIDS = {
+    "300k": (0.004, 0.008, 0.016),
+    "1m": (0.002, 0.004, 0.008),
+    "5m": (0.001, 0.002, 0.004),
+    "20m": (0.0005, 0.001, 0.002),
+}
 # relative cost of one run, to start the longest first and to guess a run's time before one of its size finished
 COST = {"300k": 1.0, "1m": 1.1, "5m": 1.5, "20m": 3.0}
 LSTM_COST = 0.5  # cuDNN's LSTM steps are cheaper than the mLSTM's at these sizes
@@ -94,31 +98,75 @@ class Job:
 
 def study_overrides(args, kind: str, dataset: str, preset: str, lr: float, seed: int) -> list[str]:
     rung = preset.rsplit("_", 1)[1]
-    common = ["+sweep=convergence_cpu", f"+variant={preset}", f"dataset={dataset}", f"optim.lr={lr:g}", f"seed={seed}",
-              "logger=none", "trainer.on_divergence=end", "trainer.progress=false", "trainer.keep_checkpoints=1"]
+    common = [
+        "+sweep=convergence_cpu",
+        f"+variant={preset}",
+        f"dataset={dataset}",
+        f"optim.lr={lr:g}",
+        f"seed={seed}",
+        "logger=none",
+        "trainer.on_divergence=end",
+        "trainer.progress=false",
+        "trainer.keep_checkpoints=1",
+    ]
     if kind == "tune":
         common.append("trainer.test_at_end=false")
     if args.dry_run:
-        return common + ["trainer.device=cpu", "trainer.precision=fp32", f"cell.hidden_size={DRY_HIDDEN[rung]}",
-                         "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2", "trainer.batch_size=4",
-                         "trainer.seq_len=16", "trainer.eval_chars=400", "trainer.test_chars=400",
-                         "trainer.eval_batch_size=1", "trainer.checkpoint_every=4", "trainer.cold_start_streams=4"]
-    return common + [f"trainer.device={args.device}", f"trainer.precision={args.precision}",
-                     f"trainer.eval_every={args.eval_every}", f"trainer.eval_batch_size={args.eval_streams}",
-                     "trainer.checkpoint_every=800"]
+        return common + [
+            "trainer.device=cpu",
+            "trainer.precision=fp32",
+            f"cell.hidden_size={DRY_HIDDEN[rung]}",
+            "trainer.max_steps=4",
+            "trainer.eval_every=2",
+            "trainer.log_every=2",
+            "trainer.batch_size=4",
+            "trainer.seq_len=16",
+            "trainer.eval_chars=400",
+            "trainer.test_chars=400",
+            "trainer.eval_batch_size=1",
+            "trainer.checkpoint_every=4",
+            "trainer.cold_start_streams=4",
+        ]
+    return common + [
+        f"trainer.device={args.device}",
+        f"trainer.precision={args.precision}",
+        f"trainer.eval_every={args.eval_every}",
+        f"trainer.eval_batch_size={args.eval_streams}",
+        "trainer.checkpoint_every=800",
+    ]
 
 
 def paper_overrides(args, preset: str, dataset: str) -> list[str]:
     steps = args.warmup_steps + args.timed_steps
-    common = [f"+experiment={preset}", f"dataset={dataset}", "logger=none", "cell.init=torch", "trainer.progress=false",
-              f"trainer.max_steps={steps}", f"trainer.log_every={math.gcd(args.warmup_steps, args.timed_steps)}",
-              "trainer.eval_every=null", "trainer.test_at_end=false", "trainer.checkpoint_every=null",
-              "trainer.keep_checkpoints=1"]
+    common = [
+        f"+experiment={preset}",
+        f"dataset={dataset}",
+        "logger=none",
+        "cell.init=torch",
+        "trainer.progress=false",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_every={math.gcd(args.warmup_steps, args.timed_steps)}",
+        "trainer.eval_every=null",
+        "trainer.test_at_end=false",
+        "trainer.checkpoint_every=null",
+        "trainer.keep_checkpoints=1",
+    ]
     if args.dry_run:
-        return common + ["trainer.device=cpu", "trainer.precision=fp32", "cell.hidden_size=16", "trainer.batch_size=4",
-                         "trainer.seq_len=16", "trainer.eval_chars=400", "trainer.eval_batch_size=1"]
-    return common + [f"trainer.device={args.device}", f"trainer.precision={args.precision}",
-                     "trainer.eval_chars=50000", "trainer.eval_batch_size=100"]
+        return common + [
+            "trainer.device=cpu",
+            "trainer.precision=fp32",
+            "cell.hidden_size=16",
+            "trainer.batch_size=4",
+            "trainer.seq_len=16",
+            "trainer.eval_chars=400",
+            "trainer.eval_batch_size=1",
+        ]
+    return common + [
+        f"trainer.device={args.device}",
+        f"trainer.precision={args.precision}",
+        "trainer.eval_chars=50000",
+        "trainer.eval_batch_size=100",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- the study
@@ -157,8 +205,17 @@ class Study:
         print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
 
     def record(self, job: Job, status: str, **extra) -> None:
-        entry = {"key": job.key, "kind": job.kind, "dataset": job.dataset, "preset": job.preset, "lr": job.lr,
-                 "seed": job.seed, "status": status, "at_s": round(self.elapsed(), 1), **extra}
+        entry = {
+            "key": job.key,
+            "kind": job.kind,
+            "dataset": job.dataset,
+            "preset": job.preset,
+            "lr": job.lr,
+            "seed": job.seed,
+            "status": status,
+            "at_s": round(self.elapsed(), 1),
+            **extra,
+        }
         self.log_file.write(json.dumps(entry) + "\n")
         self.log_file.flush()
 
@@ -174,8 +231,16 @@ class Study:
         folder = "runs" if kind == "tune" else "final"
         run_dir = self.work / folder / dataset / preset / f"lr{lr:g}-seed{seed}"
         cost = COST[rung] * (LSTM_COST if preset.startswith("lstm_") else 1.0)
-        job = Job(kind, dataset, preset, lr, seed, study_overrides(self.args, kind, dataset, preset, lr, seed),
-                  str(run_dir), cost)
+        job = Job(
+            kind,
+            dataset,
+            preset,
+            lr,
+            seed,
+            study_overrides(self.args, kind, dataset, preset, lr, seed),
+            str(run_dir),
+            cost,
+        )
         self.jobs[job.key] = job
         return job
 
@@ -205,15 +270,23 @@ class Study:
         self.done[job.key] = result
         self.durations.setdefault(job.size, []).append(result.get("seconds", 0.0))
         status = result["status"]
-        self.record(job, status, seconds=round(result.get("seconds", 0.0), 1), score=result.get("score"),
-                    error=result.get("error"))
+        self.record(
+            job,
+            status,
+            seconds=round(result.get("seconds", 0.0), 1),
+            score=result.get("score"),
+            error=result.get("error"),
+        )
         if status == "done":
             self.keep(job)
         else:
             self.failed(job, result.get("error") or status)
-        self.say(f"{status}: {job.key} ({result.get('seconds', 0):.1f}s"
-                 + (f", score {result['score']:.3f}" if result.get("score") is not None else "")
-                 + (f", {result['error']}" if result.get("error") else "") + ")")
+        self.say(
+            f"{status}: {job.key} ({result.get('seconds', 0):.1f}s"
+            + (f", score {result['score']:.3f}" if result.get("score") is not None else "")
+            + (f", {result['error']}" if result.get("error") else "")
+            + ")"
+        )
         if job.kind == "paper":
             return []
         group = self.groups[(job.dataset, job.preset)]
@@ -264,8 +337,9 @@ class Study:
     def restore(self) -> None:
         """Finished runs of an earlier call (under OUT) go back into WORK, where the trainer skips them."""
         count = 0
-        for metrics in sorted(list(self.out.glob("runs/*/*/*/metrics.jsonl")) +
-                              list(self.out.glob("final/*/*/*/metrics.jsonl"))):
+        for metrics in sorted(
+            list(self.out.glob("runs/*/*/*/metrics.jsonl")) + list(self.out.glob("final/*/*/*/metrics.jsonl"))
+        ):
             target = self.work / metrics.parent.relative_to(self.out)
             if not (target / "metrics.jsonl").is_file():
                 target.mkdir(parents=True, exist_ok=True)
@@ -293,8 +367,10 @@ class Study:
             while self.ready and len(in_flight) < (1 if serial else free):
                 job = self.ready.pop(0)
                 if time.monotonic() + self.estimate(job) > self.deadline:
-                    reason = (f"would not end before the deadline ({self.args.deadline_s:.0f}s;"
-                              f" estimate {self.estimate(job):.0f}s)")
+                    reason = (
+                        f"would not end before the deadline ({self.args.deadline_s:.0f}s;"
+                        f" estimate {self.estimate(job):.0f}s)"
+                    )
                     self.record(job, "skipped", reason=reason)
                     self.say(f"skipped (deadline): {job.key}")
                     if job.kind != "paper":
@@ -321,15 +397,18 @@ class Study:
                     self.enqueue(self.finished(self.jobs[payload["key"]], payload))
                 elif kind == "died":
                     in_flight.discard(payload)
-                    self.enqueue(self.finished(self.jobs[payload], {"key": payload, "status": "failed",
-                                                                    "error": "the worker process died"}))
+                    self.enqueue(
+                        self.finished(
+                            self.jobs[payload], {"key": payload, "status": "failed", "error": "the worker process died"}
+                        )
+                    )
 
 
 # ---------------------------------------------------------------------------------------------------- paper timing
 def paper_table(args, study: Study) -> None:
     """gpu_hours.md / .json from the timed paper-preset runs."""
-    from mlstm.model import count_parameters
     from mlstm.config import load_config
+    from mlstm.model import count_parameters
     from mlstm.training.tracking import read_metrics
 
     rows = []
@@ -348,36 +427,53 @@ def paper_table(args, study: Study) -> None:
         batch = int(config.get("trainer", {}).get("batch_size", recipe.trainer.batch_size))
         seq_len = int(config.get("trainer", {}).get("seq_len", recipe.trainer.seq_len))
         steps = int(recipe.trainer.max_steps)
-        rows.append({
-            "preset": preset, "paper": paper_row, "params_full_corpus": count_parameters(recipe),
-            "timed_on": dataset, "batch_size": batch, "seq_len": seq_len, "precision": config.get("trainer", {}).get(
-                "precision"), "ms_per_step": ms, "chars_per_s": batch * seq_len / (ms / 1e3) if ms else None,
-            "recipe_steps": steps, "recipe_chars": steps * int(recipe.trainer.batch_size) * int(recipe.trainer.seq_len),
-            "recipe_batch_size": int(recipe.trainer.batch_size), "recipe_seq_len": int(recipe.trainer.seq_len),
-            "gpu_hours": steps * ms / 1e3 / 3600 if ms else None,
-            "eval_every": recipe.trainer.get("eval_every"), "eval_chars": recipe.trainer.get("eval_chars"),
-            "device": (config.get("runtime") or {}).get("device_name") or (config.get("runtime") or {}).get("device"),
-        })
+        rows.append(
+            {
+                "preset": preset,
+                "paper": paper_row,
+                "params_full_corpus": count_parameters(recipe),
+                "timed_on": dataset,
+                "batch_size": batch,
+                "seq_len": seq_len,
+                "precision": config.get("trainer", {}).get("precision"),
+                "ms_per_step": ms,
+                "chars_per_s": batch * seq_len / (ms / 1e3) if ms else None,
+                "recipe_steps": steps,
+                "recipe_chars": steps * int(recipe.trainer.batch_size) * int(recipe.trainer.seq_len),
+                "recipe_batch_size": int(recipe.trainer.batch_size),
+                "recipe_seq_len": int(recipe.trainer.seq_len),
+                "gpu_hours": steps * ms / 1e3 / 3600 if ms else None,
+                "eval_every": recipe.trainer.get("eval_every"),
+                "eval_chars": recipe.trainer.get("eval_chars"),
+                "device": (config.get("runtime") or {}).get("device_name")
+                or (config.get("runtime") or {}).get("device"),
+            }
+        )
     (study.out / "gpu_hours.json").write_text(json.dumps(rows, indent=1) + "\n")
     dry = " (DRY RUN: tiny models, CPU)" if args.dry_run else ""
-    lines = [f"# Paper presets: measured step time and GPU-hours per paper row{dry}",
-             "",
-             f"Each preset at its own batch and segment size, {args.precision if not args.dry_run else 'fp32'}, "
-             f"through the trainer: {args.warmup_steps} untimed steps, then the mean of {args.timed_steps} timed "
-             "steps (training clock, device synchronised around every step). Estimated hours = steps of the recipe × "
-             "measured seconds per step: training only (evaluation every `eval_every` steps and checkpoints are not "
-             "included). Timed on the samples (the enwik8 sample has 200 symbols, full enwik8 205), built with "
-             "cell.init=torch (the speed does not depend on the initial values). Measured on: "
-             + (", ".join(sorted({str(r["device"]) for r in rows if r["device"]})) or "nothing (no run finished)")
-             + ".", "",
-             "| paper row | preset | parameters (full corpus) | B × T | ms/step | chars/s | recipe steps | "
-             "est. GPU-hours |", "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Paper presets: measured step time and GPU-hours per paper row{dry}",
+        "",
+        f"Each preset at its own batch and segment size, {args.precision if not args.dry_run else 'fp32'}, "
+        f"through the trainer: {args.warmup_steps} untimed steps, then the mean of {args.timed_steps} timed "
+        "steps (training clock, device synchronised around every step). Estimated hours = steps of the recipe × "
+        "measured seconds per step: training only (evaluation every `eval_every` steps and checkpoints are not "
+        "included). Timed on the samples (the enwik8 sample has 200 symbols, full enwik8 205), built with "
+        "cell.init=torch (the speed does not depend on the initial values). Measured on: "
+        + (", ".join(sorted({str(r["device"]) for r in rows if r["device"]})) or "nothing (no run finished)")
+        + ".",
+        "",
+        "| paper row | preset | parameters (full corpus) | B × T | ms/step | chars/s | recipe steps | est. GPU-hours |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "not measured"
         cps = f"{r['chars_per_s']:,.0f}" if r["chars_per_s"] else "–"
         hours = f"{r['gpu_hours']:.2f}" if r["gpu_hours"] is not None else "–"
-        lines.append(f"| {r['paper']} | `{r['preset']}` | {r['params_full_corpus']:,} | {r['batch_size']} × "
-                     f"{r['seq_len']} | {ms} | {cps} | {r['recipe_steps']:,} | {hours} |")
+        lines.append(
+            f"| {r['paper']} | `{r['preset']}` | {r['params_full_corpus']:,} | {r['batch_size']} × "
+            f"{r['seq_len']} | {ms} | {cps} | {r['recipe_steps']:,} | {hours} |"
+        )
     (study.out / "gpu_hours.md").write_text("\n".join(lines) + "\n")
     study.say("wrote gpu_hours.md")
 
@@ -390,8 +486,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, required=True, help="scratch folder for run directories and checkpoints")
     p.add_argument("--dry-run", action="store_true", help="tiny models, a few steps, on the CPU")
     p.add_argument("--jobs", type=int, help="runs at once (default 12; dry run 2)")
-    p.add_argument("--deadline-s", type=float, help="stop starting runs that would end later; kill what runs then "
-                                                    "(default 400; dry run 1800)")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        help="stop starting runs that would end later; kill what runs then (default 400; dry run 1800)",
+    )
     p.add_argument("--rungs", help="comma-separated (default 300k,1m,5m,20m; dry run 300k,20m)")
     p.add_argument("--datasets", default="enwik8_sample,text8_sample", help="comma-separated dataset configs")
     p.add_argument("--grid", action="append", default=[], help="RUNG=r1,r2,r3 (repeatable; defaults in GRIDS)")
@@ -404,8 +503,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--warmup-steps", type=int, help="paper presets: untimed steps (default 10; dry run 2)")
     p.add_argument("--timed-steps", type=int, help="paper presets: timed steps (default 20; dry run 4)")
-    p.add_argument("--guess-s", type=float, help="seconds of a cost-1 run before any has finished (default 12; "
-                                                 "dry run 2)")
+    p.add_argument(
+        "--guess-s", type=float, help="seconds of a cost-1 run before any has finished (default 12; dry run 2)"
+    )
     p.add_argument("--skip-paper", action="store_true")
     p.add_argument("--skip-study", action="store_true")
     args = p.parse_args(argv)
@@ -459,14 +559,28 @@ def main(argv=None) -> int:
     os.environ["MLSTM_DATA_DIR"] = str(args.work / "data_cache")
     os.chdir(REPO_ROOT)
     study = Study(args)
-    study.say(f"gpu study: rungs {','.join(args.rungs)}; datasets {','.join(args.datasets)}; {args.jobs} runs at once; "
-              f"deadline {args.deadline_s:.0f}s{'; DRY RUN (CPU, tiny models)' if args.dry_run else ''}")
+    study.say(
+        f"gpu study: rungs {','.join(args.rungs)}; datasets {','.join(args.datasets)}; {args.jobs} runs at once; "
+        f"deadline {args.deadline_s:.0f}s{'; DRY RUN (CPU, tiny models)' if args.dry_run else ''}"
+    )
     datasets = prepare_data(args, study)
-    plan = {"rungs": args.rungs, "datasets": datasets, "cells": CELLS, "grids": {r: args.grids[r] for r in args.rungs},
-            "tune_seeds": args.tune_seeds, "final_seeds": args.final_seeds, "max_extend": args.max_extend,
-            "jobs": args.jobs, "deadline_s": args.deadline_s, "dry_run": args.dry_run,
-            "recipe": [o for o in study_overrides(args, "final", "DATASET", "lstm_" + (args.rungs or ["1m"])[0], 1.0, 0)
-                       if not o.startswith(("+variant=", "dataset=", "optim.lr=", "seed=", "cell.hidden_size="))]}
+    plan = {
+        "rungs": args.rungs,
+        "datasets": datasets,
+        "cells": CELLS,
+        "grids": {r: args.grids[r] for r in args.rungs},
+        "tune_seeds": args.tune_seeds,
+        "final_seeds": args.final_seeds,
+        "max_extend": args.max_extend,
+        "jobs": args.jobs,
+        "deadline_s": args.deadline_s,
+        "dry_run": args.dry_run,
+        "recipe": [
+            o
+            for o in study_overrides(args, "final", "DATASET", "lstm_" + (args.rungs or ["1m"])[0], 1.0, 0)
+            if not o.startswith(("+variant=", "dataset=", "optim.lr=", "seed=", "cell.hidden_size="))
+        ],
+    }
     (args.out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     study.restore()
     pool = Pool(args.jobs)
@@ -479,8 +593,9 @@ def main(argv=None) -> int:
                     continue
                 run_dir = args.work / "paper" / preset
                 shutil.rmtree(run_dir, ignore_errors=True)  # a timing is always measured afresh
-                job = Job("paper", dataset, preset, None, None, paper_overrides(args, preset, dataset), str(run_dir),
-                          cost=0.0)
+                job = Job(
+                    "paper", dataset, preset, None, None, paper_overrides(args, preset, dataset), str(run_dir), cost=0.0
+                )
                 study.jobs[job.key] = job
                 jobs.append(job)
             study.say("timing the paper presets, one at a time")
@@ -498,25 +613,39 @@ def main(argv=None) -> int:
                         group.extensions = len(extra)
                         study.groups[(dataset, group.preset)] = group
                         first += study.grid_jobs(group, group.rates)
-            study.say(f"the ladder: {len(first)} tuning runs in {len(study.groups)} grids, then "
-                      f"{len(args.final_seeds)} fresh seeds per grid")
+            study.say(
+                f"the ladder: {len(first)} tuning runs in {len(study.groups)} grids, then "
+                f"{len(args.final_seeds)} fresh seeds per grid"
+            )
             study.run(pool, first)
     except TimeoutError:
-        study.say(f"deadline ({args.deadline_s:.0f}s) reached: what did not finish is in jobs.jsonl; run the same "
-                  f"command again with the same OUT to finish it")
+        study.say(
+            f"deadline ({args.deadline_s:.0f}s) reached: what did not finish is in jobs.jsonl; run the same "
+            f"command again with the same OUT to finish it"
+        )
         status = 3
     finally:
         pool.kill()  # idle by now (or past the deadline): nothing of theirs is lost, and no slow exit is waited for
         if not args.skip_paper and not (args.out / "gpu_hours.md").is_file():
             paper_table(args, study)
-    groups = [{"dataset": g.dataset, "preset": g.preset, "rates": g.rates, "chosen": g.chosen, "phase": g.phase,
-               "selection": g.selection} for g in study.groups.values()]
+    groups = [
+        {
+            "dataset": g.dataset,
+            "preset": g.preset,
+            "rates": g.rates,
+            "chosen": g.chosen,
+            "phase": g.phase,
+            "selection": g.selection,
+        }
+        for g in study.groups.values()
+    ]
     (args.out / "groups.json").write_text(json.dumps(groups, indent=1) + "\n")
     failed = [k for k, r in study.done.items() if r["status"] != "done"]
-    study.say(f"{sum(r['status'] == 'done' for r in study.done.values())} runs done, {len(failed)} failed; "
-              f"{sum(g.phase == 'done' for g in study.groups.values())}/{len(study.groups)} grids with their fresh "
-              f"seeds")
+    study.say(
+        f"{sum(r['status'] == 'done' for r in study.done.values())} runs done, {len(failed)} failed; "
+        f"{sum(g.phase == 'done' for g in study.groups.values())}/{len(study.groups)} grids with their fresh "
+        f"seeds"
+    )
     if failed:
         status = status or 1
     return status
-

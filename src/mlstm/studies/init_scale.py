@@ -15,8 +15,12 @@ import torch
 from mlstm.config import load_config
 from mlstm.model import build_model
 
-CELLS = [("lstm", ["cell=lstm"]), ("mlstm-paper", ["cell=mlstm", "cell.form=paper"]),
-         ("mlstm-matlab", ["cell=mlstm", "cell.form=matlab"]), ("mlstm-seed", ["cell=mlstm", "cell.form=seed"])]
+CELLS = [
+    ("lstm", ["cell=lstm"]),
+    ("mlstm-paper", ["cell=mlstm", "cell.form=paper"]),
+    ("mlstm-matlab", ["cell=mlstm", "cell.form=matlab"]),
+    ("mlstm-seed", ["cell=mlstm", "cell.form=seed"]),
+]
 
 
 def output_scale(overrides: list[str], seed: int, steps: int = 100, batch: int = 32) -> tuple[float, float]:
@@ -38,5 +42,7 @@ def report(hidden: str = "406,446,500", seeds: int = 3, embedding: int = 64) -> 
             h_rms = sum(s[0] for s in scales) / len(scales)
             c_rms = sum(s[1] for s in scales) / len(scales)
             lines.append(f"| {name} | {size} | {h_rms:.2e} | {c_rms:.2e} |")
-    return (f"Freshly initialised layers (default config: orthogonal init, embedding {embedding}), 32 streams x "
-            f"100 random bytes, {seeds} seeds.\n\n" + "\n".join(lines) + "\n")
+    return (
+        f"Freshly initialised layers (default config: orthogonal init, embedding {embedding}), 32 streams x "
+        f"100 random bytes, {seeds} seeds.\n\n" + "\n".join(lines) + "\n"
+    )

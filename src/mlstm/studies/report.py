@@ -12,14 +12,24 @@ from mlstm.studies import convergence as cv
 from mlstm.studies.analysis import DatasetAnalysis, StudyOptions
 from mlstm.studies.runs import Run, lookup
 
-
 SUMMARY_COLUMNS = (
-    ["dataset", "variant", "baseline", "kind", "target_bpc", "budget", "n_seeds", "seeds", "paired",
-     "fraction_reached"]
-    + [f"{axis}_{stat}" for axis in cv.AXES
-       for stat in ("mean", "ci_low", "ci_high", "ratio", "ratio_ci_low", "ratio_ci_high")]
-    + ["bpc_mean", "bpc_ci_low", "bpc_ci_high", "bpc_min", "bpc_max", "bpc_diff", "bpc_diff_ci_low",
-       "bpc_diff_ci_high", "note"]
+    ["dataset", "variant", "baseline", "kind", "target_bpc", "budget", "n_seeds", "seeds", "paired", "fraction_reached"]
+    + [
+        f"{axis}_{stat}"
+        for axis in cv.AXES
+        for stat in ("mean", "ci_low", "ci_high", "ratio", "ratio_ci_low", "ratio_ci_high")
+    ]
+    + [
+        "bpc_mean",
+        "bpc_ci_low",
+        "bpc_ci_high",
+        "bpc_min",
+        "bpc_max",
+        "bpc_diff",
+        "bpc_diff_ci_low",
+        "bpc_diff_ci_high",
+        "note",
+    ]
 )
 BUDGET_KINDS = {"chars": "equal_chars", "seconds": "equal_time"}  # summary.csv's `kind` of each budget axis
 
@@ -36,7 +46,7 @@ def si(value: float, unit: str = "") -> str:
 
 
 def interval_words(interval: cv.Interval, spec: str, between: str, unit: str = "") -> str:
-    """"<value><unit> (95% CI <low><between><high>)", or without the CI when there is none (one seed)."""
+    """ "<value><unit> (95% CI <low><between><high>)", or without the CI when there is none (one seed)."""
     if not math.isfinite(interval.value):
         return "n/a"
     value = f"{interval.value:{spec}}{unit}"
@@ -46,12 +56,12 @@ def interval_words(interval: cv.Interval, spec: str, between: str, unit: str = "
 
 
 def ratio_text(interval: cv.Interval) -> str:
-    """"0.71× (95% CI 0.65–0.78)"."""
+    """ "0.71× (95% CI 0.65–0.78)"."""
     return interval_words(interval, ".2f", "–", "×")
 
 
 def diff_text(interval: cv.Interval) -> str:
-    """"-0.123 (95% CI -0.150 to -0.100)"."""
+    """ "-0.123 (95% CI -0.150 to -0.100)"."""
     return interval_words(interval, "+.3f", " to ")
 
 
@@ -81,7 +91,7 @@ def bpc_verdict(interval: cv.Interval) -> str:
 
 
 def model_size(runs: list[Run]) -> str:
-    """"1.52M parameters" when logged, else "hidden 256" (several values joined when runs differ)."""
+    """ "1.52M parameters" when logged, else "hidden 256" (several values joined when runs differ)."""
     counts = sorted({r.num_parameters for r in runs if r.num_parameters})
     if counts:
         return "/".join(si(c) for c in counts) + " parameters"
@@ -90,18 +100,22 @@ def model_size(runs: list[Run]) -> str:
 
 
 def seeds_text(variants: dict[str, list[Run]]) -> str:
-    """"3 seeds per variant (0,1,2)", or the count of each variant when they differ."""
+    """ "3 seeds per variant (0,1,2)", or the count of each variant when they differ."""
     seeds = sorted({r.seed for runs in variants.values() for r in runs if r.seed is not None})
     counts = {len(runs) for runs in variants.values()}
-    per_variant = (f"{counts.pop()} seed(s) per variant" if len(counts) == 1
-                   else "seeds per variant " + ", ".join(f"{v} {len(r)}" for v, r in variants.items()))
+    per_variant = (
+        f"{counts.pop()} seed(s) per variant"
+        if len(counts) == 1
+        else "seeds per variant " + ", ".join(f"{v} {len(r)}" for v, r in variants.items())
+    )
     return f"{per_variant} ({','.join(map(str, seeds)) or 'seed unknown'})"
 
 
 def budget_text(runs: list[Run]) -> str:
-    """"up to 12.0M chars = 3750 steps of 32×100"; the longest run, with the batch shape."""
-    shapes = sorted({(lookup(r.config, "trainer.batch_size"), lookup(r.config, "trainer.seq_len")) for r in runs},
-                    key=str)
+    """ "up to 12.0M chars = 3750 steps of 32×100"; the longest run, with the batch shape."""
+    shapes = sorted(
+        {(lookup(r.config, "trainer.batch_size"), lookup(r.config, "trainer.seq_len")) for r in runs}, key=str
+    )
     shape = ", ".join(f"{b}×{t}" for b, t in shapes)
     chars = max(r.last("chars") for r in runs)
     steps = max(r.last("step") for r in runs)
@@ -133,30 +147,67 @@ def target_rows(analysis: DatasetAnalysis) -> list[dict]:
     """One row per variant × target, the three axes side by side."""
     rows: dict[tuple, dict] = {}
     for r in analysis.reach:
-        row = rows.setdefault((r.variant, r.target), {
-            "dataset": analysis.name, "variant": r.variant, "baseline": analysis.baseline, "kind": "to_target",
-            "target_bpc": r.target, "n_seeds": len(r.per_seed), "seeds": seed_list(r.per_seed), "paired": r.paired,
-            "fraction_reached": r.fraction_reached, "note": r.note})
-        row.update({f"{r.axis}_mean": r.mean.value, f"{r.axis}_ci_low": r.mean.low, f"{r.axis}_ci_high": r.mean.high,
-                    f"{r.axis}_ratio": r.ratio.value, f"{r.axis}_ratio_ci_low": r.ratio.low,
-                    f"{r.axis}_ratio_ci_high": r.ratio.high})
+        row = rows.setdefault(
+            (r.variant, r.target),
+            {
+                "dataset": analysis.name,
+                "variant": r.variant,
+                "baseline": analysis.baseline,
+                "kind": "to_target",
+                "target_bpc": r.target,
+                "n_seeds": len(r.per_seed),
+                "seeds": seed_list(r.per_seed),
+                "paired": r.paired,
+                "fraction_reached": r.fraction_reached,
+                "note": r.note,
+            },
+        )
+        row.update(
+            {
+                f"{r.axis}_mean": r.mean.value,
+                f"{r.axis}_ci_low": r.mean.low,
+                f"{r.axis}_ci_high": r.mean.high,
+                f"{r.axis}_ratio": r.ratio.value,
+                f"{r.axis}_ratio_ci_low": r.ratio.low,
+                f"{r.axis}_ratio_ci_high": r.ratio.high,
+            }
+        )
     return list(rows.values())
 
 
 def budget_rows(analysis: DatasetAnalysis) -> list[dict]:
     """One row per variant × budget kind (equal characters, equal time)."""
-    return [{"dataset": analysis.name, "variant": b.variant, "baseline": analysis.baseline,
-             "kind": BUDGET_KINDS[b.axis], "budget": b.budget, "n_seeds": len(b.per_seed),
-             "seeds": seed_list(b.per_seed), "paired": b.paired, "bpc_mean": b.mean.value, "bpc_ci_low": b.mean.low,
-             "bpc_ci_high": b.mean.high, "bpc_min": b.minimum, "bpc_max": b.maximum, "bpc_diff": b.difference.value,
-             "bpc_diff_ci_low": b.difference.low, "bpc_diff_ci_high": b.difference.high, "note": b.note}
-            for b in analysis.budgets]
+    return [
+        {
+            "dataset": analysis.name,
+            "variant": b.variant,
+            "baseline": analysis.baseline,
+            "kind": BUDGET_KINDS[b.axis],
+            "budget": b.budget,
+            "n_seeds": len(b.per_seed),
+            "seeds": seed_list(b.per_seed),
+            "paired": b.paired,
+            "bpc_mean": b.mean.value,
+            "bpc_ci_low": b.mean.low,
+            "bpc_ci_high": b.mean.high,
+            "bpc_min": b.minimum,
+            "bpc_max": b.maximum,
+            "bpc_diff": b.difference.value,
+            "bpc_diff_ci_low": b.difference.low,
+            "bpc_diff_ci_high": b.difference.high,
+            "note": b.note,
+        }
+        for b in analysis.budgets
+    ]
 
 
 def summary_rows(analyses: Sequence[DatasetAnalysis]) -> list[dict[str, str]]:
     """summary.csv's rows, every column formatted: per dataset the time-to-target rows, then the budget rows."""
-    return [{column: fmt(row.get(column)) for column in SUMMARY_COLUMNS}
-            for analysis in analyses for row in target_rows(analysis) + budget_rows(analysis)]
+    return [
+        {column: fmt(row.get(column)) for column in SUMMARY_COLUMNS}
+        for analysis in analyses
+        for row in target_rows(analysis) + budget_rows(analysis)
+    ]
 
 
 def write_summary(analyses: Sequence[DatasetAnalysis], path: Path) -> None:
@@ -169,8 +220,9 @@ def write_summary(analyses: Sequence[DatasetAnalysis], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ report.md
 def headline_target(analysis: DatasetAnalysis, variant: str) -> float | None:
     """The lowest (hardest) target at which the variant's character ratio to the baseline is defined."""
-    defined = [r.target for r in analysis.reach
-               if r.variant == variant and r.axis == "chars" and math.isfinite(r.ratio.value)]
+    defined = [
+        r.target for r in analysis.reach if r.variant == variant and r.axis == "chars" and math.isfinite(r.ratio.value)
+    ]
     return min(defined) if defined else None
 
 
@@ -183,21 +235,26 @@ def budget_row(analysis: DatasetAnalysis, variant: str, axis: str) -> cv.BudgetR
 
 
 def ratio_range(analysis: DatasetAnalysis, variant: str, axis: str) -> str:
-    """"0.68–0.75× over 5 targets": how stable the ratio is down the ladder."""
-    values = [r.ratio.value for r in analysis.reach
-              if r.variant == variant and r.axis == axis and math.isfinite(r.ratio.value)]
+    """ "0.68–0.75× over 5 targets": how stable the ratio is down the ladder."""
+    values = [
+        r.ratio.value
+        for r in analysis.reach
+        if r.variant == variant and r.axis == axis and math.isfinite(r.ratio.value)
+    ]
     if not values:
         return "n/a"
     return f"{min(values):.2f}–{max(values):.2f}× over {len(values)} target{'s' * (len(values) != 1)}"
 
 
 def ladder_text(analysis: DatasetAnalysis, variant: str) -> str:
-    """" Over the 5 targets ..." when more than one target has a ratio; empty otherwise."""
+    """ " Over the 5 targets ..." when more than one target has a ratio; empty otherwise."""
     defined = [r for r in analysis.reach if r.variant == variant and r.axis == "chars" and math.isfinite(r.ratio.value)]
     if len(defined) < 2:
         return ""
-    return (f" Down the ladder the character ratio was {ratio_range(analysis, variant, 'chars')} and the seconds "
-            f"ratio {ratio_range(analysis, variant, 'seconds')}.")
+    return (
+        f" Down the ladder the character ratio was {ratio_range(analysis, variant, 'chars')} and the seconds "
+        f"ratio {ratio_range(analysis, variant, 'seconds')}."
+    )
 
 
 def variant_answer(analysis: DatasetAnalysis, variant: str) -> list[str]:
@@ -207,11 +264,16 @@ def variant_answer(analysis: DatasetAnalysis, variant: str) -> list[str]:
     runs = analysis.variants[variant]
     lines = []
     if target is None:
-        reached = [f"{r.target:g}: {r.fraction_reached:.0%}" for r in analysis.reach
-                   if r.variant == variant and r.axis == "chars"]
-        lines.append(f"- **{variant}** ({model_size(runs)}): no target was reached by every seed of both {variant} "
-                     f"and {base}, so no ratio is reported (fraction of {variant} seeds reaching each target: "
-                     f"{', '.join(reached) or 'none'}).")
+        reached = [
+            f"{r.target:g}: {r.fraction_reached:.0%}"
+            for r in analysis.reach
+            if r.variant == variant and r.axis == "chars"
+        ]
+        lines.append(
+            f"- **{variant}** ({model_size(runs)}): no target was reached by every seed of both {variant} "
+            f"and {base}, so no ratio is reported (fraction of {variant} seeds reaching each target: "
+            f"{', '.join(reached) or 'none'})."
+        )
     else:
         ratios = {axis: reach_row(analysis, variant, target, axis).ratio for axis in cv.AXES}
         lines.append(
@@ -219,23 +281,30 @@ def variant_answer(analysis: DatasetAnalysis, variant: str) -> list[str]:
             f"characters {base} needed, {ratio_text(ratios['steps'])} its optimizer steps and "
             f"{ratio_text(ratios['seconds'])} its training seconds. "
             f"Per step: **{speed_verdict(ratios['steps'])}**; per character: **{speed_verdict(ratios['chars'])}**; "
-            f"per second: **{speed_verdict(ratios['seconds'])}**." + ladder_text(analysis, variant))
+            f"per second: **{speed_verdict(ratios['seconds'])}**." + ladder_text(analysis, variant)
+        )
         early = [v for v in (variant, base) if "first validation point" in reach_row(analysis, v, target, "chars").note]
         if early:
-            lines.append(f"  - Caution: {' and '.join(early)} already had a seed at/below {target:g} bpc at its first "
-                         f"validation point, so its time to target is only an upper bound; validate more often or "
-                         f"pass lower --targets.")
+            lines.append(
+                f"  - Caution: {' and '.join(early)} already had a seed at/below {target:g} bpc at its first "
+                f"validation point, so its time to target is only an upper bound; validate more often or "
+                f"pass lower --targets."
+            )
     for axis, what in (("chars", "characters"), ("seconds", "training seconds")):
         mine, theirs = budget_row(analysis, variant, axis), budget_row(analysis, base, axis)
         if mine is None or theirs is None:
             continue
         if not (math.isfinite(mine.mean.value) and math.isfinite(theirs.mean.value)):
-            lines.append(f"  - At an equal budget of {si(mine.budget)} {what}: no comparison, a run of {variant} or "
-                         f"{base} had no validation point by then.")
+            lines.append(
+                f"  - At an equal budget of {si(mine.budget)} {what}: no comparison, a run of {variant} or "
+                f"{base} had no validation point by then."
+            )
             continue
-        lines.append(f"  - At an equal budget of {si(mine.budget)} {what}: valid bpc {mine.mean.value:.3f} "
-                     f"(range {mine.minimum:.3f}–{mine.maximum:.3f}) against {base} {theirs.mean.value:.3f}; "
-                     f"difference {diff_text(mine.difference)}: **{bpc_verdict(mine.difference)}**.")
+        lines.append(
+            f"  - At an equal budget of {si(mine.budget)} {what}: valid bpc {mine.mean.value:.3f} "
+            f"(range {mine.minimum:.3f}–{mine.maximum:.3f}) against {base} {theirs.mean.value:.3f}; "
+            f"difference {diff_text(mine.difference)}: **{bpc_verdict(mine.difference)}**."
+        )
     return lines
 
 
@@ -245,37 +314,59 @@ def devices(runs: list[Run]) -> str:
 
 
 def target_table(analysis: DatasetAnalysis) -> list[str]:
-    lines = ["| variant | target bpc | seeds reached | chars to target | steps ratio | chars ratio | seconds ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | target bpc | seeds reached | chars to target | steps ratio | chars ratio | seconds ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in target_rows(analysis):
         lines.append(
             f"| {row['variant']} | {row['target_bpc']:g} | {row['fraction_reached']:.0%} | "
             f"{si(row.get('chars_mean', math.nan))} | "
-            + " | ".join(ratio_text(cv.Interval(row.get(f"{a}_ratio", math.nan), row.get(f"{a}_ratio_ci_low",
-                         math.nan), row.get(f"{a}_ratio_ci_high", math.nan))) for a in cv.AXES) + " |")
+            + " | ".join(
+                ratio_text(
+                    cv.Interval(
+                        row.get(f"{a}_ratio", math.nan),
+                        row.get(f"{a}_ratio_ci_low", math.nan),
+                        row.get(f"{a}_ratio_ci_high", math.nan),
+                    )
+                )
+                for a in cv.AXES
+            )
+            + " |"
+        )
     return lines
 
 
 def budget_table(analysis: DatasetAnalysis) -> list[str]:
-    lines = [f"| variant | budget | valid bpc mean (95% CI) | min–max | difference to {analysis.baseline} |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"| variant | budget | valid bpc mean (95% CI) | min–max | difference to {analysis.baseline} |",
+        "|---|---|---|---|---|",
+    ]
     for b in analysis.budgets:
         budget = si(b.budget) + (" chars" if b.axis == "chars" else " s")
-        mean = (f"{b.mean.value:.3f} ({b.mean.low:.3f}–{b.mean.high:.3f})" if math.isfinite(b.mean.low)
-                else f"{b.mean.value:.3f}")
-        lines.append(f"| {b.variant} | {budget} | {mean} | {b.minimum:.3f}–{b.maximum:.3f} | "
-                     f"{diff_text(b.difference)} |")
+        mean = (
+            f"{b.mean.value:.3f} ({b.mean.low:.3f}–{b.mean.high:.3f})"
+            if math.isfinite(b.mean.low)
+            else f"{b.mean.value:.3f}"
+        )
+        lines.append(
+            f"| {b.variant} | {budget} | {mean} | {b.minimum:.3f}–{b.maximum:.3f} | {diff_text(b.difference)} |"
+        )
     return lines
 
 
 def run_table(analysis: DatasetAnalysis) -> list[str]:
-    lines = ["| run | variant | seed | steps | chars | seconds | final valid bpc | test bpc |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | variant | seed | steps | chars | seconds | final valid bpc | test bpc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for variant, runs in analysis.variants.items():
         for r in runs:
-            lines.append(f"| `{display_path(r.source)}` | {variant} | {r.seed} | {r.last('step'):.0f} | "
-                         f"{si(r.last('chars'))} | {r.last('time'):.1f} | {fmt(r.final('valid/bpc')) or 'n/a'} | "
-                         f"{fmt(r.final('test/bpc')) or 'n/a'} |")
+            lines.append(
+                f"| `{display_path(r.source)}` | {variant} | {r.seed} | {r.last('step'):.0f} | "
+                f"{si(r.last('chars'))} | {r.last('time'):.1f} | {fmt(r.final('valid/bpc')) or 'n/a'} | "
+                f"{fmt(r.final('test/bpc')) or 'n/a'} |"
+            )
     return lines
 
 
@@ -291,24 +382,37 @@ def dataset_section(analysis: DatasetAnalysis) -> list[str]:
     """report.md's section of one dataset: the answer per variant, the tables, the runs used and the figures."""
     all_runs = [r for runs in analysis.variants.values() for r in runs]
     base = analysis.baseline
-    entropy = (f" Unigram entropy of the training text: {analysis.unigram_entropy:.3f} bits (a model that learnt only "
-               f"character frequencies)." if analysis.unigram_entropy is not None else "")
+    entropy = (
+        f" Unigram entropy of the training text: {analysis.unigram_entropy:.3f} bits (a model that learnt only "
+        f"character frequencies)."
+        if analysis.unigram_entropy is not None
+        else ""
+    )
     lines = [f"## {analysis.name}", "", f"Scope: {scope_line(analysis)}. Devices: {devices(all_runs)}.{entropy}", ""]
     others = [v for v in analysis.variants if v != base]
     if base not in analysis.variants:
-        lines += [f"No runs of the baseline variant `{base}` for this dataset: no ratios "
-                  f"(variants found: {', '.join(analysis.variants)}; choose one with --baseline).", ""]
+        lines += [
+            f"No runs of the baseline variant `{base}` for this dataset: no ratios "
+            f"(variants found: {', '.join(analysis.variants)}; choose one with --baseline).",
+            "",
+        ]
     else:
-        lines += [f"On {analysis.name}, {seeds_text(analysis.variants)}, {budget_text(all_runs)}: did each "
-                  f"variant converge faster than `{base}`? (ratio = variant / {base}; < 1 is faster; targets are "
-                  f"validation bpc levels)", ""]
+        lines += [
+            f"On {analysis.name}, {seeds_text(analysis.variants)}, {budget_text(all_runs)}: did each "
+            f"variant converge faster than `{base}`? (ratio = variant / {base}; < 1 is faster; targets are "
+            f"validation bpc levels)",
+            "",
+        ]
         for variant in others:
             lines += variant_answer(analysis, variant)
         lines.append("")
     fewest = min(len(runs) for runs in analysis.variants.values())
     if fewest < 3:
-        lines += [f"Caution: a variant has only {fewest} seed(s); a bootstrap over so few seeds can only reflect their "
-                  f"spread, so read its intervals as ranges, not as 95% guarantees.", ""]
+        lines += [
+            f"Caution: a variant has only {fewest} seed(s); a bootstrap over so few seeds can only reflect their "
+            f"spread, so read its intervals as ranges, not as 95% guarantees.",
+            "",
+        ]
     lines += ["Time to target (mean over seeds; a ratio needs every seed of both variants to reach the target):", ""]
     lines += target_table(analysis) + ["", "Validation bpc at an equal budget (the end of the shortest run):", ""]
     lines += budget_table(analysis) + ["", "Runs used:", ""] + run_table(analysis) + [""]

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mlstm.studies.convergence import Curve
 from mlstm.errors import UserError
+from mlstm.studies.convergence import Curve
 from mlstm.training.tracking import METRICS_FILE, read_metrics
 
 CONFIG_FILE = "config.yaml"
@@ -78,8 +78,10 @@ class Run:
 
     def curve(self, metric: str) -> Curve:
         """The records that carry a finite `metric`, in step order, as a curve against steps, chars and seconds."""
-        rows = sorted((r for r in self.records if _finite(r.get(metric)) and all(_finite(r.get(k))
-                       for k in AXIS_KEYS.values())), key=lambda r: r["step"])
+        rows = sorted(
+            (r for r in self.records if _finite(r.get(metric)) and all(_finite(r.get(k)) for k in AXIS_KEYS.values())),
+            key=lambda r: r["step"],
+        )
         x = {axis: np.array([r[key] for r in rows], dtype=float) for axis, key in AXIS_KEYS.items()}
         return Curve(x, np.array([r[metric] for r in rows], dtype=float))
 
@@ -126,7 +128,7 @@ def variant_label(config: Mapping, label_key: str | None = None) -> str:
 
 
 def dataset_label(config: Mapping) -> str:
-    """"enwik8", "text8", the file stem for dataset=file, the Hugging Face name for dataset=hf."""
+    """ "enwik8", "text8", the file stem for dataset=file, the Hugging Face name for dataset=hf."""
     name = str(lookup(config, "dataset.name", "unknown"))
     if name == "file" and lookup(config, "dataset.path"):
         return Path(str(lookup(config, "dataset.path"))).stem
@@ -185,8 +187,9 @@ def load_runs(paths: Iterable[str], label_key: str | None = None) -> list[Run]:
     paths = list(paths)
     runs = [run for d in find_run_dirs(paths) if (run := load_run_dir(d, label_key)) is not None]
     if not runs:
-        raise UserError(f"no runs found under {' '.join(paths)} (a run directory holds {METRICS_FILE} "
-                        f"and {CONFIG_FILE})")
+        raise UserError(
+            f"no runs found under {' '.join(paths)} (a run directory holds {METRICS_FILE} and {CONFIG_FILE})"
+        )
     return runs
 
 

@@ -44,7 +44,7 @@ def rate_text(lr: float) -> str:
 def initial_grid(centre: float, rung: str) -> list[float]:
     if rung not in GRID_STEPS:
         raise UserError(f"no grid is defined for rung {rung!r} (known: {', '.join(GRID_STEPS)})")
-    return [float(rate_text(centre * 2.0 ** k)) for k in GRID_STEPS[rung]]
+    return [float(rate_text(centre * 2.0**k)) for k in GRID_STEPS[rung]]
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,11 @@ class Step:
 
     def command(self) -> str:
         sweep = FINAL_SWEEP if self.kind == "final" else TUNING_SWEEP
-        args = [f"dataset={self.dataset}", f"+variant={self.preset}",
-                "optim.lr=" + ",".join(rate_text(r) for r in self.rates)]
+        args = [
+            f"dataset={self.dataset}",
+            f"+variant={self.preset}",
+            "optim.lr=" + ",".join(rate_text(r) for r in self.rates),
+        ]
         if self.seeds is not None:
             args.append("seed=" + ",".join(str(s) for s in self.seeds))
         return f'make sweep SWEEP={sweep} ARGS="{" ".join(args)}"'
@@ -68,12 +71,21 @@ class Step:
 
 def centres_from(selections: Iterable[tuning.Selection], dataset_label: str) -> dict[str, float]:
     """{cell label: chosen rate} of the tuned 1.2M study on one dataset, for the choices strictly inside their grid."""
-    return {s.variant: s.chosen for s in selections
-            if s.dataset == dataset_label and s.chosen is not None and not s.at_edge and s.complete}
+    return {
+        s.variant: s.chosen
+        for s in selections
+        if s.dataset == dataset_label and s.chosen is not None and not s.at_edge and s.complete
+    }
 
 
-def plan(dataset: str, dataset_label: str, cells_by_rung: Mapping[str, Sequence[str]], centres: Mapping[str, float],
-         selections: Iterable[scaling.RungSelection], tuning_seeds: Sequence[int] = (0, 1)) -> list[Step]:
+def plan(
+    dataset: str,
+    dataset_label: str,
+    cells_by_rung: Mapping[str, Sequence[str]],
+    centres: Mapping[str, float],
+    selections: Iterable[scaling.RungSelection],
+    tuning_seeds: Sequence[int] = (0, 1),
+) -> list[Step]:
     """The next step of every (rung, cell), rungs and cells in the order given (see the module's table)."""
     ruled = {(s.rung, s.variant): s for s in selections if s.dataset == dataset_label}
     steps = []
@@ -83,13 +95,17 @@ def plan(dataset: str, dataset_label: str, cells_by_rung: Mapping[str, Sequence[
             found = ruled.get((rung, label))
             if found is None:
                 if label not in centres:
-                    raise UserError(f"{label} has no tuned 1.2M choice on {dataset_label} to centre its {rung} grid "
-                                    f"on: finish its grid in results/convergence/tuned first")
-                steps.append(Step("grid", dataset, preset, tuple(initial_grid(centres[label], rung)),
-                                  tuple(tuning_seeds)))
+                    raise UserError(
+                        f"{label} has no tuned 1.2M choice on {dataset_label} to centre its {rung} grid "
+                        f"on: finish its grid in results/convergence/tuned first"
+                    )
+                steps.append(
+                    Step("grid", dataset, preset, tuple(initial_grid(centres[label], rung)), tuple(tuning_seeds))
+                )
             elif not found.selection.complete:
-                steps.append(Step("grid", dataset, preset, tuple(r.lr for r in found.selection.rates),
-                                  tuple(tuning_seeds)))
+                steps.append(
+                    Step("grid", dataset, preset, tuple(r.lr for r in found.selection.rates), tuple(tuning_seeds))
+                )
             elif found.next_lr is not None:
                 steps.append(Step("extend", dataset, preset, (found.next_lr,), tuple(tuning_seeds)))
             else:
@@ -97,8 +113,13 @@ def plan(dataset: str, dataset_label: str, cells_by_rung: Mapping[str, Sequence[
     return steps
 
 
-def next_commands(dataset: str, cells_by_rung: Mapping[str, Sequence[str]], tuned: str | Path, runs: str | Path,
-                  tuning_seeds: str = "0,1") -> list[str]:
+def next_commands(
+    dataset: str,
+    cells_by_rung: Mapping[str, Sequence[str]],
+    tuned: str | Path,
+    runs: str | Path,
+    tuning_seeds: str = "0,1",
+) -> list[str]:
     """What scripts/scale_plan.py prints: the next `make sweep` line per cell of each rung, the grids centred on the
     tuned 1.2M choices under `tuned/<dataset>` and ruled by the ladder's runs under `runs/<dataset>`."""
     tuned_runs = load_runs([str(Path(tuned) / dataset)])

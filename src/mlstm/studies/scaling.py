@@ -46,8 +46,13 @@ from pathlib import Path
 import numpy as np
 
 from mlstm.studies import tuning
-from mlstm.studies.convergence import (Interval, bootstrap_difference_of_means, compare_reach, default_targets,
-                               pair_by_seed)
+from mlstm.studies.convergence import (
+    Interval,
+    bootstrap_difference_of_means,
+    compare_reach,
+    default_targets,
+    pair_by_seed,
+)
 from mlstm.studies.runs import Run, curves_by_seed, seed_keys
 
 BASELINE = "lstm"
@@ -59,8 +64,13 @@ LADDER_LEVELS = 5
 METRIC = "valid/bpc"
 # a path component named like a variant preset: lstm_300k, mlstm_paper_1m, mlstm_seed_gated_20m
 PRESET = re.compile(r"^(?P<cell>[a-z][a-z0-9_]*?)_(?P<rung>\d+(?:\.\d+)?[km])$")
-COLORS = {"lstm": "black", "mlstm-paper": "tab:blue", "mlstm-seed-gated": "tab:orange", "mlstm-seed": "tab:red",
-          "mlstm-matlab": "tab:green"}
+COLORS = {
+    "lstm": "black",
+    "mlstm-paper": "tab:blue",
+    "mlstm-seed-gated": "tab:orange",
+    "mlstm-seed": "tab:red",
+    "mlstm-matlab": "tab:green",
+}
 
 
 # ------------------------------------------------------------------------------------------------------- rungs
@@ -75,7 +85,7 @@ def preset_of(source: str) -> tuple[str | None, str, str] | None:
 
 
 def nominal_size(rung: str) -> float:
-    """"300k" -> 3e5, "1m" -> 1e6: the preset's name as a number (for ordering when no count is known)."""
+    """ "300k" -> 3e5, "1m" -> 1e6: the preset's name as a number (for ordering when no count is known)."""
     match = re.match(r"^(\d+(?:\.\d+)?)([km])$", rung)
     if not match:
         return math.nan
@@ -140,14 +150,25 @@ class RungSelection:
 
     def as_dict(self) -> dict:
         s = self.selection
-        out = {"dataset": self.dataset, "rung": self.rung, "variant": self.variant, "preset": self.preset,
-               "params": int_or_none(self.params), "chosen_lr": s.chosen, "at_edge": s.at_edge,
-               "next_lr": self.next_lr, "score": _finite_or_none(s.chosen_score),
-               "rates": {f"{r.lr:g}": _finite_or_none(r.score) for r in s.rates},
-               "seeds": [str(x) for x in s.seeds], "notes": list(s.notes)}
+        out = {
+            "dataset": self.dataset,
+            "rung": self.rung,
+            "variant": self.variant,
+            "preset": self.preset,
+            "params": int_or_none(self.params),
+            "chosen_lr": s.chosen,
+            "at_edge": s.at_edge,
+            "next_lr": self.next_lr,
+            "score": _finite_or_none(s.chosen_score),
+            "rates": {f"{r.lr:g}": _finite_or_none(r.score) for r in s.rates},
+            "seeds": [str(x) for x in s.seeds],
+            "notes": list(s.notes),
+        }
         if self.preset and self.dataset_choice and s.chosen is not None and not s.at_edge:
-            out["final_command"] = (f'make sweep SWEEP=scale_final_cpu ARGS="dataset={self.dataset_choice} '
-                                    f'+variant={self.preset} optim.lr={s.chosen:g}"')
+            out["final_command"] = (
+                f'make sweep SWEEP=scale_final_cpu ARGS="dataset={self.dataset_choice} '
+                f'+variant={self.preset} optim.lr={s.chosen:g}"'
+            )
         return out
 
 
@@ -164,9 +185,17 @@ def select_by_rung(runs: Iterable[Run], rungs: Mapping[str, str] | None = None) 
         variant, rung = selection.variant.rsplit("@", 1)
         found = next((preset_of(r.source) for r in group if preset_of(r.source)), None)
         counts = [r.num_parameters for r in group if r.num_parameters]
-        out.append(RungSelection(selection.dataset, rung, variant, found[1] if found else None,
-                                 found[0] if found else None, float(np.mean(counts)) if counts else math.nan,
-                                 replace(selection, variant=variant)))
+        out.append(
+            RungSelection(
+                selection.dataset,
+                rung,
+                variant,
+                found[1] if found else None,
+                found[0] if found else None,
+                float(np.mean(counts)) if counts else math.nan,
+                replace(selection, variant=variant),
+            )
+        )
     size: dict[tuple[str, str], float] = {}  # a rung's place on the ladder: its LSTM's count, else its cells' smallest
     for s in sorted(out, key=lambda s: s.variant == BASELINE):  # the baseline last, so its count wins
         value = size_key(s.params, s.rung)
@@ -202,10 +231,14 @@ class RunEnd:
 def train_at_evaluations(records: Sequence[Mapping]) -> list[tuple[int, float, float, float]]:
     """(step, chars, valid bpc, train bpc) at every validation point; train = the last training record at or before
     it (the mean over the last `log_every` steps: the least lag behind a falling curve)."""
-    valid = sorted((int(r["step"]), float(r.get("chars", math.nan)), float(r[METRIC])) for r in records
-                   if finite(r.get(METRIC)) and finite(r.get("step")))
-    train = sorted((int(r["step"]), float(r["train/bpc"])) for r in records
-                   if finite(r.get("train/bpc")) and finite(r.get("step")))
+    valid = sorted(
+        (int(r["step"]), float(r.get("chars", math.nan)), float(r[METRIC]))
+        for r in records
+        if finite(r.get(METRIC)) and finite(r.get("step"))
+    )
+    train = sorted(
+        (int(r["step"]), float(r["train/bpc"])) for r in records if finite(r.get("train/bpc")) and finite(r.get("step"))
+    )
     out = []
     for step, chars, v in valid:
         earlier = [t for s, t in train if s <= step]
@@ -229,15 +262,25 @@ def gap_onset(gaps: Sequence[float]) -> int | None:
 
 def run_end(run: Run, seed) -> RunEnd:
     points = train_at_evaluations(run.records)
-    second = next((float(r["step"]) for r in sorted(run.records, key=lambda r: r["step"])
-                   if isinstance(r.get("epoch"), (int, float)) and r["epoch"] >= 1), math.nan)
+    second = next(
+        (
+            float(r["step"])
+            for r in sorted(run.records, key=lambda r: r["step"])
+            if isinstance(r.get("epoch"), (int, float)) and r["epoch"] >= 1
+        ),
+        math.nan,
+    )
     last_chars = run.last("chars")
     test = run.final("test/bpc")
-    tested = dict(test=test if test is not None else math.nan, test_unstable=tuning.unstable_on(run.records),
-                  cold_starts=tuning.blown_streams(run.records))
+    tested = dict(
+        test=test if test is not None else math.nan,
+        test_unstable=tuning.unstable_on(run.records),
+        cold_starts=tuning.blown_streams(run.records),
+    )
     if not points:
-        return RunEnd(seed, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, second, last_chars,
-                      **tested)
+        return RunEnd(
+            seed, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, second, last_chars, **tested
+        )
     steps, _, valid, train = (np.array(c, dtype=float) for c in zip(*points))
     best = int(np.argmin(valid))
     gaps = valid - train
@@ -246,8 +289,19 @@ def run_end(run: Run, seed) -> RunEnd:
     finite = np.isfinite(gaps) & (steps >= EARLY_FRACTION * steps[-1])
     onset = gap_onset(list(gaps[finite])) if finite.any() else None
     onset_step = float(steps[finite][onset]) if onset is not None else math.nan
-    return RunEnd(seed, float(valid[-1]), float(train[-1]), float(valid[best]), float(steps[best]),
-                  float(valid[-1] - valid[best]), float(gaps[-1]), onset_step, second, last_chars, **tested)
+    return RunEnd(
+        seed,
+        float(valid[-1]),
+        float(train[-1]),
+        float(valid[best]),
+        float(steps[best]),
+        float(valid[-1] - valid[best]),
+        float(gaps[-1]),
+        onset_step,
+        second,
+        last_chars,
+        **tested,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the analysis
@@ -363,20 +417,35 @@ def _pick_rate(runs: list[Run], chosen: float | None) -> tuple[list[Run], float 
     if len(rates) == 1:
         note = "" if chosen is None else f"final runs at {rates[0]:g}, not at the chosen rate {chosen:g}"
         return runs, rates[0], note
-    score = {lr: np.mean([tuning.run_score(r.records, tuning.budget_steps(r.config)) for r in runs
-                          if tuning.learning_rate(r.config) == lr]) for lr in rates}
+    score = {
+        lr: np.mean(
+            [
+                tuning.run_score(r.records, tuning.budget_steps(r.config))
+                for r in runs
+                if tuning.learning_rate(r.config) == lr
+            ]
+        )
+        for lr in rates
+    }
     best = min(rates, key=lambda lr: (score[lr], lr))
-    return ([r for r in runs if tuning.learning_rate(r.config) == best], best,
-            f"final runs at several rates and no tuning choice: the best-scoring rate {best:g} is used")
+    return (
+        [r for r in runs if tuning.learning_rate(r.config) == best],
+        best,
+        f"final runs at several rates and no tuning choice: the best-scoring rate {best:g} is used",
+    )
 
 
 def _level_up(value: float) -> float:
     return math.ceil(value * 1000 - 1e-9) / 1000
 
 
-def analyse(final_runs: Iterable[Run], tuning_runs: Iterable[Run] = (), baseline: str = BASELINE,
-            fixed_targets: Mapping[str, Sequence[float]] | None = None,
-            variants: Sequence[str] | None = None) -> ScaleStudy:
+def analyse(
+    final_runs: Iterable[Run],
+    tuning_runs: Iterable[Run] = (),
+    baseline: str = BASELINE,
+    fixed_targets: Mapping[str, Sequence[float]] | None = None,
+    variants: Sequence[str] | None = None,
+) -> ScaleStudy:
     """The whole study: selections from the tuning runs, and per dataset and rung the gap and final-bpc tables."""
     final_runs, tuning_runs = list(final_runs), list(tuning_runs)
     if variants:
@@ -393,13 +462,15 @@ def analyse(final_runs: Iterable[Run], tuning_runs: Iterable[Run] = (), baseline
             by_rung.setdefault(run.label, []).append(run)
     studies = {}
     for dataset, by_rung in sorted(grouped.items()):
-        studies[dataset] = _analyse_dataset(dataset, by_rung, chosen, baseline,
-                                            list((fixed_targets or {}).get(dataset, ())))
+        studies[dataset] = _analyse_dataset(
+            dataset, by_rung, chosen, baseline, list((fixed_targets or {}).get(dataset, ()))
+        )
     return ScaleStudy(studies, selections, len(final_runs), len(tuning_runs), baseline)
 
 
-def _analyse_dataset(dataset: str, by_rung: Mapping[str, Mapping[str, list[Run]]], chosen: Mapping,
-                     baseline: str, fixed: list[float]) -> DatasetStudy:
+def _analyse_dataset(
+    dataset: str, by_rung: Mapping[str, Mapping[str, list[Run]]], chosen: Mapping, baseline: str, fixed: list[float]
+) -> DatasetStudy:
     cells: dict[tuple[str, str], CellSummary] = {}
     picked: dict[tuple[str, str], list[Run]] = {}
     params: dict[str, float] = {}
@@ -410,11 +481,21 @@ def _analyse_dataset(dataset: str, by_rung: Mapping[str, Mapping[str, list[Run]]
             picked[(rung, variant)] = runs
             keys = seed_keys(runs)
             counts = [r.num_parameters for r in runs if r.num_parameters]
-            cells[(rung, variant)] = CellSummary(dataset, rung, variant, float(np.mean(counts)) if counts else math.nan,
-                                                 lr, [run_end(r, k) for r, k in zip(runs, keys)], note)
+            cells[(rung, variant)] = CellSummary(
+                dataset,
+                rung,
+                variant,
+                float(np.mean(counts)) if counts else math.nan,
+                lr,
+                [run_end(r, k) for r, k in zip(runs, keys)],
+                note,
+            )
             budget = max(budget, max((r.last("chars") for r in runs), default=0.0))
-        counts = [cells[(rung, baseline)].params] if (rung, baseline) in cells else \
-            [c.params for (r, _), c in cells.items() if r == rung]
+        counts = (
+            [cells[(rung, baseline)].params]
+            if (rung, baseline) in cells
+            else [c.params for (r, _), c in cells.items() if r == rung]
+        )
         params[rung] = float(np.nanmean(counts)) if counts and np.isfinite(counts).any() else math.nan
     rungs = sorted(by_rung, key=lambda r: size_key(params[r], r))
     notes = []
@@ -446,12 +527,32 @@ def _analyse_dataset(dataset: str, by_rung: Mapping[str, Mapping[str, list[Run]]
                 row, base_row = rows[variant], rows[baseline]
                 bound = math.nan
                 if row.fraction_reached < 1 and base_row.fraction_reached == 1:
-                    filled = [x if math.isfinite(x) else float(curves[s].x["chars"][-1]) if len(curves[s].y) else
-                              math.nan for s, x in row.per_seed.items()]
+                    filled = [
+                        x if math.isfinite(x) else float(curves[s].x["chars"][-1]) if len(curves[s].y) else math.nan
+                        for s, x in row.per_seed.items()
+                    ]
                     bound = float(np.mean(filled) / base_row.mean.value)
-                gaps.append(GapRow(dataset, rung, variant, params[rung], cells[(rung, variant)].lr, len(runs),
-                                   row.paired, target, criterion, row.mean, base_row.mean, row.ratio,
-                                   row.fraction_reached, bound, ladder, difference, row.note))
+                gaps.append(
+                    GapRow(
+                        dataset,
+                        rung,
+                        variant,
+                        params[rung],
+                        cells[(rung, variant)].lr,
+                        len(runs),
+                        row.paired,
+                        target,
+                        criterion,
+                        row.mean,
+                        base_row.mean,
+                        row.ratio,
+                        row.fraction_reached,
+                        bound,
+                        ladder,
+                        difference,
+                        row.note,
+                    )
+                )
     return DatasetStudy(dataset, rungs, params, cells, gaps, budget, notes)
 
 
@@ -460,6 +561,9 @@ def _ladder(groups, variant: str, baseline: str) -> tuple[float, float, int]:
     if not curves:
         return math.nan, math.nan, 0
     levels = default_targets([c.y[0] for c in curves], [c.y.min() for c in curves], LADDER_LEVELS)
-    ratios = [r.ratio.value for r in compare_reach(groups, levels, baseline, axes=("chars",))
-              if r.variant == variant and math.isfinite(r.ratio.value)]
+    ratios = [
+        r.ratio.value
+        for r in compare_reach(groups, levels, baseline, axes=("chars",))
+        if r.variant == variant and math.isfinite(r.ratio.value)
+    ]
     return (min(ratios), max(ratios), len(ratios)) if ratios else (math.nan, math.nan, 0)

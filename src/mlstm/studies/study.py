@@ -12,11 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
+from mlstm.errors import UserError
 from mlstm.studies import convergence as cv
 from mlstm.studies import figures, report
-from mlstm.studies.analysis import BANDS, BUDGET_AXES, DEFAULT_SPLIT_FRACTIONS, DatasetAnalysis, StudyOptions  # noqa: F401
-from mlstm.errors import UserError
+from mlstm.studies.analysis import (  # noqa: F401
+    BANDS,
+    BUDGET_AXES,
+    DEFAULT_SPLIT_FRACTIONS,
+    DatasetAnalysis,
+    StudyOptions,
+)
 from mlstm.studies.runs import Run, curves_by_seed, group_runs, load_runs, load_wandb_runs
+
 
 # ------------------------------------------------------------------------------------------------- reference lines
 def unigram_entropy_of_file(path: Path, train_bytes: int | None) -> float:
@@ -67,14 +74,23 @@ def analyse_dataset(name: str, variants: dict[str, list[Run]], options: StudyOpt
         targets = sorted(options.targets, reverse=True)  # easiest first, as cv.parse_targets orders them
     else:
         all_curves = [c for curves in valid.values() for c in curves.values()]
-        targets = cv.default_targets([c.y[0] for c in all_curves], [c.y.min() for c in all_curves],
-                                     options.num_targets)
+        targets = cv.default_targets([c.y[0] for c in all_curves], [c.y.min() for c in all_curves], options.num_targets)
     reach = cv.compare_reach(valid, targets, options.baseline, n_resamples=options.bootstrap, seed=options.rng_seed)
-    budgets = [row for axis in BUDGET_AXES
-               for row in cv.compare_at_budget(valid, options.baseline, axis, options.bootstrap, options.rng_seed)]
+    budgets = [
+        row
+        for axis in BUDGET_AXES
+        for row in cv.compare_at_budget(valid, options.baseline, axis, options.bootstrap, options.rng_seed)
+    ]
     all_runs = [run for runs in variants.values() for run in runs]
-    return DatasetAnalysis(name, variants, options.baseline, targets, reach, budgets,
-                           unigram_entropy(name, all_runs, options.unigram_entropies))
+    return DatasetAnalysis(
+        name,
+        variants,
+        options.baseline,
+        targets,
+        reach,
+        budgets,
+        unigram_entropy(name, all_runs, options.unigram_entropies),
+    )
 
 
 def analyse(runs: Sequence[Run], options: StudyOptions) -> list[DatasetAnalysis]:
@@ -83,8 +99,9 @@ def analyse(runs: Sequence[Run], options: StudyOptions) -> list[DatasetAnalysis]
 
 
 # ---------------------------------------------------------------------------------------------------------- output
-def load_study_runs(paths: Sequence[str] = (), options: StudyOptions | None = None,
-                    wandb: str | None = None) -> list[Run]:
+def load_study_runs(
+    paths: Sequence[str] = (), options: StudyOptions | None = None, wandb: str | None = None
+) -> list[Run]:
     """The runs under `paths` (run or sweep directories, globs), or of a W&B "PROJECT[/GROUP]" when given, labelled
     by `options.label_key`."""
     options = options or StudyOptions()
@@ -93,8 +110,7 @@ def load_study_runs(paths: Sequence[str] = (), options: StudyOptions | None = No
     return load_runs(paths, options.label_key)
 
 
-def write_study(runs: Sequence[Run], out_dir: str | Path, options: StudyOptions | None = None
-                ) -> list[DatasetAnalysis]:
+def write_study(runs: Sequence[Run], out_dir: str | Path, options: StudyOptions | None = None) -> list[DatasetAnalysis]:
     """Analyse the runs and write, into `out_dir`, every dataset's figures, then summary.csv and report.md."""
     options = options or StudyOptions()
     out = Path(out_dir)

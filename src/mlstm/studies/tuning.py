@@ -35,8 +35,11 @@ TIE_TOLERANCE = 1e-9
 
 def unstable(records: list[Mapping], budget_steps: int, gap: float = UNSTABLE_GAP) -> bool:
     """Rule 4: validation bpc more than `gap` above the nearest earlier training bpc at a late evaluation point."""
-    train = sorted((int(r["step"]), float(r["train/bpc"])) for r in records
-                   if _number(r.get("train/bpc")) is not None and _number(r.get("step")) is not None)
+    train = sorted(
+        (int(r["step"]), float(r["train/bpc"]))
+        for r in records
+        if _number(r.get("train/bpc")) is not None and _number(r.get("step")) is not None
+    )
     for step, valid in late_points(records, budget_steps):
         before = [bpc for s, bpc in train if s <= step]
         if before and math.isfinite(before[-1]) and (not math.isfinite(valid) or valid > before[-1] + gap):
@@ -49,13 +52,18 @@ def unstable_on(records: list[Mapping], key: str = "test/bpc", gap: float = UNST
     last training bpc, or non-finite."""
     value = next((_number(r.get(key)) for r in reversed(records) if _number(r.get(key)) is not None), None)
     train = [_number(r.get("train/bpc")) for r in records if _number(r.get("train/bpc")) is not None]
-    return value is not None and bool(train) and math.isfinite(train[-1]) and (
-        not math.isfinite(value) or value > train[-1] + gap)
+    return (
+        value is not None
+        and bool(train)
+        and math.isfinite(train[-1])
+        and (not math.isfinite(value) or value > train[-1] + gap)
+    )
 
 
 # ------------------------------------------------------------------------------------------------- the grid, ruled
-def blown_streams(records: list[Mapping], key: str = "test/cold_start_stream_bpc",
-                  gap: float = UNSTABLE_GAP) -> tuple[int, int] | None:
+def blown_streams(
+    records: list[Mapping], key: str = "test/cold_start_stream_bpc", gap: float = UNSTABLE_GAP
+) -> tuple[int, int] | None:
     """(streams blown up, streams) of the cold-start check (the trainer's `cold_start_streams`): a stream whose bpc
     stands more than `gap` above the run's last training bpc, or is non-finite, is rule 4's blow-up on that stream;
     None when the run has no such check."""
@@ -188,13 +196,17 @@ def select(runs: Iterable) -> list[Selection]:
         elif selection.at_edge:
             side = "smallest" if selection.chosen == rates[0].lr else "largest"
             factor = 0.5 if side == "smallest" else 2.0
-            selection.notes.append(f"the chosen rate is the grid's {side}: extend the grid "
-                                   f"(next rate {selection.chosen * factor:g}) until the choice is strictly inside")
+            selection.notes.append(
+                f"the chosen rate is the grid's {side}: extend the grid "
+                f"(next rate {selection.chosen * factor:g}) until the choice is strictly inside"
+            )
         if not common:
             selection.notes.append("the rates share no tuning seed: each rate is scored on its own seeds")
         elif any(len(r.per_seed) > len(common) for r in rates):
             extra = [f"{r.lr:g}" for r in rates if len(r.per_seed) > len(common)]
-            selection.notes.append(f"rates {', '.join(extra)} have seeds the others lack: every rate is scored on "
-                                   f"the common seeds {', '.join(map(str, common))}")
+            selection.notes.append(
+                f"rates {', '.join(extra)} have seeds the others lack: every rate is scored on "
+                f"the common seeds {', '.join(map(str, common))}"
+            )
         selections.append(selection)
     return selections

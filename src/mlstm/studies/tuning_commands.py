@@ -13,17 +13,30 @@ from mlstm.studies import tuning, tuning_report
 from mlstm.studies.runs import load_runs
 
 # the sweep configs' names for the variants the runs' labels come from (configs/variant/*_1m.yaml)
-VARIANT_PRESETS = {"lstm": "lstm_1m", "mlstm-paper": "mlstm_paper_1m", "mlstm-seed": "mlstm_seed_1m",
-                   "mlstm-seed-gated": "mlstm_seed_gated_1m"}
+VARIANT_PRESETS = {
+    "lstm": "lstm_1m",
+    "mlstm-paper": "mlstm_paper_1m",
+    "mlstm-seed": "mlstm_seed_1m",
+    "mlstm-seed-gated": "mlstm_seed_gated_1m",
+}
 DATASET_PRESETS = {"enwik8_head3M": "enwik8_sample", "text8_head2M": "text8_sample"}
 
 
 def selection_json(selections: list[tuning.Selection]) -> list[dict]:
-    return [{"dataset": s.dataset, "variant": s.variant, "chosen_lr": s.chosen, "at_edge": s.at_edge,
-             "complete": s.complete,
-             "score": s.chosen_score if s.chosen is not None else None, "seeds": s.seeds, "notes": s.notes,
-             "rates": {f"{r.lr:g}": r.score if r.score != float("inf") else None for r in s.rates}}
-            for s in selections]
+    return [
+        {
+            "dataset": s.dataset,
+            "variant": s.variant,
+            "chosen_lr": s.chosen,
+            "at_edge": s.at_edge,
+            "complete": s.complete,
+            "score": s.chosen_score if s.chosen is not None else None,
+            "seeds": s.seeds,
+            "notes": s.notes,
+            "rates": {f"{r.lr:g}": r.score if r.score != float("inf") else None for r in s.rates},
+        }
+        for s in selections
+    ]
 
 
 def final_command(selection: tuning.Selection, sweep: str) -> str | None:
@@ -31,8 +44,7 @@ def final_command(selection: tuning.Selection, sweep: str) -> str | None:
         return None
     variant = VARIANT_PRESETS.get(selection.variant, selection.variant)
     dataset = DATASET_PRESETS.get(selection.dataset, selection.dataset)
-    return (f'make sweep SWEEP={sweep} ARGS="dataset={dataset} +variant={variant} '
-            f'optim.lr={selection.chosen:g}"')
+    return f'make sweep SWEEP={sweep} ARGS="dataset={dataset} +variant={variant} optim.lr={selection.chosen:g}"'
 
 
 def extension_command(selection: tuning.Selection, sweep: str) -> str | None:
@@ -103,6 +115,12 @@ def run(args) -> None:
     targets = parse_targets(args.targets)
     final = [p for p in args.final if Path(p).exists()]  # the final seeds may not have started yet
     posthoc = [p for p in args.posthoc if Path(p).exists()]
-    tuning_report.write_tuned_study(load_runs(args.tuning), load_runs(final) if final else [],
-                                    load_runs(args.shared) if args.shared else [], args.out, targets,
-                                    n_resamples=args.bootstrap, posthoc=load_runs(posthoc) if posthoc else [])
+    tuning_report.write_tuned_study(
+        load_runs(args.tuning),
+        load_runs(final) if final else [],
+        load_runs(args.shared) if args.shared else [],
+        args.out,
+        targets,
+        n_resamples=args.bootstrap,
+        posthoc=load_runs(posthoc) if posthoc else [],
+    )

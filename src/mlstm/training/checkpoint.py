@@ -118,10 +118,17 @@ def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 2, best: bool =
         current = last.exists() and path.exists() and os.path.samefile(path, last)
         if not existed and path.exists() and not current:
             path.unlink()  # written, but last.pt could not be pointed at it: the previous checkpoint stays current
-        kept = ("last.pt holds this step's checkpoint" if current else
-                "last.pt still points to the previous checkpoint" if last.exists() else "no checkpoint was saved")
-        raise UserError(f"cannot write a checkpoint in {run_dir}: {error.strerror or error}; {kept}; free space "
-                        f"(or raise the file-size limit) and rerun the same command to resume") from None
+        kept = (
+            "last.pt holds this step's checkpoint"
+            if current
+            else "last.pt still points to the previous checkpoint"
+            if last.exists()
+            else "no checkpoint was saved"
+        )
+        raise UserError(
+            f"cannot write a checkpoint in {run_dir}: {error.strerror or error}; {kept}; free space "
+            f"(or raise the file-size limit) and rerun the same command to resume"
+        ) from None
     for old in sorted(run_dir.glob("ckpt-*.pt"))[: -max(1, keep)]:
         old.unlink(missing_ok=True)
     return path
@@ -197,8 +204,10 @@ def load_latest(run_dir: Path, *, accept=None, set_aside: bool = True) -> dict |
         try:
             payload = load_file(path)
         except UserError as error:
-            print(f"warning: {error}; {'set it aside as .corrupt, ' if set_aside else ''}trying the previous "
-                  f"checkpoint", file=sys.stderr)
+            print(
+                f"warning: {error}; {'set it aside as .corrupt, ' if set_aside else ''}trying the previous checkpoint",
+                file=sys.stderr,
+            )
             if set_aside:
                 _set_aside(path)
             continue
@@ -206,6 +215,8 @@ def load_latest(run_dir: Path, *, accept=None, set_aside: bool = True) -> dict |
             return payload
         print(f"warning: checkpoint {path} is not usable here; trying the previous checkpoint", file=sys.stderr)
     if accept is None and (candidates or any(run_dir.glob("*.pt.corrupt"))):
-        raise UserError(f"no readable checkpoint in {run_dir}: every checkpoint file is corrupted (kept as *.corrupt); "
-                        f"start afresh with a new hydra.run.dir")
+        raise UserError(
+            f"no readable checkpoint in {run_dir}: every checkpoint file is corrupted (kept as *.corrupt); "
+            f"start afresh with a new hydra.run.dir"
+        )
     return None

@@ -27,13 +27,18 @@ def check_eval_sizes(tcfg, corpus) -> None:
         limit = tcfg.get(limit_key)
         n = min(available, int(limit)) if limit else available
         if n < B * (T + 1):
-            where = f"trainer.{limit_key}={limit} of the {available}" if limit and limit < available else \
-                f"the {available}"
-            raise UserError(f"the {split} evaluation reads {where} characters of split {split!r}, fewer than "
-                            f"eval_batch_size*(seq_len+1)={B * (T + 1)}; use a smaller trainer.eval_batch_size "
-                            f"/ trainer.seq_len, a larger trainer.{limit_key} or a bigger corpus")
+            where = (
+                f"trainer.{limit_key}={limit} of the {available}" if limit and limit < available else f"the {available}"
+            )
+            raise UserError(
+                f"the {split} evaluation reads {where} characters of split {split!r}, fewer than "
+                f"eval_batch_size*(seq_len+1)={B * (T + 1)}; use a smaller trainer.eval_batch_size "
+                f"/ trainer.seq_len, a larger trainer.{limit_key} or a bigger corpus"
+            )
         streams = tcfg.get("cold_start_streams")
         if split == "test" and streams and n < int(streams) * (T + 1):
-            raise UserError(f"the cold-start check cuts the {n} test characters into trainer.cold_start_streams="
-                            f"{streams} streams, fewer than cold_start_streams*(seq_len+1)="
-                            f"{int(streams) * (T + 1)}; use fewer streams (null: no check) or more test characters")
+            raise UserError(
+                f"the cold-start check cuts the {n} test characters into trainer.cold_start_streams="
+                f"{streams} streams, fewer than cold_start_streams*(seq_len+1)="
+                f"{int(streams) * (T + 1)}; use fewer streams (null: no check) or more test characters"
+            )

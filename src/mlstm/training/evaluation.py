@@ -17,11 +17,22 @@ def evaluate(trainer, split: str) -> float:
     tcfg = trainer.tcfg
     max_chars = tcfg.get("eval_chars") if split == "valid" else tcfg.get("test_chars")
     batch_size = int(tcfg.get("eval_batch_size") or tcfg.batch_size)
-    kwargs = dict(split_name=split, batch_size=batch_size, seq_len=int(tcfg.seq_len), device=trainer.ctx.device,
-                  max_chars=max_chars, precision=trainer.precision)
+    kwargs = dict(
+        split_name=split,
+        batch_size=batch_size,
+        seq_len=int(tcfg.seq_len),
+        device=trainer.ctx.device,
+        max_chars=max_chars,
+        precision=trainer.precision,
+    )
     if batch_size % trainer.ctx.world_size == 0:
-        nats, chars = evaluate_nats(trainer.model, trainer.corpus.split(split), rank=trainer.ctx.rank,
-                                    world_size=trainer.ctx.world_size, **kwargs)
+        nats, chars = evaluate_nats(
+            trainer.model,
+            trainer.corpus.split(split),
+            rank=trainer.ctx.rank,
+            world_size=trainer.ctx.world_size,
+            **kwargs,
+        )
         totals = torch.tensor([nats, chars], dtype=torch.float64, device=trainer.ctx.device)
         nats, chars = distributed.all_reduce_sum(totals, trainer.ctx).tolist()
         return nats / chars / LN2
@@ -38,7 +49,15 @@ def cold_starts(trainer, split: str, streams: int) -> dict:
     limit = trainer.tcfg.get("eval_chars") if split == "valid" else trainer.tcfg.get("test_chars")
     tokens = trainer.corpus.split(split)
     tokens = tokens[: int(limit)] if limit else tokens
-    bits = bits_per_position(trainer.model, tokens, batch_size=streams, seq_len=int(trainer.tcfg.seq_len),
-                             device=trainer.ctx.device, precision=trainer.precision)
-    return {f"{split}/cold_start_bpc": bits.mean().item(),
-            f"{split}/cold_start_stream_bpc": [round(v, 4) for v in bits.mean(0).tolist()]}
+    bits = bits_per_position(
+        trainer.model,
+        tokens,
+        batch_size=streams,
+        seq_len=int(trainer.tcfg.seq_len),
+        device=trainer.ctx.device,
+        precision=trainer.precision,
+    )
+    return {
+        f"{split}/cold_start_bpc": bits.mean().item(),
+        f"{split}/cold_start_stream_bpc": [round(v, 4) for v in bits.mean(0).tolist()],
+    }

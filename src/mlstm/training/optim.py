@@ -17,9 +17,6 @@ import torch
 
 from mlstm.errors import UserError
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop_norm")
-SCHEDULES = ("constant", "linear", "plateau")
-
 
 def linear_decay(step: int, lr: float, min_lr: float, decay_steps: int) -> float:
     """lr at `step`: straight line from lr (step 0) to min_lr (step decay_steps), constant afterwards."""
@@ -42,8 +39,16 @@ class RMSpropNorm(torch.optim.Optimizer):
     and the step count live in the param groups, so `state_dict()` / `load_state_dict()` resume exactly.
     """
 
-    def __init__(self, params, lr: float = 1.0, threshold: float = 10.0, threshold_decay: float = 0.9999,
-                 min_threshold: float = 0.01, alpha: float = 0.9, eps: float = 1e-8):
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        threshold: float = 10.0,
+        threshold_decay: float = 0.9999,
+        min_threshold: float = 0.01,
+        alpha: float = 0.9,
+        eps: float = 1e-8,
+    ):
         for name, value in (("lr", lr), ("threshold", threshold), ("eps", eps)):
             if not value > 0:
                 raise UserError(f"optim.{name}={value!r} must be a positive number")
@@ -53,8 +58,15 @@ class RMSpropNorm(torch.optim.Optimizer):
             raise UserError(f"optim.min_threshold={min_threshold!r} must be in [0, optim.threshold={threshold}]")
         if not 0 <= alpha < 1:
             raise UserError(f"optim.alpha={alpha!r} (the RMS decay) must be in [0, 1)")
-        defaults = dict(lr=lr, threshold=float(threshold), threshold_decay=threshold_decay,
-                        min_threshold=min_threshold, alpha=alpha, eps=eps, step=0)
+        defaults = dict(
+            lr=lr,
+            threshold=float(threshold),
+            threshold_decay=threshold_decay,
+            min_threshold=min_threshold,
+            alpha=alpha,
+            eps=eps,
+            step=0,
+        )
         super().__init__(params, defaults)
 
     @property
@@ -94,7 +106,7 @@ class RMSpropNorm(torch.optim.Optimizer):
 
 def norm_threshold(step: int, threshold: float, threshold_decay: float = 0.9999, min_threshold: float = 0.01) -> float:
     """The RMSpropNorm threshold after `step` steps, in closed form: max(threshold * decay^step, min_threshold)."""
-    return max(threshold * threshold_decay ** step, min_threshold)
+    return max(threshold * threshold_decay**step, min_threshold)
 
 
 def check(optim_cfg) -> None:
@@ -111,18 +123,25 @@ def build_optimizer(optim_cfg, params) -> tuple[torch.optim.Optimizer, torch.opt
     weight_decay = float(optim_cfg.get("weight_decay", 0.0) or 0.0)
     if optim_cfg.name == "adam":
         betas = tuple(optim_cfg.get("betas", (0.9, 0.999)))
-        optimizer = torch.optim.Adam(params, lr=lr, betas=betas, eps=float(optim_cfg.get("eps", 1e-8)),
-                                     weight_decay=weight_decay)
+        optimizer = torch.optim.Adam(
+            params, lr=lr, betas=betas, eps=float(optim_cfg.get("eps", 1e-8)), weight_decay=weight_decay
+        )
     elif optim_cfg.name == "rmsprop_norm":
         if weight_decay:
             raise UserError("optim.weight_decay is not supported by optim=rmsprop_norm; set it to 0")
-        optimizer = RMSpropNorm(params, lr=lr, threshold=float(optim_cfg.threshold),
-                                threshold_decay=float(optim_cfg.get("threshold_decay", 0.9999)),
-                                min_threshold=float(optim_cfg.get("min_threshold", 0.01)),
-                                alpha=float(optim_cfg.get("alpha", 0.9)), eps=float(optim_cfg.get("eps", 1e-8)))
+        optimizer = RMSpropNorm(
+            params,
+            lr=lr,
+            threshold=float(optim_cfg.threshold),
+            threshold_decay=float(optim_cfg.get("threshold_decay", 0.9999)),
+            min_threshold=float(optim_cfg.get("min_threshold", 0.01)),
+            alpha=float(optim_cfg.get("alpha", 0.9)),
+            eps=float(optim_cfg.get("eps", 1e-8)),
+        )
     else:
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=float(optim_cfg.get("momentum", 0.0) or 0.0),
-                                    weight_decay=weight_decay)
+        optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=float(optim_cfg.get("momentum", 0.0) or 0.0), weight_decay=weight_decay
+        )
     if optim_cfg.get("schedule", "constant") == "linear":
         min_lr, decay_steps = float(optim_cfg.min_lr), int(optim_cfg.decay_steps)
         factor = lambda step: linear_decay(step, lr, min_lr, decay_steps) / lr  # noqa: E731

@@ -29,9 +29,15 @@ def build_plateau(optim_cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr
     if optim_cfg.get("schedule", "constant") != "plateau":
         return None
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=float(optim_cfg.get("plateau_factor", 0.5)),
-        patience=int(optim_cfg.get("plateau_patience", 1)), threshold=float(optim_cfg.get("plateau_threshold", 0.002)),
-        threshold_mode="abs", cooldown=0, min_lr=float(optim_cfg.get("min_lr", 0.0) or 0.0))
+        optimizer,
+        mode="min",
+        factor=float(optim_cfg.get("plateau_factor", 0.5)),
+        patience=int(optim_cfg.get("plateau_patience", 1)),
+        threshold=float(optim_cfg.get("plateau_threshold", 0.002)),
+        threshold_mode="abs",
+        cooldown=0,
+        min_lr=float(optim_cfg.get("min_lr", 0.0) or 0.0),
+    )
 
 
 class EarlyStopping:
@@ -65,8 +71,12 @@ class EarlyStopping:
         return self.stopped
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "bad": self.bad, "reduced_since_best": self.reduced_since_best,
-                "stopped": self.stopped}
+        return {
+            "best": self.best,
+            "bad": self.bad,
+            "reduced_since_best": self.reduced_since_best,
+            "stopped": self.stopped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad = float(state["best"]), int(state["bad"])
@@ -82,8 +92,9 @@ def build_early_stopping(trainer_cfg, optim_cfg) -> EarlyStopping | None:
 
 def can_reduce(plateau, optimizer: torch.optim.Optimizer) -> bool:
     """Whether the plateau schedule could still lower the rate (it exists, and the rate is above its floor)."""
-    return plateau is not None and any(group["lr"] - floor > plateau.eps
-                                       for group, floor in zip(optimizer.param_groups, plateau.min_lrs))
+    return plateau is not None and any(
+        group["lr"] - floor > plateau.eps for group, floor in zip(optimizer.param_groups, plateau.min_lrs)
+    )
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

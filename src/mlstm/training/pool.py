@@ -103,8 +103,9 @@ class Pool:
 
     def submit(self, key: str, overrides: list[str], run_dir: str | Path, keep_checkpoints: bool = False) -> None:
         """Queue one run: `key` names it in the messages, `overrides` compose its config, it trains in `run_dir`."""
-        self.tasks.put({"key": key, "overrides": list(overrides), "run_dir": str(run_dir),
-                        "keep_checkpoints": keep_checkpoints})
+        self.tasks.put(
+            {"key": key, "overrides": list(overrides), "run_dir": str(run_dir), "keep_checkpoints": keep_checkpoints}
+        )
 
     def poll(self, timeout: float) -> list[tuple]:
         """Messages that arrived (("start", wid, key), ("done", wid, result)), plus ("died", wid, key) for a worker

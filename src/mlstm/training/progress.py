@@ -31,8 +31,16 @@ def progress_bar(total: int, initial: int, enabled: bool, stream=None) -> tqdm:
     stream = stream if stream is not None else sys.stderr
     if stream.isatty():
         return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train", file=stream)
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", file=PlainLines(stream),
-                mininterval=60, maxinterval=600, bar_format="{desc}: {n}/{total} steps [{elapsed}<{remaining}] {postfix}")
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="train",
+        file=PlainLines(stream),
+        mininterval=60,
+        maxinterval=600,
+        bar_format="{desc}: {n}/{total} steps [{elapsed}<{remaining}] {postfix}",
+    )
 
 
 def throughput(ctx, window_seconds: float, window_chars: int) -> dict:
@@ -41,8 +49,7 @@ def throughput(ctx, window_seconds: float, window_chars: int) -> dict:
     memory = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
     seconds, memories = zip(*distributed.gather_objects((max(window_seconds, 1e-9), memory), ctx))
     per_rank = [window_chars / ctx.world_size / s for s in seconds]
-    perf = {"perf/chars_per_s": window_chars / max(seconds),
-            "perf/chars_per_s_per_rank": sum(per_rank) / len(per_rank)}
+    perf = {"perf/chars_per_s": window_chars / max(seconds), "perf/chars_per_s_per_rank": sum(per_rank) / len(per_rank)}
     if memory is not None:
         perf["perf/gpu_mem_gb"] = max(memories)  # peak allocated, the largest over the ranks
     if ctx.distributed:

@@ -35,28 +35,43 @@ def check_compatible(payload: dict, cfg, corpus, run_dir) -> None:
     hint = "rerun with the checkpoint's values, or start a new run with another hydra.run.dir"
     for key in RESUME_KEYS:
         before, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                       for v in (before, now))
+        before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (before, now))
         if before != now:
             detail = first_difference(key, before, now)
             raise UserError(f"cannot resume the checkpoint in {run_dir}: {detail}; {hint}")
     symbols = bytes(payload["symbols"].tolist()) if "symbols" in payload else None
     if payload["vocab_size"] != corpus.vocab_size or (symbols is not None and symbols != corpus.symbols):
-        raise UserError(f"cannot resume the checkpoint in {run_dir}: it was trained on a vocabulary of "
-                        f"{payload['vocab_size']} symbols, this dataset has {corpus.vocab_size} (another "
-                        f"corpus); {hint}")
+        raise UserError(
+            f"cannot resume the checkpoint in {run_dir}: it was trained on a vocabulary of "
+            f"{payload['vocab_size']} symbols, this dataset has {corpus.vocab_size} (another "
+            f"corpus); {hint}"
+        )
     made_on = payload.get("corpus", {})  # name and split sizes of the corpus the checkpoint was trained on
     sizes = [len(corpus.split(s)) for s in SPLITS]
     if made_on and list(made_on.get("split_sizes", sizes)) != sizes:
-        raise UserError(f"cannot resume the checkpoint in {run_dir}: it was trained on {made_on.get('name')} "
-                        f"with splits of {made_on['split_sizes']} characters, this dataset ({corpus.name}) "
-                        f"has {sizes}; {hint}")
+        raise UserError(
+            f"cannot resume the checkpoint in {run_dir}: it was trained on {made_on.get('name')} "
+            f"with splits of {made_on['split_sizes']} characters, this dataset ({corpus.name}) "
+            f"has {sizes}; {hint}"
+        )
 
 
 # what makes a finished run in a directory *this* run: the same model, data, optimizer, seed, budget and evaluation
-FINISHED_KEYS = ("cell", "model", "dataset", "optim", "seed", "trainer.batch_size", "trainer.seq_len",
-                 "trainer.max_steps", "trainer.eval_every", "trainer.eval_chars", "trainer.eval_batch_size",
-                 "trainer.precision", "trainer.test_at_end")
+FINISHED_KEYS = (
+    "cell",
+    "model",
+    "dataset",
+    "optim",
+    "seed",
+    "trainer.batch_size",
+    "trainer.seq_len",
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.eval_chars",
+    "trainer.eval_batch_size",
+    "trainer.precision",
+    "trainer.test_at_end",
+)
 
 
 def finished_result(run_dir: Path, cfg) -> dict | None:
@@ -75,8 +90,10 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
     max_steps = int(cfg.trainer.max_steps)
     end_step = next((r["step"] for r in records if r.get("event") == "early_stop"), max_steps)  # stopped by the rule
     last = [r for r in records if r["step"] == end_step]
-    ended = diverged(records) or (any("valid/bpc" in r for r in last) and (
-        not cfg.trainer.get("test_at_end", True) or any("test/bpc" in r for r in last)))
+    ended = diverged(records) or (
+        any("valid/bpc" in r for r in last)
+        and (not cfg.trainer.get("test_at_end", True) or any("test/bpc" in r for r in last))
+    )
     if not ended:
         return None
     if cfg.trainer.get("resume", "auto") is False:
@@ -84,22 +101,25 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
     saved = OmegaConf.load(config_path)
     for key in FINISHED_KEYS:
         before, now = (OmegaConf.select(c, key, default="<absent>") for c in (saved, cfg))
-        before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                       for v in (before, now))
+        before, now = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (before, now))
         if before != now:
             if has_checkpoint(Path(run_dir)):
                 return None  # the checkpoint's own compatibility check names the difference (or resumes)
             detail = first_difference(key, before, now).replace("in the checkpoint", "in the finished run")
-            raise UserError(f"{run_dir} holds a finished run of another config ({detail}); use a new "
-                            f"hydra.run.dir")
+            raise UserError(f"{run_dir} holds a finished run of another config ({detail}); use a new hydra.run.dir")
     valids = [float(r["valid/bpc"]) for r in records if isinstance(r.get("valid/bpc"), (int, float))]
     finite = [v for v in valids if np.isfinite(v)]
-    result = {"step": max(r["step"] for r in records), "chars": max(r.get("chars", 0) for r in records),
-              "train_seconds": max(float(r.get("time", 0.0)) for r in records),
-              "num_parameters": saved.get("num_parameters"), "valid/bpc": valids[-1] if valids else float("nan"),
-              "best_valid/bpc": min(finite) if finite else float("inf"), "run_dir": str(run_dir),
-              "score": run_score(records, max_steps, best=cfg.trainer.get("early_stop_patience") is not None),
-              "skipped": True}
+    result = {
+        "step": max(r["step"] for r in records),
+        "chars": max(r.get("chars", 0) for r in records),
+        "train_seconds": max(float(r.get("time", 0.0)) for r in records),
+        "num_parameters": saved.get("num_parameters"),
+        "valid/bpc": valids[-1] if valids else float("nan"),
+        "best_valid/bpc": min(finite) if finite else float("inf"),
+        "run_dir": str(run_dir),
+        "score": run_score(records, max_steps, best=cfg.trainer.get("early_stop_patience") is not None),
+        "skipped": True,
+    }
     if diverged(records):
         result["diverged"] = True
     tests = [r["test/bpc"] for r in records if "test/bpc" in r]
@@ -186,15 +206,19 @@ def maybe_resume(trainer) -> bool:
     if mode is False:
         if checkpoint.has_checkpoint(trainer.run_dir):
             # a fresh run here would rotate away, and mix with, the checkpoints of the run already there
-            raise UserError(f"trainer.resume=false but {trainer.run_dir} already holds checkpoints of a run; use a new "
-                            f"hydra.run.dir, or trainer.resume=auto to continue that run")
+            raise UserError(
+                f"trainer.resume=false but {trainer.run_dir} already holds checkpoints of a run; use a new "
+                f"hydra.run.dir, or trainer.resume=auto to continue that run"
+            )
         return False
     payload = checkpoint.load_latest(trainer.run_dir, set_aside=trainer.ctx.is_main)
     # every rank reads the checkpoint itself: they must all see the same one (a run dir on a shared file system)
     found = distributed.gather_objects(None if payload is None else int(payload["step"]), trainer.ctx)
     if len(set(found)) > 1:
-        raise UserError(f"the ranks see different checkpoints in {trainer.run_dir} (steps by rank: {found}); "
-                        f"under multi-node DDP hydra.run.dir must be on a file system shared by all nodes")
+        raise UserError(
+            f"the ranks see different checkpoints in {trainer.run_dir} (steps by rank: {found}); "
+            f"under multi-node DDP hydra.run.dir must be on a file system shared by all nodes"
+        )
     if payload is None:
         if mode is True:
             raise UserError(f"trainer.resume=true but {trainer.run_dir} holds no checkpoint (last.pt)")
@@ -216,8 +240,10 @@ def restore(trainer, payload: dict) -> None:
     trainer.scaler.load_state_dict(payload["scaler"])
     trainer.batches.load_state_dict(payload["batcher"])
     lo = trainer.ctx.rank * trainer.local_batch
-    trainer.state = [tuple(t[lo:lo + trainer.local_batch].to(trainer.ctx.device) for t in layer)
-                  for layer in payload["hidden_state"]]
+    trainer.state = [
+        tuple(t[lo : lo + trainer.local_batch].to(trainer.ctx.device) for t in layer)
+        for layer in payload["hidden_state"]
+    ]
     for key in ("step", "chars", "train_seconds", "best_valid", "nonfinite_total"):
         setattr(trainer, key, payload[key])
     trainer.nonfinite_in_row = int(payload.get("nonfinite_in_row", 0))

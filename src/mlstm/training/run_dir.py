@@ -19,8 +19,9 @@ def prepare_run_dir(run_dir: Path) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise UserError(f"output directory {run_dir} is not writable ({error.strerror}); "
-                        f"set hydra.run.dir to a writable path") from None
+        raise UserError(
+            f"output directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir to a writable path"
+        ) from None
     return run_dir
 
 
@@ -35,8 +36,9 @@ def run_dir_lock(run_dir: Path):
     try:
         lock.acquire()
     except OSError as error:
-        raise UserError(f"output directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir to a "
-                        f"writable path") from None
+        raise UserError(
+            f"output directory {run_dir} is not writable ({error.strerror}); set hydra.run.dir to a writable path"
+        ) from None
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ LOCK_FILE = "run.lock"
 # file systems without flock (some NFS or Lustre mounts): train unlocked, and say so
 NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
-_held: dict[str, "RunLock"] = {}  # the run directories this process holds, by real path (the CLI locks early)
+_held: dict[str, RunLock] = {}  # the run directories this process holds, by real path (the CLI locks early)
 
 
 class RunLock:
@@ -40,7 +40,7 @@ class RunLock:
         self._fd: int | None = None
         self._nested = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -65,8 +65,11 @@ class RunLock:
             os.close(fd)
             if error.errno not in NO_LOCKING:
                 raise
-            print(f"warning: cannot lock {self.path} ({error.strerror}): this file system has no flock, so nothing "
-                  f"stops a second run from writing into {self.run_dir}", file=sys.stderr)
+            print(
+                f"warning: cannot lock {self.path} ({error.strerror}): this file system has no flock, so nothing "
+                f"stops a second run from writing into {self.run_dir}",
+                file=sys.stderr,
+            )
             return
         self._fd = fd
         self._take_over(_read_holder(fd))
@@ -87,10 +90,12 @@ class RunLock:
         if not holder:
             return
         pid, host = holder.get("pid"), holder.get("host")
-        state = "no longer running" if host == socket.gethostname() and not _alive(pid) else \
-            f"on host {host}, which no longer holds it"
-        print(f"warning: taking over the lock of pid {pid} ({state}) on run directory {self.run_dir}",
-              file=sys.stderr)
+        state = (
+            "no longer running"
+            if host == socket.gethostname() and not _alive(pid)
+            else f"on host {host}, which no longer holds it"
+        )
+        print(f"warning: taking over the lock of pid {pid} ({state}) on run directory {self.run_dir}", file=sys.stderr)
 
     def _in_use_message(self) -> str:
         holder = _wait_for_holder(self.path)
@@ -98,8 +103,10 @@ class RunLock:
         gone = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
         # flock busy but its pid gone: a process it started inherited the descriptor and still holds the lock
         orphan = f" (pid {pid} has ended, but a process it started still holds the lock)" if gone else ""
-        return (f"run directory {self.run_dir} is in use by pid {pid} on host {host} since {since}{orphan}; wait for "
-                f"that run to end or stop it (it saves last.pt on SIGTERM), or train in another hydra.run.dir")
+        return (
+            f"run directory {self.run_dir} is in use by pid {pid} on host {host} since {since}{orphan}; wait for "
+            f"that run to end or stop it (it saves last.pt on SIGTERM), or train in another hydra.run.dir"
+        )
 
 
 def _write_holder(fd: int) -> None:

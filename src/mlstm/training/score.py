@@ -52,5 +52,8 @@ def early_stopped(records: Iterable[Mapping]) -> bool:
 
 def ended(records: list[Mapping], budget_steps: int) -> bool:
     """Whether training ended: stopped by the rule, diverged, or validated at the last step of the budget (the cap)."""
-    return early_stopped(records) or diverged(records) or any(
-        record.get("step") == budget_steps and "valid/bpc" in record for record in records)
+    return (
+        early_stopped(records)
+        or diverged(records)
+        or any(record.get("step") == budget_steps and "valid/bpc" in record for record in records)
+    )

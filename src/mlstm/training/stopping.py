@@ -85,8 +85,9 @@ class GracefulStop:
             os._exit(128 + signum)
         self.ask(signum)
         if self.announce:  # os.write: a handler may interrupt a print, and print is not reentrant
-            os.write(2, f"received {name}: saving last.pt after the current step (a second signal exits at "
-                        f"once)\n".encode())
+            os.write(
+                2, f"received {name}: saving last.pt after the current step (a second signal exits at once)\n".encode()
+            )
 
     def ask(self, signum: int) -> None:
         """Raise the flag the loop checks after each step, as the first `signum` does."""
@@ -124,8 +125,9 @@ class ParentWatch:
         with cls.lock:
             cls.stopping = stop
         if cls._thread is None and multiprocessing.parent_process() is not None:
-            cls._thread = threading.Thread(target=cls._watch, args=(os.getppid(),), name="mlstm-parent-watch",
-                                           daemon=True)
+            cls._thread = threading.Thread(
+                target=cls._watch, args=(os.getppid(),), name="mlstm-parent-watch", daemon=True
+            )
             cls._thread.start()
 
     @classmethod
@@ -221,8 +223,11 @@ class SweepStop:
             os._exit(128 + signum)
         cls.signum, cls.since = signum, time.monotonic()
         cls.request(signum, f"a worker received {name}")
-        os.write(2, f"received {name} outside a run: this worker starts no new job, and a run setting up here stops "
-                    f"after its first step (a second signal exits at once)\n".encode())
+        os.write(
+            2,
+            f"received {name} outside a run: this worker starts no new job, and a run setting up here stops "
+            f"after its first step (a second signal exits at once)\n".encode(),
+        )
 
 
 def write_stop_file(path: Path, signum: int, reason: str) -> None:

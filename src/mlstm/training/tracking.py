@@ -122,15 +122,18 @@ class WandbSink:
                     init["id"] = run_id = uuid.uuid4().hex[:8]
                     id_file.write_text(run_id + "\n")
                     self.run = wandb.init(mode="offline", **init)
-                self._warn(f"W&B online failed ({type(error).__name__}: {first_line(error)}); logging offline "
-                           f"instead (upload later: wandb sync {Path(run_dir) / 'wandb'}/offline-run-*), and "
-                           f"metrics.jsonl keeps every metric")
+                self._warn(
+                    f"W&B online failed ({type(error).__name__}: {first_line(error)}); logging offline "
+                    f"instead (upload later: wandb sync {Path(run_dir) / 'wandb'}/offline-run-*), and "
+                    f"metrics.jsonl keeps every metric"
+                )
             # both x-axes of the convergence question: optimizer steps and characters seen
             self.run.define_metric("chars")
             self.run.define_metric("*", step_metric="step")
         except Exception as error:  # noqa: BLE001 - tracking must never stop a run
-            self._warn(f"W&B could not start ({type(error).__name__}: {first_line(error)}); "
-                       f"metrics.jsonl keeps every metric")
+            self._warn(
+                f"W&B could not start ({type(error).__name__}: {first_line(error)}); metrics.jsonl keeps every metric"
+            )
             self.run = None
 
     def _warn(self, message: str) -> None:
@@ -143,8 +146,11 @@ class WandbSink:
             return
         try:
             # NaN is "not measured"; lists (the per-stream bpc of the cold-start check) stay in metrics.jsonl
-            clean = {k: v for k, v in record.items()
-                     if not (isinstance(v, float) and math.isnan(v)) and not isinstance(v, (list, tuple))}
+            clean = {
+                k: v
+                for k, v in record.items()
+                if not (isinstance(v, float) and math.isnan(v)) and not isinstance(v, (list, tuple))
+            }
             self.run.log(clean, step=int(record["step"]))
         except Exception as error:  # noqa: BLE001
             self._warn(f"W&B logging failed ({first_line(error)}); metrics.jsonl keeps every metric")

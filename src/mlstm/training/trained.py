@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mlstm.training.checkpoint import load_file
 from mlstm.errors import UserError
 from mlstm.model import CharLM, build_model
+from mlstm.training.checkpoint import load_file
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CharLM, dict]:
@@ -29,6 +29,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ch
         raise
     except Exception as error:  # noqa: BLE001 - a config that does not build, or weights that do not fit it
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise UserError(f"checkpoint {path} does not rebuild into its own model ({type(error).__name__}: "
-                        f"{detail})") from None
+        raise UserError(
+            f"checkpoint {path} does not rebuild into its own model ({type(error).__name__}: {detail})"
+        ) from None
     return model.to(device).eval(), payload

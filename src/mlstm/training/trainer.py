@@ -26,8 +26,8 @@ from mlstm.model import build_model, detach_state, num_parameters
 from mlstm.training import checkpoint, distributed, divergence, evaluation, resume
 from mlstm.training.checks import check_config, check_eval_sizes
 from mlstm.training.optim import build_optimizer
-from mlstm.training.progress import progress_bar, throughput
 from mlstm.training.plateau import build_early_stopping, build_plateau, can_reduce, current_lr
+from mlstm.training.progress import progress_bar, throughput
 from mlstm.training.resume import finished_result, rank_seed, seed_everything
 from mlstm.training.run_dir import agree_on_run_dir, default_run_dir, prepare_run_dir, run_dir_lock
 from mlstm.training.score import run_score
@@ -66,9 +66,15 @@ class Trainer:
         self.early_stop = build_early_stopping(self.tcfg, cfg.optim)  # trainer.early_stop_patience
 
         B, T = int(self.tcfg.batch_size), int(self.tcfg.seq_len)
-        self.batches = StreamBatcher(self.corpus.train, B, T, rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size, device=self.ctx.device,
-                                     split_name="train")
+        self.batches = StreamBatcher(
+            self.corpus.train,
+            B,
+            T,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            device=self.ctx.device,
+            split_name="train",
+        )
         self.local_batch = B // self.ctx.world_size
         self.state = self.model.init_state(self.local_batch, self.ctx.device)
         check_eval_sizes(self.tcfg, self.corpus)
@@ -123,8 +129,7 @@ class Trainer:
     def save(self, best: bool = False) -> None:
         payload = resume.checkpoint_payload(self)  # collective under DDP: every rank gathers
         if self.ctx.is_main:
-            checkpoint.save_checkpoint(payload, self.run_dir, keep=int(self.tcfg.get("keep_checkpoints", 2)),
-                                       best=best)
+            checkpoint.save_checkpoint(payload, self.run_dir, keep=int(self.tcfg.get("keep_checkpoints", 2)), best=best)
         distributed.barrier(self.ctx)
 
     # ------------------------------------------------------------------------------------------------- the loop
@@ -187,8 +192,9 @@ class Trainer:
     def _evaluate_and_log(self) -> float:
         """Validation on every rank (sharded, see `evaluate`): all ranks agree on the value, hence on `best.pt`."""
         valid = evaluation.evaluate(self, "valid")
-        self.sinks.log({"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
-                        "valid/bpc": valid})
+        self.sinks.log(
+            {"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3), "valid/bpc": valid}
+        )
         return valid
 
     def _plateau_step(self, valid: float) -> bool:
@@ -230,15 +236,24 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"nothing to do: the run in {self.run_dir} already reached step {self.step}", file=sys.stderr)
             self.sinks.close()
-            return {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
-                    "num_parameters": self.num_params, "best_valid/bpc": self.best_valid, "run_dir": str(self.run_dir)}
+            return {
+                "step": self.step,
+                "chars": self.chars,
+                "train_seconds": self.train_seconds,
+                "num_parameters": self.num_params,
+                "best_valid/bpc": self.best_valid,
+                "run_dir": str(self.run_dir),
+            }
         bar = progress_bar(max_steps, self.step, enabled=self.ctx.is_main and tcfg.get("progress", True))
         self.model.train()
         if tcfg.get("on_divergence", "stop") == "reload" and not checkpoint.has_checkpoint(self.run_dir):
             self.save()  # the initial state is the last good checkpoint until the first periodic one
         window_seconds, window_chars = 0.0, 0
-        while self.step < max_steps and not (max_seconds and self.train_seconds >= max_seconds) \
-                and not self._stopped_early():
+        while (
+            self.step < max_steps
+            and not (max_seconds and self.train_seconds >= max_seconds)
+            and not self._stopped_early()
+        ):
             batch = self.batches.next_batch()
             self._sync()
             started = time.perf_counter()
@@ -265,8 +280,10 @@ class Trainer:
             last = self.step >= max_steps or bool(max_seconds and self.train_seconds >= max_seconds)
             if self.step % log_every == 0 or last:  # also when every step of the window was skipped as non-finite
                 if self.window["steps"]:
-                    bar.set_postfix(bpc=f"{self.window['nats'] / self.window['steps'] / LN2:.3f}",
-                                    chars_s=f"{window_chars / max(window_seconds, 1e-9):.0f}")
+                    bar.set_postfix(
+                        bpc=f"{self.window['nats'] / self.window['steps'] / LN2:.3f}",
+                        chars_s=f"{window_chars / max(window_seconds, 1e-9):.0f}",
+                    )
                 self._log_train(grad_norm, window_seconds, window_chars)
                 window_seconds, window_chars = 0.0, 0
             is_best = False
@@ -293,24 +310,35 @@ class Trainer:
             self.save()
         self.sinks.close()
         name = signal.Signals(self.stop.signum).name if self.stop.requested else "a signal to another rank"
-        message = (f"stopped by {name} at step {self.step}; last.pt saved in {self.run_dir}; rerun the same command "
-                   f"to resume")
+        message = (
+            f"stopped by {name} at step {self.step}; last.pt saved in {self.run_dir}; rerun the same command to resume"
+        )
         if self.ctx.is_main:
             print(message, file=sys.stderr, flush=True)
         self.stop.chain()
         raise TrainingStopped(message, self.stop.signum, ParentWatch.orphaned.is_set())
 
     def _finish(self, valid: float) -> dict:
-        result = {"step": self.step, "chars": self.chars, "train_seconds": self.train_seconds,
-                  "num_parameters": self.num_params, "valid/bpc": valid, "best_valid/bpc": self.best_valid,
-                  "run_dir": str(self.run_dir)}
+        result = {
+            "step": self.step,
+            "chars": self.chars,
+            "train_seconds": self.train_seconds,
+            "num_parameters": self.num_params,
+            "valid/bpc": valid,
+            "best_valid/bpc": self.best_valid,
+            "run_dir": str(self.run_dir),
+        }
         if self.tcfg.get("test_at_end", True):
             if self.early_stop is not None:  # to convergence: the reported model is the best validation point's
                 self.model.load_state_dict(checkpoint.load_file(self.run_dir / "best.pt")["model"])
                 result["tested_checkpoint"] = "best.pt"
             result["test/bpc"] = evaluation.evaluate(self, "test")
-            record = {"step": self.step, "chars": self.chars, "time": round(self.train_seconds, 3),
-                      "test/bpc": result["test/bpc"]}
+            record = {
+                "step": self.step,
+                "chars": self.chars,
+                "time": round(self.train_seconds, 3),
+                "test/bpc": result["test/bpc"],
+            }
             if self.tcfg.get("cold_start_streams"):
                 record.update(evaluation.cold_starts(self, "test", int(self.tcfg.cold_start_streams)))
             self.sinks.log(record)  # one record: a run counted as finished has its cold-start check too
@@ -327,8 +355,11 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     with run_dir_lock(Path(run_dir)):  # before anything in the run directory is read or written
         done = finished_result(Path(run_dir), cfg)  # a sweep run again skips the runs it finished (or committed)
         if done is not None:
-            print(f"nothing to do: {run_dir} holds a finished run (metrics.jsonl); use a new hydra.run.dir to train "
-                  f"again", file=sys.stderr)
+            print(
+                f"nothing to do: {run_dir} holds a finished run (metrics.jsonl); use a new hydra.run.dir to train "
+                f"again",
+                file=sys.stderr,
+            )
             return done
         trainer = Trainer(cfg, Path(run_dir))
         if trainer.ctx.is_main:
@@ -343,8 +374,9 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             raise
         distributed.teardown(trainer.ctx, finished=True)
         if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
-            result["score"] = run_score(read_metrics(trainer.run_dir / METRICS_FILE), int(cfg.trainer.max_steps),
-                                        best=trainer.early_stop is not None)
+            result["score"] = run_score(
+                read_metrics(trainer.run_dir / METRICS_FILE),
+                int(cfg.trainer.max_steps),
+                best=trainer.early_stop is not None,
+            )
         return result
-
-

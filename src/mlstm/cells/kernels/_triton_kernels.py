@@ -28,8 +28,9 @@ def tanh(x):
     big = (1.0 - e) / (1.0 + e)
     big = tl.where(x < 0, -big, big)
     x2 = x * x
-    small = x + x * x2 * (-0.33333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.053968253968253968
-                                                                                    + x2 * 0.021869488536155203)))
+    small = x + x * x2 * (
+        -0.33333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.053968253968253968 + x2 * 0.021869488536155203))
+    )
     return tl.where(a < 0.0625, small, big)
 
 
@@ -82,8 +83,9 @@ def hoisted(xp, bias, k, ok, XB: tl.constexpr):
 
 
 @triton.jit
-def fwd_product(xp, prod, r, m, bias, H, K, KF, SEED: tl.constexpr, XB: tl.constexpr, BF16: tl.constexpr,
-                BLOCK: tl.constexpr):
+def fwd_product(
+    xp, prod, r, m, bias, H, K, KF, SEED: tl.constexpr, XB: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr
+):
     # r and m may be in the products' dtype (fused: BF16 when that is bfloat16)
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -104,10 +106,38 @@ def fwd_product(xp, prod, r, m, bias, H, K, KF, SEED: tl.constexpr, XB: tl.const
 
 
 @triton.jit
-def fwd_cell(xz, prod, c_prev, g, cr, c, hr, w_I, w_F, w_O, b_h, y, mask, h_lo, bias_z, forget_bias, clip, H, K,
-             FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
-             ii: tl.constexpr, ci: tl.constexpr, OUT: tl.constexpr, MASK: tl.constexpr, STORE_HR: tl.constexpr,
-             BF16: tl.constexpr, BLOCK: tl.constexpr):
+def fwd_cell(
+    xz,
+    prod,
+    c_prev,
+    g,
+    cr,
+    c,
+    hr,
+    w_I,
+    w_F,
+    w_O,
+    b_h,
+    y,
+    mask,
+    h_lo,
+    bias_z,
+    forget_bias,
+    clip,
+    H,
+    K,
+    FORM: tl.constexpr,
+    ACT: tl.constexpr,
+    PEEP: tl.constexpr,
+    CLIP: tl.constexpr,
+    ii: tl.constexpr,
+    ci: tl.constexpr,
+    OUT: tl.constexpr,
+    MASK: tl.constexpr,
+    STORE_HR: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
     # OUT (fused): xz is the bf16 product and bias_z its bias (`hoisted`); also the layer's output y = h ⊙ mask
     # (MASK) and its copy in the products' dtype (h_lo, the next step's operand); h itself is stored in hr only when
@@ -175,10 +205,38 @@ def fwd_cell(xz, prod, c_prev, g, cr, c, hr, w_I, w_F, w_O, b_h, y, mask, h_lo, 
 
 
 @triton.jit
-def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, mask, dz_lo, clip, H, K,
-             FORM: tl.constexpr, ACT: tl.constexpr, PEEP: tl.constexpr, CLIP: tl.constexpr,
-             ii: tl.constexpr, ci: tl.constexpr, IN: tl.constexpr, ADD_DY: tl.constexpr, MASK: tl.constexpr,
-             BF16: tl.constexpr, BLOCK: tl.constexpr):
+def bwd_cell(
+    g,
+    cr,
+    c,
+    c_prev,
+    hr,
+    w_I,
+    w_F,
+    w_O,
+    dhr,
+    dc,
+    dz,
+    du,
+    dh_in,
+    dy,
+    mask,
+    dz_lo,
+    clip,
+    H,
+    K,
+    FORM: tl.constexpr,
+    ACT: tl.constexpr,
+    PEEP: tl.constexpr,
+    CLIP: tl.constexpr,
+    ii: tl.constexpr,
+    ci: tl.constexpr,
+    IN: tl.constexpr,
+    ADD_DY: tl.constexpr,
+    MASK: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # ii, ci: the slots of i and the candidate in z and dz (paper/matlab [ĥ; i; f; o], seed [i; j; f; o]).
     # IN (fused): the grad of h is (dy (ADD_DY) + dh_in) ⊙ mask (MASK), dh_in the product W_r^T dr of the step
     # after (any dtype), instead of dhr; dz is also written in the products' dtype (dz_lo, rows K apart).
@@ -254,8 +312,23 @@ def bwd_cell(g, cr, c, c_prev, hr, w_I, w_F, w_O, dhr, dc, dz, du, dh_in, dy, ma
 
 
 @triton.jit
-def bwd_product(xp, r, dm, dF, dR, dF_lo, dr_lo, bias, H, K, KF, SEED: tl.constexpr, LO: tl.constexpr,
-                BF16: tl.constexpr, BLOCK: tl.constexpr):
+def bwd_product(
+    xp,
+    r,
+    dm,
+    dF,
+    dR,
+    dF_lo,
+    dr_lo,
+    bias,
+    H,
+    K,
+    KF,
+    SEED: tl.constexpr,
+    LO: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # LO (fused): xp is the bf16 product and bias its bias (`hoisted`); d xp_F is also written in the products'
     # dtype (dF_lo, rows K apart), and dr goes to dr_lo in that dtype (paper, matlab; the seed's dr is d xp_F
     # itself), not to dR; r may be in that dtype

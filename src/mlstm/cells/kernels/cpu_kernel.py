@@ -122,8 +122,13 @@ def build(compiler: str | None = None) -> Path:
 def _target(version: str, flags: tuple[str, ...]) -> Path:
     """Where the library built with these flags is cached: the name is a hash of everything it depends on."""
     key = hashlib.sha256()
-    for part in (version, " ".join(flags), platform.machine(), _cpu_identity(),
-                 *((SOURCE_DIR / name).read_text() for name in SOURCES)):
+    for part in (
+        version,
+        " ".join(flags),
+        platform.machine(),
+        _cpu_identity(),
+        *((SOURCE_DIR / name).read_text() for name in SOURCES),
+    ):
         key.update(part.encode() + b"\0")
     name = f"mlstm_cpu-{key.hexdigest()[:16]}.so"
     target = cache_dir() / name
@@ -141,8 +146,9 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE_DIR / "mlstm_cpu.c")],
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [compiler, *flags, "-o", tmp, str(SOURCE_DIR / "mlstm_cpu.c")], capture_output=True, text=True, timeout=600
+        )
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"{compiler} failed on {SOURCE_DIR / 'mlstm_cpu.c'}: {last}")
@@ -163,8 +169,10 @@ class Kernels:
         if self.lib.mlstm_segment_size() != ctypes.sizeof(Segment):
             raise RuntimeError(f"{path}: struct layout differs from the loader's ({ctypes.sizeof(Segment)} bytes)")
         self.lib.mlstm_threaded.restype = ctypes.c_int32
-        self.lib.mlstm_set_flush_denormal.argtypes, self.lib.mlstm_set_flush_denormal.restype = (ctypes.c_int32,), \
-            ctypes.c_int32
+        self.lib.mlstm_set_flush_denormal.argtypes, self.lib.mlstm_set_flush_denormal.restype = (
+            (ctypes.c_int32,),
+            ctypes.c_int32,
+        )
         self.threaded = bool(self.lib.mlstm_threaded())
         self.functions = {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
@@ -194,8 +202,10 @@ def load() -> Kernels | None:
         except (RuntimeError, OSError) as e:
             _failure = str(e)
             if wanted == "auto":
-                print(f"mlstm: fused CPU kernel unavailable ({_failure}); using the PyTorch pointwise path",
-                      file=sys.stderr)
+                print(
+                    f"mlstm: fused CPU kernel unavailable ({_failure}); using the PyTorch pointwise path",
+                    file=sys.stderr,
+                )
     if _loaded is None and wanted == "on":
         raise UserError(f"MLSTM_CPU_KERNEL=1 but the fused CPU kernel cannot be built: {_failure}")
     return _loaded
@@ -254,10 +264,16 @@ class SegmentCall:
         T, B, K = xp.shape
         H = buffers["M"].shape[-1]
         self.seg = Segment(
-            B=B, H=H, KF=K - 4 * H, K=K,
-            form=FORMS["seed-gated" if spec.seed_output == "gated" else spec.form], act=ACTIVATIONS[spec.activation],
+            B=B,
+            H=H,
+            KF=K - 4 * H,
+            K=K,
+            form=FORMS["seed-gated" if spec.seed_output == "gated" else spec.form],
+            act=ACTIVATIONS[spec.activation],
             peep=int(spec.peepholes),
-            has_clip=int(spec.cell_clip is not None), forget_bias=spec.forget_bias, clip=spec.cell_clip or 0.0,
+            has_clip=int(spec.cell_clip is not None),
+            forget_bias=spec.forget_bias,
+            clip=spec.cell_clip or 0.0,
             xp=xp.data_ptr(),
             **{name: _buf(buffers.get(name)) for name in ("R", "M", "G", "C", "CR", "AC", "SO", "HR")},
             **{name: _ptr(v) for name, v in tensors.items()},

@@ -61,8 +61,9 @@ def applies(device: torch.device, dtype: torch.dtype) -> str | None:
         return None
     if not importable():
         if wanted in ("on", "interpret"):
-            raise UserError(f"MLSTM_TRITON={os.environ['MLSTM_TRITON']} but Triton is not installed "
-                            "(pip install triton)")
+            raise UserError(
+                f"MLSTM_TRITON={os.environ['MLSTM_TRITON']} but Triton is not installed (pip install triton)"
+            )
         return None
     return "triton-interpret" if wanted == "interpret" else "triton"
 
@@ -131,7 +132,7 @@ class TritonSegmentCall:
         self.xp, self.b, self.t, self.low = xp, buffers, tensors, low or {}
         self.fused = low is not None
         self.bias = self.low.get("bias")  # fused: xp is the bf16 product W_in x, and the kernels add this bias (K,)
-        self.bias_z = None if self.bias is None else self.bias[self.KF:]
+        self.bias_z = None if self.bias is None else self.bias[self.KF :]
         self.k = kernels(interpret)
         self.block = self.block_for(H)
         self.grid = (B, -(-H // self.block))
@@ -139,9 +140,18 @@ class TritonSegmentCall:
         # an unused pointer argument (a buffer that this form does not have) is given a harmless tensor instead
         self.spare = xp
         self.bf16 = self.fused and buffers["M"].dtype == torch.bfloat16  # the products' dtype (M is in it when fused)
-        self.cell_flags = dict(FORM=self.form, ACT=self.act, PEEP=self.peep, CLIP=self.clip is not None, ii=self.ii,
-                               ci=self.ci, MASK=self.low.get("mask") is not None, BF16=self.bf16, BLOCK=self.block,
-                               num_warps=self.warps)
+        self.cell_flags = dict(
+            FORM=self.form,
+            ACT=self.act,
+            PEEP=self.peep,
+            CLIP=self.clip is not None,
+            ii=self.ii,
+            ci=self.ci,
+            MASK=self.low.get("mask") is not None,
+            BF16=self.bf16,
+            BLOCK=self.block,
+            num_warps=self.warps,
+        )
 
     @staticmethod
     def block_for(H: int) -> int:
@@ -158,32 +168,94 @@ class TritonSegmentCall:
     def fwd_product(self, t: int, product: torch.Tensor) -> None:
         b, p = self.b, self._p
         self.k.fwd_product[self.grid](
-            self.xp[t], product, _slot(b["R"], t), _slot(b["M"], t), p(self.bias), self.H, self.K, self.KF,
-            SEED=self.form >= 2, XB=self.fused, BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
+            self.xp[t],
+            product,
+            _slot(b["R"], t),
+            _slot(b["M"], t),
+            p(self.bias),
+            self.H,
+            self.K,
+            self.KF,
+            SEED=self.form >= 2,
+            XB=self.fused,
+            BF16=self.bf16,
+            BLOCK=self.block,
+            num_warps=self.warps,
+        )
 
     def fwd_cell(self, t: int, product: torch.Tensor) -> None:
         b, p, low, w = self.b, self._p, self.low, self.t
         hr, y = _slot(b["HR"], t), low["Y"][t] if self.fused else None
         self.k.fwd_cell[self.grid](
-            self.xp[t, :, self.KF:], product, self._c_prev(t), _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t),
-            hr, p(w["w_I"]), p(w["w_F"]), p(w["w_O"]), p(w["b_h"]),
-            p(y), p(low.get("mask")), p(_slot(low.get("H_lo"), t)), p(self.bias_z),
-            self.forget_bias, float(self.clip or 0.0), self.H, self.K,
-            OUT=self.fused, STORE_HR=self.fused and hr.data_ptr() != y.data_ptr(), **self.cell_flags)
+            self.xp[t, :, self.KF :],
+            product,
+            self._c_prev(t),
+            _slot(b["G"], t),
+            _slot(b["CR"], t),
+            _slot(b["C"], t),
+            hr,
+            p(w["w_I"]),
+            p(w["w_F"]),
+            p(w["w_O"]),
+            p(w["b_h"]),
+            p(y),
+            p(low.get("mask")),
+            p(_slot(low.get("H_lo"), t)),
+            p(self.bias_z),
+            self.forget_bias,
+            float(self.clip or 0.0),
+            self.H,
+            self.K,
+            OUT=self.fused,
+            STORE_HR=self.fused and hr.data_ptr() != y.data_ptr(),
+            **self.cell_flags,
+        )
 
     def bwd_cell(self, t: int, dh_in: torch.Tensor | None = None, add_dy: bool = False) -> None:
         """dh_in, add_dy (fused only): the grad of h_t is (dY[t] if add_dy) + dh_in, before the mask."""
         b, p, low, w = self.b, self._p, self.low, self.t
         self.k.bwd_cell[self.grid](
-            _slot(b["G"], t), _slot(b["CR"], t), _slot(b["C"], t), self._c_prev(t), _slot(b["HR"], t),
-            p(w["w_I"]), p(w["w_F"]), p(w["w_O"]), w["dhr"], w["dc"], w["dXP"][t, :, self.KF:], p(_slot(w["dU"], t)),
-            p(dh_in), p(low["dY"][t] if self.fused else None), p(low.get("mask")),
-            p(low["DXP_lo"][t, :, self.KF:] if self.fused else None),
-            float(self.clip or 0.0), self.H, self.K, IN=self.fused, ADD_DY=add_dy, **self.cell_flags)
+            _slot(b["G"], t),
+            _slot(b["CR"], t),
+            _slot(b["C"], t),
+            self._c_prev(t),
+            _slot(b["HR"], t),
+            p(w["w_I"]),
+            p(w["w_F"]),
+            p(w["w_O"]),
+            w["dhr"],
+            w["dc"],
+            w["dXP"][t, :, self.KF :],
+            p(_slot(w["dU"], t)),
+            p(dh_in),
+            p(low["dY"][t] if self.fused else None),
+            p(low.get("mask")),
+            p(low["DXP_lo"][t, :, self.KF :] if self.fused else None),
+            float(self.clip or 0.0),
+            self.H,
+            self.K,
+            IN=self.fused,
+            ADD_DY=add_dy,
+            **self.cell_flags,
+        )
 
     def bwd_product(self, t: int, product: torch.Tensor) -> None:
         p, low = self._p, self.low
         self.k.bwd_product[self.grid](
-            self.xp[t], _slot(self.b["R"], t), product, self.t["dXP"][t], p(_slot(self.t["dR"], t)),
-            p(_slot(low.get("DXP_lo"), t)), p(_slot(low.get("DR_lo"), t)), p(self.bias), self.H, self.K, self.KF,
-            SEED=self.form >= 2, LO=self.fused, BF16=self.bf16, BLOCK=self.block, num_warps=self.warps)
+            self.xp[t],
+            _slot(self.b["R"], t),
+            product,
+            self.t["dXP"][t],
+            p(_slot(self.t["dR"], t)),
+            p(_slot(low.get("DXP_lo"), t)),
+            p(_slot(low.get("DR_lo"), t)),
+            p(self.bias),
+            self.H,
+            self.K,
+            self.KF,
+            SEED=self.form >= 2,
+            LO=self.fused,
+            BF16=self.bf16,
+            BLOCK=self.block,
+            num_warps=self.warps,
+        )
