@@ -283,6 +283,7 @@ class Trainer:
                     bar.set_postfix(
                         bpc=f"{self.window['nats'] / self.window['steps'] / LN2:.3f}",
                         chars_s=f"{window_chars / max(window_seconds, 1e-9):.0f}",
+                        refresh=False,  # shown at the bar's next refresh: in a log file at most once a minute
                     )
                 self._log_train(grad_norm, window_seconds, window_chars)
                 window_seconds, window_chars = 0.0, 0
