@@ -27,7 +27,7 @@ import numpy as np
 from mlstm.studies import convergence as cv
 from mlstm.studies import tuning
 from mlstm.studies.runs import Run, lookup
-from mlstm.studies.scaling import BASELINE, RungSelection, assign_rungs, select_by_rung, size_key
+from mlstm.studies.scaling import BASELINE, RungSelection, assign_rungs, pick_rate, select_by_rung, size_key
 from mlstm.training.score import early_stopped
 
 WITHIN = 0.02  # bpc: "within 0.02 of the run's own best"
@@ -209,16 +209,6 @@ def compare(cell: Cell, base: Cell, ladder_levels: int = 5) -> Comparison:
     )
 
 
-def _chosen_runs(runs: list[Run], chosen: float | None) -> tuple[list[Run], float | None, str]:
-    rates = sorted({lr for r in runs if (lr := tuning.learning_rate(r.config)) is not None})
-    if chosen is not None and chosen in rates:
-        return [r for r in runs if tuning.learning_rate(r.config) == chosen], chosen, ""
-    if len(rates) == 1:
-        note = "" if chosen is None else f"final runs at {rates[0]:g}, not at the chosen rate {chosen:g}"
-        return runs, rates[0], note
-    return runs, None, "final runs at several rates and no tuning choice"
-
-
 def sample_file(run: Run) -> Path | None:
     path = lookup(run.config, "dataset.path")
     return Path(path) if isinstance(path, str) and Path(path).is_file() else None
@@ -242,7 +232,7 @@ def analyse(
             grouped.setdefault((run.dataset, rungs[run.source], run.label), []).append(run)
     cells = []
     for (dataset, rung, variant), runs in grouped.items():
-        picked, lr, note = _chosen_runs(runs, chosen.get((dataset, rung, variant)))
+        picked, lr, note = pick_rate(runs, chosen.get((dataset, rung, variant)))
         counts = [r.num_parameters for r in picked if r.num_parameters]
         cells.append(
             Cell(

@@ -406,7 +406,7 @@ def int_or_none(value):
     return int(round(value)) if finite(value) else None
 
 
-def _pick_rate(runs: list[Run], chosen: float | None) -> tuple[list[Run], float | None, str]:
+def pick_rate(runs: list[Run], chosen: float | None) -> tuple[list[Run], float | None, str]:
     """The final runs of one cell at one rung: those at the chosen rate, or at the single rate present, or (several
     rates, no choice known) at the rate whose runs score best under the tuning rule."""
     rates = sorted({lr for r in runs if (lr := tuning.learning_rate(r.config)) is not None})
@@ -420,7 +420,7 @@ def _pick_rate(runs: list[Run], chosen: float | None) -> tuple[list[Run], float 
     score = {
         lr: np.mean(
             [
-                tuning.run_score(r.records, tuning.budget_steps(r.config))
+                tuning.run_score(r.records, tuning.budget_steps(r.config), best=tuning.to_convergence(r.config))
                 for r in runs
                 if tuning.learning_rate(r.config) == lr
             ]
@@ -477,7 +477,7 @@ def _analyse_dataset(
     budget = 0.0
     for rung, by_variant in by_rung.items():
         for variant, runs in sorted(by_variant.items()):
-            runs, lr, note = _pick_rate(runs, chosen.get((dataset, rung, variant)))
+            runs, lr, note = pick_rate(runs, chosen.get((dataset, rung, variant)))
             picked[(rung, variant)] = runs
             keys = seed_keys(runs)
             counts = [r.num_parameters for r in runs if r.num_parameters]
