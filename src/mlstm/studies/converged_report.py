@@ -16,9 +16,10 @@ import numpy as np
 from mlstm.errors import UserError
 from mlstm.studies import convergence as cv
 from mlstm.studies.converged import AXES, WITHIN, Cell, Comparison, ConvergedStudy, analyse, selection_rows
+from mlstm.studies.formatting import finite, fmt, interval, signed
 from mlstm.studies.runs import load_runs, lookup
 from mlstm.studies.scaling import COLORS, format_params
-from mlstm.studies.scaling_report import _fmt, _interval, selection_table, write_csv
+from mlstm.studies.scaling_report import selection_table, write_csv
 
 PROTOCOL_KEYS = (  # what the report states of the protocol, read from the final runs' configs
     ("optim.schedule", "schedule"),
@@ -36,23 +37,8 @@ PROTOCOL_KEYS = (  # what the report states of the protocol, read from the final
 )
 
 
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _mean_ci(iv: cv.Interval, spec: str = ".3f") -> str:
-    return _interval(iv, spec)
-
-
-def _signed(iv: cv.Interval) -> str:
-    if not finite(iv.value):
-        return "–"
-    text = f"{iv.value:+.3f}"
-    return f"{text} ({iv.low:+.3f}–{iv.high:+.3f})" if finite(iv.low) and finite(iv.high) else text
-
-
 def _ratio(iv: cv.Interval) -> str:
-    return f"{_interval(iv)}×" if finite(iv.value) else "–"
+    return f"{interval(iv)}×" if finite(iv.value) else "–"
 
 
 def protocol_lines(study: ConvergedStudy, configs: Sequence[Mapping]) -> list[str]:
@@ -86,9 +72,9 @@ def cell_rows(cells: Sequence[Cell], comparisons: Mapping, dataset: str) -> list
         epochs = [r.epochs_to_best for r in c.runs if finite(r.epochs_to_best)]
         blown = f"{c.cold_starts[0]} of {c.cold_starts[1]}" if c.cold_starts else "–"
         lines.append(
-            f"| {c.rung} | {c.variant} | {format_params(c.params)} | {_fmt(c.lr, 'g')} | {len(c.runs)} | {converged} "
-            f"| {_mean_ci(c.mean('best_valid'))} | {_mean_ci(c.mean('test'))} "
-            f"| {_signed(comp.d_best_valid) if comp else '–'} | {_signed(comp.d_test) if comp else '–'} "
+            f"| {c.rung} | {c.variant} | {format_params(c.params)} | {fmt(c.lr, 'g')} | {len(c.runs)} | {converged} "
+            f"| {interval(c.mean('best_valid'), '.3f')} | {interval(c.mean('test'), '.3f')} "
+            f"| {signed(comp.d_best_valid) if comp else '–'} | {signed(comp.d_test) if comp else '–'} "
             f"| {f'{np.mean(epochs):.1f}' if epochs else '–'} | {np.mean([r.reductions for r in c.runs]):.1f} "
             f"| {rise} | {blown} |"
         )

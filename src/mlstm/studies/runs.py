@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from mlstm.errors import UserError
 from mlstm.studies.convergence import Curve
+from mlstm.studies.formatting import finite
 from mlstm.training.tracking import METRICS_FILE, read_metrics
 
 CONFIG_FILE = "config.yaml"
@@ -79,15 +80,11 @@ class Run:
     def curve(self, metric: str) -> Curve:
         """The records that carry a finite `metric`, in step order, as a curve against steps, chars and seconds."""
         rows = sorted(
-            (r for r in self.records if _finite(r.get(metric)) and all(_finite(r.get(k)) for k in AXIS_KEYS.values())),
+            (r for r in self.records if finite(r.get(metric)) and all(finite(r.get(k)) for k in AXIS_KEYS.values())),
             key=lambda r: r["step"],
         )
         x = {axis: np.array([r[key] for r in rows], dtype=float) for axis, key in AXIS_KEYS.items()}
         return Curve(x, np.array([r[metric] for r in rows], dtype=float))
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def lookup(config: Mapping, dotted: str, default: Any = None) -> Any:

@@ -53,6 +53,7 @@ from mlstm.studies.convergence import (
     default_targets,
     pair_by_seed,
 )
+from mlstm.studies.formatting import finite
 from mlstm.studies.runs import Run, curves_by_seed, seed_keys
 
 BASELINE = "lstm"
@@ -392,10 +393,6 @@ class ScaleStudy:
     n_final: int
     n_tuning: int
     baseline: str = BASELINE
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finite_or_none(value):

@@ -21,7 +21,7 @@ import numpy as np
 
 from mlstm.errors import UserError
 from mlstm.studies import scaling
-from mlstm.studies.convergence import Interval
+from mlstm.studies.formatting import finite, fmt, interval
 from mlstm.studies.runs import load_runs
 from mlstm.studies.scaling import (
     BASELINE,
@@ -32,7 +32,6 @@ from mlstm.studies.scaling import (
     GapRow,
     RungSelection,
     ScaleStudy,
-    finite,
     format_params,
     int_or_none,
     size_key,
@@ -150,18 +149,6 @@ def overfitting_sentences(study: DatasetStudy) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def _fmt(value, spec: str = ".3f") -> str:
-    return format(value, spec) if finite(value) else "–"
-
-
-def _interval(iv: Interval, spec: str = ".2f") -> str:
-    if not finite(iv.value):
-        return "–"
-    if finite(iv.low) and finite(iv.high):
-        return f"{iv.value:{spec}} ({iv.low:{spec}}–{iv.high:{spec}})"
-    return f"{iv.value:{spec}}"
-
-
 def _ratio_text(g: GapRow) -> str:
     if finite(g.ratio.value):
         return f"{g.ratio.value:.2f}×"
@@ -344,7 +331,7 @@ def selection_table(selections: Sequence[RungSelection], dataset: str) -> list[s
     lines = ["| rung | cell | params | grid: rate (score) | chosen | note |", "| --- | --- | ---: | --- | ---: | --- |"]
     for s in mine:
         sel = s.selection
-        grid = ", ".join(f"{r.lr:g} ({_fmt(r.score)})" for r in sel.rates)
+        grid = ", ".join(f"{r.lr:g} ({fmt(r.score)})" for r in sel.rates)
         note = "; ".join(sel.notes).replace("|", "\\|")
         params = f"{int_or_none(s.params):,}" if finite(s.params) else "–"
         edge = " (edge)" if sel.at_edge else ""
@@ -420,10 +407,10 @@ def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | 
             ladder = f"{g.ladder[0]:.2f}–{g.ladder[1]:.2f} ({g.ladder[2]})" if g.ladder[2] else "–"
             target = f"{g.target:.3f}" + {"fixed": " (fixed)", "common": " (both reach)"}.get(g.criterion, "")
             chars = f"{g.chars.value:,.0f}" if finite(g.chars.value) else f"{g.fraction_reached:.0%} reached"
-            ratio = _interval(g.ratio) if finite(g.ratio.value) else _ratio_text(g)
+            ratio = interval(g.ratio) if finite(g.ratio.value) else _ratio_text(g)
             lines.append(
                 f"| {g.rung} | {int_or_none(g.params) or 0:,} | {g.variant} | {_lr(g.lr)} | {g.n_seeds} | "
-                f"{target} | {chars} | {ratio} | {ladder} | {_interval(g.valid_difference, '+.3f')} | "
+                f"{target} | {chars} | {ratio} | {ladder} | {interval(g.valid_difference, '+.3f')} | "
                 f"{g.note} |"
             )
         lines += [
@@ -447,8 +434,8 @@ def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | 
                 lines.append(
                     f"| {rung} | {variant} | {int_or_none(cell.params) or 0:,} | {_lr(cell.lr)} | "
                     f"{len(cell.ends)} | {_range(cell.stat('final_valid'))} | "
-                    f"{_range(cell.stat('final_train'))} | {_fmt(cell.stat('gap_end')[0])} | "
-                    f"{_fmt(cell.best_step, '.0f')} | {rise} | {onset} | {cell.note} |"
+                    f"{_range(cell.stat('final_train'))} | {fmt(cell.stat('gap_end')[0])} | "
+                    f"{fmt(cell.best_step, '.0f')} | {rise} | {onset} | {cell.note} |"
                 )
         lines += [""] + ["- " + s for s in overfitting_sentences(ds)] + [""]
         tested = [
