@@ -50,6 +50,8 @@ for spec in "$@"; do
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-"$PY" scripts/converged_report.py --final "$OUT/final" --tuning "$OUT/runs" --out "$OUT" > /dev/null || status=1
+finals=()  # no fresh seeds yet (a stopped or failed lane): the report shows the grids so far
+[ -d "$OUT/final" ] && finals=(--final "$OUT/final")
+"$PY" scripts/converged_report.py "${finals[@]}" --tuning "$OUT/runs" --out "$OUT" > /dev/null || status=1
 echo "report: $OUT/report.md (exit status $status)"
 exit "$status"
