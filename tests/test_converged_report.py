@@ -423,3 +423,34 @@ def test_the_script_writes_the_report_and_its_figures(study_dirs, tmp_path):
     for name in ("summary.csv", "selection.json"):
         assert (out / name).is_file() and f"wrote {out / name}" in done.stdout
     assert io.StringIO(report).readline().startswith("# Trained to convergence")
+
+
+def test_the_report_lists_every_grid_run_and_where_it_stands(study_dirs, tmp_path):
+    """The study spans many sessions: report.md shows each grid run so far, the unfinished one included."""
+    out = tmp_path / "report"
+    converged_report.report_from_runs([], [str(study_dirs / "runs")], out, figures=False)
+    rows = table((out / "report.md").read_text(), "| rung | cell | rate | seed |")
+    assert [(r["cell"], r["rate"], r["seed"]) for r in rows] == [
+        (cell, lr, seed)
+        for cell, rates in (("lstm", ("0.002", "0.004", "0.008")), ("mlstm-paper", ("0.001", "0.002", "0.004")))
+        for lr in rates
+        for seed in ("0", "1")
+    ]
+    states = {(r["cell"], r["rate"], r["seed"]): r for r in rows}
+    running = states[("mlstm-paper", "0.004", "1")]
+    assert (running["state"], running["steps"], running["lowest valid bpc (step)"]) == (
+        "unfinished",
+        "1,000",
+        "2.100 (1,000)",
+    )
+    done = states[("lstm", "0.004", "0")]
+    assert (done["state"], done["steps"], done["lowest valid bpc (step)"], done["halvings"]) == (
+        "stopped by the rule",
+        "1,400",
+        "2.330 (1,000)",
+        "1",
+    )
+    assert sum(r["state"] == "stopped by the rule" for r in rows) == 11
+    # a run that reached the cap still improving is flagged, never counted as stopped by the rule
+    capped = converged.analyse([], load_runs([str(study_dirs / "final" / DATASET / "lstm_1m" / "lr0.004-seed102")]))
+    assert [t.state for t in capped.tuning] == ["capped: NOT converged"]

@@ -165,6 +165,29 @@ class Comparison:
     ladder: list  # [(level, chars ratio Interval)] on a common ladder of levels both reach
 
 
+@dataclass(frozen=True)
+class TuningRun:
+    """One run of a learning-rate grid and where it stands: the study spans many sessions, and the report shows
+    every grid run so far, finished or not."""
+
+    dataset: str
+    rung: str
+    variant: str
+    lr: float | None
+    run: FinalRun  # the same measurements as a final run's (no test pass)
+
+    @property
+    def state(self) -> str:
+        r = self.run
+        if r.diverged:
+            return "diverged"
+        if r.converged:
+            return "stopped by the rule"
+        if r.capped:
+            return "capped: NOT converged"
+        return "unfinished"
+
+
 @dataclass
 class ConvergedStudy:
     cells: list[Cell]
@@ -174,6 +197,7 @@ class ConvergedStudy:
     n_final: int
     n_tuning: int
     baseline: str = BASELINE
+    tuning: list[TuningRun] = field(default_factory=list)
 
 
 def _pair(cell: Cell, base: Cell, name: str, axis: str | None = None, ratio: bool = True) -> cv.Interval:
@@ -267,7 +291,23 @@ def analyse(
     for run in final_runs + tuning_runs:
         if run.dataset not in references and (path := sample_file(run)) is not None:
             references[run.dataset] = xz_bits_per_char(path)
-    return ConvergedStudy(cells, comparisons, selections, references, len(final_runs), len(tuning_runs), baseline)
+    tuning_rungs = assign_rungs(tuning_runs)
+    grid = sorted(
+        (
+            TuningRun(r.dataset, tuning_rungs[r.source], r.label, lookup(r.config, "optim.lr"), final_run(r))
+            for r in tuning_runs
+            if r.source in tuning_rungs
+        ),
+        key=lambda t: (
+            t.dataset,
+            size_key(math.nan, t.rung),
+            t.variant != baseline,
+            t.variant,
+            t.lr or 0,
+            str(t.run.seed),
+        ),
+    )
+    return ConvergedStudy(cells, comparisons, selections, references, len(final_runs), len(tuning_runs), baseline, grid)
 
 
 def final_command(selection: RungSelection) -> str | None:

@@ -81,6 +81,25 @@ def cell_rows(cells: Sequence[Cell], comparisons: Mapping, dataset: str) -> list
     return lines
 
 
+def tuning_rows(study: ConvergedStudy, dataset: str) -> list[str]:
+    """Every grid run so far: the study spans many sessions, and an unfinished run shows where it stands."""
+    runs = [t for t in study.tuning if t.dataset == dataset]
+    if not runs:
+        return []
+    lines = [
+        "| rung | cell | rate | seed | state | steps | lowest valid bpc (step) | halvings | epochs to best |",
+        "| --- | --- | ---: | ---: | --- | ---: | --- | ---: | ---: |",
+    ]
+    for t in runs:
+        r = t.run
+        lowest = f"{r.best_valid:.3f} ({r.at_best['steps']:,.0f})" if finite(r.best_valid) else "–"
+        lines.append(
+            f"| {t.rung} | {t.variant} | {fmt(t.lr, 'g')} | {r.seed} | {t.state} | {fmt(r.end_step, ',.0f')} "
+            f"| {lowest} | {r.reductions} | {fmt(r.epochs_to_best, '.1f')} |"
+        )
+    return lines
+
+
 def speed_rows(comparisons: Sequence[Comparison], dataset: str) -> list[str]:
     mine = [c for c in comparisons if c.cell.dataset == dataset]
     if not mine:
@@ -257,6 +276,9 @@ def report_markdown(
         if table:
             lines += ["### Initial learning rates (tuning seeds; score = mean lowest validation bpc)", ""]
             lines += table + [""]
+        grid = tuning_rows(study, dataset)
+        if grid:
+            lines += ["### Grid runs so far", ""] + grid + [""]
         if any(c.dataset == dataset for c in study.cells):
             lines += [
                 "### Best against best",
