@@ -2,8 +2,9 @@
 
     python scripts/converged_plan.py --runs results/convergence/converged/runs --dataset enwik8_sample --preset lstm_1m
 
-Prints one line: `extend RATE` (the choice sits at the grid's edge: run that rate on the tuning seeds), `final RATE`
-(the choice lies strictly inside: run the fresh seeds there), `wait` (a grid run is unfinished) or `none`.
+Prints one line: `resume RATE[,RATE...]` (a grid run is unfinished, or a rate lacks a tuning seed: run those rates'
+tuning sweep again), `extend RATE` (the choice sits at the grid's edge: run that rate on the tuning seeds),
+`final RATE` (the choice lies strictly inside: run the fresh seeds there) or `none`.
 """
 
 import argparse
@@ -20,8 +21,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", required=True, help="the dataset config of the sweep, e.g. enwik8_sample")
     parser.add_argument("--preset", required=True, help="the variant preset, e.g. mlstm_paper_1m")
     args = parser.parse_args(argv)
-    step, rate = next_step(load_runs([args.runs]), args.dataset, args.preset)
-    print(step if rate is None else f"{step} {rate:g}")
+    step, rates = next_step(load_runs([args.runs]), args.dataset, args.preset)
+    print(" ".join([step, ",".join(f"{rate:g}" for rate in rates)]).rstrip())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # The converged study (results/convergence/converged/): every cell trained until validation stops improving, best
 # against best. One lane per cell, the lanes side by side (one thread each: two cells use the two cores); in a lane:
 #   1. the grid of initial rates given for the cell, on tuning seeds 0 and 1 (sweep converge_tune_cpu);
-#   2. while the tuning rule's choice sits at the grid's edge, the next factor-2 rate outward (scripts/converged_plan.py);
+#   2. while the tuning rule's choice sits at the grid's edge, the next factor-2 rate outward (scripts/converged_plan.py;
+#      an extension that a stop left unfinished is resumed first);
 #   3. five fresh seeds (100-104) at the chosen rate, with the test split on best.pt (sweep converge_final_cpu);
 # then the report over everything done so far (scripts/converged_report.py). Every run is a Hydra job; a rerun skips
 # finished runs and resumes stopped ones (last.pt), so the study can be stopped (Ctrl-C) and continued at any point.
@@ -28,16 +29,26 @@ sweep() { # SWEEP, DIR, overrides...: one sequential multirun (the lanes are the
 }
 
 lane() { # PRESET GRID
-    local preset=$1 grid=$2 plan
+    local preset=$1 grid=$2 plan previous="" extended=0
     sweep converge_tune_cpu runs "+variant=$preset" "optim.lr=$grid"
-    for _ in $(seq "$MAX_EXTEND"); do
+    while :; do
         plan=$("$PY" scripts/converged_plan.py --runs "$OUT/runs" --dataset "$DATASET" --preset "$preset")
-        [ "${plan%% *}" = extend ] || break
-        sweep converge_tune_cpu runs "+variant=$preset" "optim.lr=${plan#extend }"
+        if [ "$plan" = "$previous" ]; then  # the sweep ran but the plan did not move: never loop on it
+            echo "error: $preset on $DATASET: '$plan' again after its sweep; see $OUT/report.md" >&2
+            return 1
+        fi
+        previous=$plan
+        case "${plan%% *}" in
+            resume) ;;  # an extension a stop left unfinished (or without one of its seeds): run it again
+            extend)
+                [ "$extended" -lt "$MAX_EXTEND" ] || break
+                extended=$((extended + 1)) ;;
+            *) break ;;
+        esac
+        sweep converge_tune_cpu runs "+variant=$preset" "optim.lr=${plan#* }"
     done
-    plan=$("$PY" scripts/converged_plan.py --runs "$OUT/runs" --dataset "$DATASET" --preset "$preset")
     if [ "${plan%% *}" != final ]; then
-        echo "error: $preset on $DATASET: '$plan' after $MAX_EXTEND extensions; see $OUT/report.md" >&2
+        echo "error: $preset on $DATASET: '$plan' after $extended extensions; see $OUT/report.md" >&2
         return 1
     fi
     sweep converge_final_cpu final "+variant=$preset" "optim.lr=${plan#final }"

@@ -454,3 +454,32 @@ def test_the_report_lists_every_grid_run_and_where_it_stands(study_dirs, tmp_pat
     # a run that reached the cap still improving is flagged, never counted as stopped by the rule
     capped = converged.analyse([], load_runs([str(study_dirs / "final" / DATASET / "lstm_1m" / "lr0.004-seed102")]))
     assert [t.state for t in capped.tuning] == ["capped: NOT converged"]
+
+
+def plan(runs: Path, preset: str) -> str:
+    """What scripts/converged_plan.py prints for a cell: the study's driver acts on this one line."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "converged_plan.py"), "--runs", str(runs)]
+    done = subprocess.run(
+        [*command, "--dataset", DATASET, "--preset", preset], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_plan_resumes_unfinished_rates_extends_at_the_edge_and_then_runs_the_finals(study_dirs, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(study_dirs / "runs", runs)
+    lstm = runs / DATASET / "lstm_1m"
+    # LSTM: 0.004 lies strictly inside 0.002-0.008, every run ended -> its fresh seeds
+    assert converged.next_step(load_runs([str(runs)]), DATASET, "lstm_1m") == ("final", (0.004,))
+    # the mLSTM's 0.004 seed 1 has not ended -> that rate's sweep again (it resumes the run), no choice read yet
+    assert plan(runs, "mlstm_paper_1m") == "resume 0.004"
+    # a stop between the seeds of one rate: 0.008 has seed 0 only -> resume it, never score it on seed 0 alone
+    shutil.rmtree(lstm / "lr0.008-seed1")
+    assert plan(runs, "lstm_1m") == "resume 0.008"
+    # without the 0.002 runs the choice (0.004) is the grid's smallest rate -> the next rate outward
+    shutil.rmtree(lstm / "lr0.002-seed0")
+    shutil.rmtree(lstm / "lr0.002-seed1")
+    shutil.copytree(study_dirs / "runs" / DATASET / "lstm_1m" / "lr0.008-seed1", lstm / "lr0.008-seed1")
+    assert plan(runs, "lstm_1m") == "extend 0.002"
+    assert plan(runs, "lstm_300k") == "none"

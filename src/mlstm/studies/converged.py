@@ -331,17 +331,25 @@ def selection_rows(selections: Sequence[RungSelection]) -> list[dict]:
     return rows
 
 
-def next_step(tuning_runs: Iterable[Run], dataset_choice: str, preset: str) -> tuple[str, float | None]:
-    """What a cell's part of the study runs next, from its tuning runs so far: ("extend", rate) when the choice sits
-    at the grid's edge (or every rate diverged), ("final", rate) once it lies strictly inside, ("wait", None) while a
-    grid run is unfinished, ("none", None) without tuning runs of that preset on that dataset."""
+def next_step(tuning_runs: Iterable[Run], dataset_choice: str, preset: str) -> tuple[str, tuple[float, ...]]:
+    """What a cell's part of the study runs next, from its tuning runs so far:
+
+    - ("resume", rates) while a grid run is unfinished, or a rate lacks a tuning seed that another rate has (a study
+      stopped between the seeds of one rate): run those rates' tuning sweep again, which resumes or starts them;
+    - ("extend", (rate,)) when the choice sits at the grid's edge (or every rate diverged);
+    - ("final", (rate,)) once it lies strictly inside;
+    - ("none", ()) without tuning runs of that preset on that dataset.
+    The choice is never read before every rate has every seed: a rate scored on fewer seeds could win by chance."""
     mine = [r for r in tuning_runs if f"/{dataset_choice}/{preset}/" in f"/{Path(r.source).as_posix()}/"]
     selections = select_by_rung(mine) if mine else []
     if not selections:
-        return "none", None
+        return "none", ()
     selection = selections[0]
-    if not selection.selection.complete:
-        return "wait", None
+    rates = selection.selection.rates
+    seeds = set().union(*(rate.per_seed for rate in rates))
+    pending = tuple(rate.lr for rate in rates if rate.unfinished_seeds or set(rate.per_seed) != seeds)
+    if pending:
+        return "resume", pending
     if selection.next_lr is not None:
-        return "extend", selection.next_lr
-    return "final", selection.selection.chosen
+        return "extend", (selection.next_lr,)
+    return "final", (selection.selection.chosen,)
