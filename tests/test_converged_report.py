@@ -477,6 +477,8 @@ def test_the_plan_resumes_unfinished_rates_extends_at_the_edge_and_then_runs_the
     # a stop between the seeds of one rate: 0.008 has seed 0 only -> resume it, never score it on seed 0 alone
     shutil.rmtree(lstm / "lr0.008-seed1")
     assert plan(runs, "lstm_1m") == "resume 0.008"
+    (selection,) = tuning.select(load_runs([str(lstm)]))
+    assert not selection.complete and [r.missing_seeds for r in selection.rates] == [[], [], [1]]
     # without the 0.002 runs the choice (0.004) is the grid's smallest rate -> the next rate outward
     shutil.rmtree(lstm / "lr0.002-seed0")
     shutil.rmtree(lstm / "lr0.002-seed1")

@@ -44,8 +44,9 @@ def xz_bits_per_char(path: str | Path) -> float:
 
 
 @dataclass(frozen=True)
-class FinalRun:
-    """One final run, as the report needs it."""
+class RunOutcome:
+    """Where one run ended and how it got there, as the report needs it (a final run, or a grid run without a test
+    pass)."""
 
     seed: object
     converged: bool  # stopped by the rule (an `early_stop` event)
@@ -81,7 +82,7 @@ def epoch_chars(run: Run) -> float:
     return (rows[second - 1]["chars"] + rows[second]["chars"]) / 2
 
 
-def final_run(run: Run) -> FinalRun:
+def outcome(run: Run) -> RunOutcome:
     curve = run.curve(VALID)
     budget = tuning.budget_steps(run.config)
     if len(curve.y):
@@ -97,7 +98,7 @@ def final_run(run: Run) -> FinalRun:
     diverged = tuning.diverged(run.records)
     end_step = run.last("step")
     per_epoch = epoch_chars(run)
-    return FinalRun(
+    return RunOutcome(
         seed=run.seed,
         converged=stopped,
         capped=not stopped and not diverged and end_step >= budget,
@@ -125,12 +126,12 @@ class Cell:
     variant: str
     params: float
     lr: float | None
-    runs: list[FinalRun]
+    runs: list[RunOutcome]
     sources: list[str] = field(default_factory=list)
     note: str = ""
 
     def values(self, name: str, axis: str | None = None) -> dict:
-        """{seed: value} of a FinalRun field (a per-axis field when `axis` is given)."""
+        """{seed: value} of a RunOutcome field (a per-axis field when `axis` is given)."""
         return {r.seed: (getattr(r, name)[axis] if axis else getattr(r, name)) for r in self.runs}
 
     def mean(self, name: str, axis: str | None = None) -> cv.Interval:
@@ -174,7 +175,7 @@ class TuningRun:
     rung: str
     variant: str
     lr: float | None
-    run: FinalRun  # the same measurements as a final run's (no test pass)
+    run: RunOutcome
 
     @property
     def state(self) -> str:
@@ -265,7 +266,7 @@ def analyse(
                 variant,
                 float(np.mean(counts)) if counts else math.nan,
                 lr,
-                [final_run(r) for r in sorted(picked, key=lambda r: str(r.seed))],
+                [outcome(r) for r in sorted(picked, key=lambda r: str(r.seed))],
                 [r.source for r in picked],
                 note,
             )
@@ -294,7 +295,7 @@ def analyse(
     tuning_rungs = assign_rungs(tuning_runs)
     grid = sorted(
         (
-            TuningRun(r.dataset, tuning_rungs[r.source], r.label, lookup(r.config, "optim.lr"), final_run(r))
+            TuningRun(r.dataset, tuning_rungs[r.source], r.label, lookup(r.config, "optim.lr"), outcome(r))
             for r in tuning_runs
             if r.source in tuning_rungs
         ),
@@ -339,17 +340,14 @@ def next_step(tuning_runs: Iterable[Run], dataset_choice: str, preset: str) -> t
     - ("extend", (rate,)) when the choice sits at the grid's edge (or every rate diverged);
     - ("final", (rate,)) once it lies strictly inside;
     - ("none", ()) without tuning runs of that preset on that dataset.
-    The choice is never read before every rate has every seed: a rate scored on fewer seeds could win by chance."""
+    The choice is never read before the grid is complete (tuning.Selection.complete: every rate has every seed)."""
     mine = [r for r in tuning_runs if f"/{dataset_choice}/{preset}/" in f"/{Path(r.source).as_posix()}/"]
     selections = select_by_rung(mine) if mine else []
     if not selections:
         return "none", ()
     selection = selections[0]
-    rates = selection.selection.rates
-    seeds = set().union(*(rate.per_seed for rate in rates))
-    pending = tuple(rate.lr for rate in rates if rate.unfinished_seeds or set(rate.per_seed) != seeds)
-    if pending:
-        return "resume", pending
+    if not selection.selection.complete:
+        return "resume", tuple(r.lr for r in selection.selection.rates if r.unfinished_seeds or r.missing_seeds)
     if selection.next_lr is not None:
         return "extend", (selection.next_lr,)
     return "final", (selection.selection.chosen,)

@@ -106,6 +106,7 @@ class RateScore:
     unstable_seeds: list
     diverged_seeds: list
     unfinished_seeds: list = field(default_factory=list)  # neither diverged nor at the end of the budget (yet)
+    missing_seeds: list = field(default_factory=list)  # tuning seeds other rates have and this one lacks (yet)
     scored_seeds: list = field(default_factory=list)  # the seeds the rate is compared on (rule 2)
     score: float = math.inf
 
@@ -128,8 +129,9 @@ class Selection:
 
     @property
     def complete(self) -> bool:
-        """Every run of the grid has finished (reached the end of its budget or diverged)."""
-        return not any(r.unfinished_seeds for r in self.rates)
+        """Every run of the grid exists and has finished (reached the end of its budget or diverged): a rate that
+        lacks a seed the others have (a sweep stopped between its seeds) leaves the choice provisional."""
+        return not any(r.unfinished_seeds or r.missing_seeds for r in self.rates)
 
     @property
     def chosen_score(self) -> float:
@@ -160,7 +162,9 @@ def score_rates(runs: Iterable) -> list[RateScore]:
             rate.unfinished_seeds.append(seed)
     rates = [by_rate[lr] for lr in sorted(by_rate)]
     common = set.intersection(*(set(r.per_seed) for r in rates)) if rates else set()
+    every = set().union(*(r.per_seed for r in rates))
     for rate in rates:
+        rate.missing_seeds = sorted(every - set(rate.per_seed), key=str)
         rate.scored_seeds = sorted(common, key=str) if common else sorted(rate.per_seed, key=str)
         scores = [rate.per_seed[s] for s in rate.scored_seeds]
         rate.score = sum(scores) / len(scores) if scores and all(math.isfinite(s) for s in scores) else math.inf
@@ -206,7 +210,8 @@ def select(runs: Iterable) -> list[Selection]:
             extra = [f"{r.lr:g}" for r in rates if len(r.per_seed) > len(common)]
             selection.notes.append(
                 f"rates {', '.join(extra)} have seeds the others lack: every rate is scored on "
-                f"the common seeds {', '.join(map(str, common))}"
+                f"the common seeds {', '.join(map(str, common))}, and the choice is provisional until every rate "
+                "has every seed"
             )
         selections.append(selection)
     return selections
