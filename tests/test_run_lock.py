@@ -84,8 +84,11 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.Comple
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
+        try:  # the whole session: a torchrun's orphaned rank would otherwise hold the pipes open for ever
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            process.kill()
+        process.communicate(timeout=30)
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
@@ -266,7 +269,13 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
         f"hydra.run.dir={tmp_path}",
     ]
     victim = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ()
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=environ(),
+        start_new_session=True,  # its own process group, so that `finish` can end the ranks with it
     )
     wait_for_step(victim, tmp_path, 3)
     victim.send_signal(signal.SIGTERM)
@@ -281,7 +290,13 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
 
     resumed = finish(
         subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=environ()
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=environ(),
+            start_new_session=True,
         )
     )
     assert resumed.returncode == 0, resumed.stderr
