@@ -451,6 +451,9 @@ def test_the_report_lists_every_grid_run_and_where_it_stands(study_dirs, tmp_pat
         "1",
     )
     assert sum(r["state"] == "stopped by the rule" for r in rows) == 11
+    # no final run yet: summary.csv is its header alone, the columns a reader's script will find
+    header = (out / "summary.csv").read_text()
+    assert header == ",".join(converged_report.SUMMARY_COLUMNS) + "\n" and header.startswith("dataset,rung,cell,")
     # a run that reached the cap still improving is flagged, never counted as stopped by the rule
     capped = converged.analyse([], load_runs([str(study_dirs / "final" / DATASET / "lstm_1m" / "lr0.004-seed102")]))
     assert [t.state for t in capped.tuning] == ["capped: NOT converged"]

@@ -16,10 +16,10 @@ import numpy as np
 from mlstm.errors import UserError
 from mlstm.studies import convergence as cv
 from mlstm.studies.converged import AXES, WITHIN, Cell, Comparison, ConvergedStudy, analyse, selection_rows
-from mlstm.studies.formatting import finite, fmt, interval, signed
+from mlstm.studies.formatting import csv_text, finite, fmt, interval, signed
 from mlstm.studies.runs import load_runs, lookup
 from mlstm.studies.scaling import COLORS, format_params
-from mlstm.studies.scaling_report import selection_table, write_csv
+from mlstm.studies.scaling_report import selection_table
 
 PROTOCOL_KEYS = (  # what the report states of the protocol, read from the final runs' configs
     ("optim.schedule", "schedule"),
@@ -120,7 +120,31 @@ def speed_rows(comparisons: Sequence[Comparison], dataset: str) -> list[str]:
     return lines
 
 
+SUMMARY_COLUMNS = (
+    "dataset",
+    "rung",
+    "cell",
+    "params",
+    "lr",
+    "seed",
+    "converged",
+    "capped",
+    "diverged",
+    "best_valid_bpc",
+    "test_bpc",
+    "final_valid_bpc",
+    "end_step",
+    *(f"{axis}_to_best" for axis in AXES),
+    *(f"{axis}_to_within" for axis in AXES),
+    "epochs_to_best",
+    "rate_halvings",
+    "level_both_reach",
+    "xz_bpc",
+)
+
+
 def summary_rows(study: ConvergedStudy) -> list[dict]:
+    """One row per final run (SUMMARY_COLUMNS)."""
     comparisons = {(c.cell.dataset, c.cell.rung, c.cell.variant): c for c in study.comparisons}
     rows = []
     for cell in study.cells:
@@ -327,7 +351,7 @@ def write_report(
                 plot_best(study, dataset, out / figure_name(dataset, "best")).name,
             ]
     (out / "report.md").write_text(report_markdown(study, drawn, configs, title))
-    (out / "summary.csv").write_text(write_csv(summary_rows(study)))
+    (out / "summary.csv").write_text(csv_text(summary_rows(study), SUMMARY_COLUMNS))
     (out / "selection.json").write_text(json.dumps(selection_rows(study.selections), indent=1) + "\n")
     return {
         "report": out / "report.md",

@@ -9,8 +9,6 @@ cell, training bpc dotted) and writes the files. `scripts/scale_report.py` is it
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -21,7 +19,7 @@ import numpy as np
 
 from mlstm.errors import UserError
 from mlstm.studies import scaling
-from mlstm.studies.formatting import finite, fmt, interval
+from mlstm.studies.formatting import csv_text, finite, fmt, interval
 from mlstm.studies.runs import load_runs
 from mlstm.studies.scaling import (
     BASELINE,
@@ -469,16 +467,6 @@ def report_markdown(study: ScaleStudy, figures: Mapping[str, str], title: str | 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-    return buffer.getvalue()
-
-
 def figure_name(dataset: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset)}_scale.png"
 
@@ -501,7 +489,7 @@ def write_report(study: ScaleStudy, out: str | Path, title: str | None = None, f
     if not figures and study.datasets:
         text += "\n(no figures: matplotlib is not installed here; `scripts/scale_report.py` draws them elsewhere)\n"
     (out / "report.md").write_text(text)
-    (out / "scale_summary.csv").write_text(write_csv(summary_rows(study)))
+    (out / "scale_summary.csv").write_text(csv_text(summary_rows(study)))
     (out / "selection.json").write_text(json.dumps([s.as_dict() for s in study.selections], indent=1) + "\n")
     written.update(
         {
