@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,41 @@ def can_drop_file_permission_override() -> bool:
         return subprocess.run(["true"], preexec_fn=drop, capture_output=True).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (children, their children, ...), read from /proc. torchrun starts each rank in
+    a session of its own, so a signal to torchrun's process group never reaches the ranks."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the command name (field 2) may hold spaces and parentheses: the fields after it follow the last ')'
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we looked
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found += sorted(frontier)
+    return found
+
+
+def signal_tree(process: subprocess.Popen, signum: int) -> None:
+    """`signum` to `process` and every process below it (the list is taken before any of them is signalled)."""
+    for pid in [*descendants(process.pid), process.pid]:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def end_tree(process: subprocess.Popen) -> tuple[str, str]:
+    """A process that overran its time, with everything it started: SIGABRT first, on which Python's faulthandler
+    (PYTHONFAULTHANDLER=1 in its environment) prints each process's stack to stderr, then SIGKILL to what is left.
+    Returns what it wrote (stdout, stderr)."""
+    signal_tree(process, signal.SIGABRT)
+    try:
+        return process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        signal_tree(process, signal.SIGKILL)
+        return process.communicate(timeout=30)

@@ -7,7 +7,6 @@ the same up to fp32 summation order), and checkpoints move freely between DDP an
 
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from cli_helpers import end_tree
 from mlstm.cli import CONFIG_DIR
 from mlstm.config import load_config
 from mlstm.evaluate import LN2, evaluate_bpc, evaluate_nats
@@ -58,24 +58,16 @@ def text(enwik8_sample, tmp_path_factory):
 
 
 def run(command, cache, cwd, timeout=240):
-    """Run a command in its own process group. If it is still running after `timeout` s, every process in the group
-    gets SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER) prints each one's stack: a hang then fails the
-    test with where every rank was stuck, instead of a bare timeout."""
+    """Run a command; if it is still running after `timeout` s, end it and every process it started (torchrun's ranks
+    live in sessions of their own) with SIGABRT, on which Python's faulthandler (PYTHONFAULTHANDLER) prints each one's
+    stack: a hang then fails the test with where every rank was stuck, instead of a bare timeout."""
     env = dict(os.environ, MLSTM_DATA_DIR=str(cache), OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", PYTHONFAULTHANDLER="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGABRT)
-            stdout, stderr = process.communicate(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):  # gone meanwhile, or deaf to SIGABRT
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
+        stdout, stderr = end_tree(process)
         pytest.fail(f"still running after {timeout} s: {' '.join(map(str, command))}\nstacks:\n{stderr[-12000:]}")
     done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert done.returncode == 0, f"{' '.join(map(str, command))}\n{done.stderr[-4000:]}"
@@ -192,63 +184,74 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     assert any("test/bpc" in r for r in got) and sum("valid/bpc" in r for r in got) == 3
 
 
-THREADS_AFTER_TEARDOWN = """
+THREADS_AFTER_CLOSE = """
 import os, sys
-from mlstm.training import distributed
 from mlstm.config import load_config
+from mlstm.errors import UserError
 from mlstm.training.trainer import Trainer
 
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 
-trainer = Trainer(load_config(sys.argv[2:]), sys.argv[1])
-during = threads()
-trainer.fit()
-distributed.teardown(trainer.ctx, finished=True)
-del trainer
+try:
+    trainer = Trainer(load_config(sys.argv[2:]), sys.argv[1])
+except UserError as error:  # bad input found once the group was up: the constructor leaves the group itself
+    outcome, during = f"error={error}", "(no trainer)"
+else:
+    during = threads()
+    trainer.fit()
+    trainer.close(finished=True)
+    outcome = "fitted"
 # one write per rank, newline included: print() writes the text and its end separately, and the two ranks share the
-# pipe, so their lines could run together
-sys.stdout.write(f"rank {os.environ['RANK']} during={during} after={threads()}\\n")
+# pipe, so their lines could run together; `trainer` is still referenced here
+sys.stdout.write(f"rank {os.environ['RANK']} {outcome} during={during} after={threads()}\\n")
 sys.stdout.flush()
 """
 
 
-@pytest.mark.slow
-def test_ddp_teardown_ends_the_gloo_threads(text, tmp_path):
-    """The cause of the rare "terminate called without an active exception" (SIGABRT) of both ranks at exit: the
-    gloo group outlived destroy_process_group(), so its worker threads met interpreter shutdown. DDP's constructor
-    imports torch.distributed.nn, whose functions bind the default group as a default argument at import; the
-    setup now imports it before the group exists. After teardown no gloo thread may be left."""
+def threads_after_close(text, tmp_path, *overrides) -> list[str]:
+    """Each rank's line from THREADS_AFTER_CLOSE under a two-rank torchrun."""
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs /proc to list a process's threads")
-    path, cache = text
-    script = tmp_path / "threads_after_teardown.py"
-    script.write_text(THREADS_AFTER_TEARDOWN)
     if not TORCHRUN.exists():
         pytest.skip(f"{TORCHRUN} not found: DDP tests need torchrun beside the Python interpreter")
-    done = run(
-        [
-            str(TORCHRUN),
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tmp_path / "run"),
-            "dataset=file",
-            f"dataset.path={path}",
-            *SMALL,
-            "logger=none",
-            "trainer.max_steps=2",
-            "trainer.test_at_end=false",
-        ],
-        cache,
-        tmp_path,
-    )
+    path, cache = text
+    script = tmp_path / "threads_after_close.py"
+    script.write_text(THREADS_AFTER_CLOSE)
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "run")]
+    done = run([*command, "dataset=file", f"dataset.path={path}", *SMALL, "logger=none", *overrides], cache, tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
     assert len(lines) == 2, done.stdout
-    for line in lines:
+    return lines
+
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+@pytest.mark.slow
+def test_closing_the_trainer_ends_the_gloo_group_while_the_trainer_lives(text, tmp_path):
+    """The group must be gone when `Trainer.close` returns, not later when the DDP wrapper is freed. Two hangs and
+    aborts at exit came from a group that outlived destroy_process_group(): (1) DDP's constructor imports
+    torch.distributed.nn, whose functions bind the default group as a default argument (the setup now imports it
+    first), and the gloo threads met interpreter shutdown ("terminate called without an active exception"); (2) the
+    DDP reducer held the last reference, so the group's destructor joined its threads with the GIL held while a
+    thread needed the GIL to free the last collective's tensors: one rank hung at exit in about 25 runs (close now
+    drops the wrapper first). Here `trainer` is still referenced and no gloo thread may be left."""
+    for line in threads_after_close(text, tmp_path, "trainer.max_steps=2", "trainer.test_at_end=false"):
+        assert " fitted " in line, line
         during, after = line.split(" during=")[1].split(" after=")
         assert "pt_gloo_runloop" in during, line  # the check can see gloo's threads while the group lives
-        assert "pt_gloo_runloop" not in after and "gloo_tcp_loop" not in after, line
+        assert not any(name in after for name in GLOO_THREADS), line
+
+
+@pytest.mark.slow
+def test_bad_input_found_with_the_group_up_leaves_the_group_before_the_error(text, tmp_path):
+    """trainer.resume=true without a checkpoint is found after the process group is up (the run directory is agreed
+    on through it). The constructor leaves the group before it raises: one clear line and exit 2 follow, where a
+    group left to interpreter shutdown aborted a rank in about one run in three (SIGABRT)."""
+    for line in threads_after_close(text, tmp_path, "trainer.max_steps=2", "trainer.resume=true"):
+        assert " error=trainer.resume=true but " in line and "holds no checkpoint (last.pt)" in line, line
+        assert not any(name in line.split(" after=")[1] for name in GLOO_THREADS), line
 
 
 def test_sharded_evaluation_sums_to_the_single_process_numbers(text):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import REPO_ROOT, assert_one_line_error
+from cli_helpers import REPO_ROOT, assert_one_line_error, end_tree
 from mlstm.training import checkpoint
 from mlstm.training.stopping import STOPPED_STATUS, GracefulStop
 from mlstm.training.tracking import read_metrics
@@ -63,7 +63,7 @@ def without_timing(records):
 def environ() -> dict:
     # WANDB_SERVICE: W&B's handle on the test process's own W&B service; a user's command starts its own
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SERVICE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1"}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a hung run's stacks: see `end_tree`
 
 
 def start(args, *, preexec_fn=None, wrapper: str | None = None) -> subprocess.Popen:
@@ -84,11 +84,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.Comple
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:  # the whole session: a torchrun's orphaned rank would otherwise hold the pipes open for ever
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            process.kill()
-        process.communicate(timeout=30)
+        end_tree(process)  # torchrun's ranks included: one left alive would hold the pipes (and the suite) for ever
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
@@ -275,7 +271,6 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
         text=True,
         cwd=REPO_ROOT,
         env=environ(),
-        start_new_session=True,  # its own process group, so that `finish` can end the ranks with it
     )
     wait_for_step(victim, tmp_path, 3)
     victim.send_signal(signal.SIGTERM)
@@ -296,7 +291,6 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
             text=True,
             cwd=REPO_ROOT,
             env=environ(),
-            start_new_session=True,
         )
     )
     assert resumed.returncode == 0, resumed.stderr

@@ -7,7 +7,9 @@ none of this.
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -169,11 +171,21 @@ def runtime_info(ctx: Context) -> dict:
     return info
 
 
-def teardown(ctx: Context, finished: bool = False) -> None:
+def teardown(ctx: Context, finished: bool = False, ddp_wrapper: weakref.ref | None = None) -> None:
     """Destroy the process group (and with it, on gloo, its worker threads: see `_bind_group_defaults_before_init`).
     finished (every rank completed the run, or stopped at the same step on a signal): first a barrier, so that no rank
     takes its process group down while another may still have work in flight with it. A run that ended in an error
-    skips the barrier: the other ranks may be gone."""
+    skips the barrier: the other ranks may be gone.
+
+    ddp_wrapper: a weak reference to the DistributedDataParallel wrapper, which the caller has let go of. It must be
+    gone before the group is destroyed. Its C++ reducer holds a reference to the group, and pybind11 frees the C++
+    part of an object with the GIL held: were the reducer the group's last owner, the gloo group's destructor would
+    join its worker threads with the GIL held while a worker still frees the tensors of the last collective (the
+    barrier below), which takes the GIL. That deadlock at exit hung one rank in about 25 two-rank runs. The group's own
+    Python binding releases the GIL before destroying it, so the last reference must be the registry's, which
+    `destroy_process_group` drops: hence the wrapper first (collected, should it sit in a reference cycle)."""
+    if ddp_wrapper is not None and ddp_wrapper() is not None:
+        gc.collect()
     if ctx.distributed and dist.is_initialized():
         if finished:
             dist.barrier()

@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -48,6 +49,14 @@ class Trainer:
         if self.tcfg.get("threads"):
             torch.set_num_threads(int(self.tcfg.threads))
         self.ctx = distributed.setup(self.tcfg.get("device", "auto"))
+        try:
+            self._build(cfg, run_dir)
+        except BaseException:  # bad input met with the process group up: leave it, or its threads abort the exit
+            self.close()
+            raise
+
+    def _build(self, cfg, run_dir: Path) -> None:
+        """Everything a run needs once the process group is up: data, model, optimizer, the checkpoint to resume."""
         run_dir = agree_on_run_dir(Path(run_dir), self.ctx)
         self.run_dir = prepare_run_dir(run_dir) if self.ctx.is_main else Path(run_dir)
         self.precision = self.tcfg.get("precision", "fp32")
@@ -125,6 +134,16 @@ class Trainer:
             config["runtime"] = self.runtime
             sinks.append(WandbSink(logger_cfg, self.run_dir, config, resume=resumed))
         return Sinks(sinks)
+
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group (under torchrun; a no-op otherwise). The DDP wrapper goes first, while the group
+        registry still holds the group: see `distributed.teardown` for why its reducer must not hold the last
+        reference."""
+        wrapper = None
+        if getattr(self, "ddp_model", None) is not None and self.ddp_model is not self.model:
+            wrapper = weakref.ref(self.ddp_model)
+            self.ddp_model = self.model
+        distributed.teardown(self.ctx, finished, wrapper)
 
     def save(self, best: bool = False) -> None:
         payload = resume.checkpoint_payload(self)  # collective under DDP: every rank gathers
@@ -368,12 +387,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
         try:
             result = trainer.fit()
         except TrainingStopped:
-            distributed.teardown(trainer.ctx, finished=True)  # every rank stopped after the same step
+            trainer.close(finished=True)  # every rank stopped after the same step
             raise
         except BaseException:
-            distributed.teardown(trainer.ctx)
+            trainer.close()
             raise
-        distributed.teardown(trainer.ctx, finished=True)
+        trainer.close(finished=True)
         if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
             result["score"] = run_score(
                 read_metrics(trainer.run_dir / METRICS_FILE),
