@@ -53,9 +53,11 @@ def assert_same_files(made: Path, committed: Path, names: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_tuned_report_regenerates_byte_for_byte(tmp_path):
+def test_tuned_report_regenerates_byte_for_byte(shared_data, tmp_path):
     """results/convergence/tuned (README: `bash scripts/tuned_report.sh`): report.md, summary.csv and the final runs'
-    convergence reports from the committed runs."""
+    convergence reports from the committed runs. The script computes the final runs' unigram-entropy line from the
+    corpus files their configs name (beside the checkout, `shared_data`): without them that line, and the report,
+    differ."""
     command = script_command("scripts/tuned_report.sh", '"$VENV/bin/python" scripts/tune.py report', {})
     done = subprocess.run(with_out(command, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
