@@ -69,8 +69,13 @@ def environ() -> dict:
 def start(args, *, preexec_fn=None, wrapper: str | None = None) -> subprocess.Popen:
     """`python -m mlstm.cli.train *args` (or the same through a `python -c` wrapper), stdout/stderr piped."""
     head = [sys.executable, "-c", wrapper, "mlstm.cli.train"] if wrapper else [sys.executable, "-m", "mlstm.cli.train"]
+    return popen([*head, *args], preexec_fn=preexec_fn)
+
+
+def popen(command: list[str], *, preexec_fn=None) -> subprocess.Popen:
+    """`command` from the repository root with the test environment, stdout/stderr piped."""
     return subprocess.Popen(
-        [*head, *args],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -264,14 +269,7 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
         f"trainer.max_steps={STEPS}",
         f"hydra.run.dir={tmp_path}",
     ]
-    victim = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-        env=environ(),
-    )
+    victim = popen(command)
     wait_for_step(victim, tmp_path, 3)
     victim.send_signal(signal.SIGTERM)
     stopped = finish(victim)
@@ -283,16 +281,7 @@ def test_under_ddp_every_rank_stops_after_the_same_step(args, tmp_path):
     assert payload["step"] == step < FIRST_EVAL and logged_step(tmp_path) == step
     assert lock_holder(tmp_path) == {}  # rank 0 released it on the way out
 
-    resumed = finish(
-        subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO_ROOT,
-            env=environ(),
-        )
-    )
+    resumed = finish(popen(command))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {step}" in resumed.stderr
     records = read_metrics(tmp_path / "metrics.jsonl")

@@ -347,7 +347,7 @@ def next_step(tuning_runs: Iterable[Run], dataset_choice: str, preset: str) -> t
         return "none", ()
     selection = selections[0]
     if not selection.selection.complete:
-        return "resume", tuple(r.lr for r in selection.selection.rates if r.unfinished_seeds or r.missing_seeds)
+        return "resume", tuple(selection.selection.pending_rates)
     if selection.next_lr is not None:
         return "extend", (selection.next_lr,)
     return "final", (selection.selection.chosen,)

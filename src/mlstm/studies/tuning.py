@@ -128,10 +128,15 @@ class Selection:
         return self.chosen is not None and self.chosen in (self.rates[0].lr, self.rates[-1].lr)
 
     @property
+    def pending_rates(self) -> list[float]:
+        """The rates with a run not finished yet (neither at the end of its budget nor diverged) or a seed the other
+        rates have and this one lacks (a sweep stopped between its seeds)."""
+        return [r.lr for r in self.rates if r.unfinished_seeds or r.missing_seeds]
+
+    @property
     def complete(self) -> bool:
-        """Every run of the grid exists and has finished (reached the end of its budget or diverged): a rate that
-        lacks a seed the others have (a sweep stopped between its seeds) leaves the choice provisional."""
-        return not any(r.unfinished_seeds or r.missing_seeds for r in self.rates)
+        """Every run of the grid exists and has finished: until then the choice is provisional."""
+        return not self.pending_rates
 
     @property
     def chosen_score(self) -> float:
