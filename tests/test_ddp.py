@@ -9,6 +9,8 @@ import math
 import os
 import subprocess
 import sys
+import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from mlstm.cli import CONFIG_DIR
 from mlstm.config import load_config
 from mlstm.evaluate import LN2, evaluate_bpc, evaluate_nats
 from mlstm.model import build_model
+from mlstm.training import distributed
 from mlstm.training.tracking import read_metrics
 from mlstm.training.trainer import train
 
@@ -209,16 +212,37 @@ sys.stdout.flush()
 """
 
 
-def threads_after_close(text, tmp_path, *overrides) -> list[str]:
-    """Each rank's line from THREADS_AFTER_CLOSE under a two-rank torchrun."""
+FAILED_IN_FORWARD = """
+import os, sys
+from mlstm.config import load_config
+from mlstm.model import CharLM
+from mlstm.training.trainer import train
+
+def threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+def fail(self, tokens, state):  # called by DistributedDataParallel.forward, whose frame holds the wrapper
+    raise RuntimeError("failed in the forward pass")
+
+CharLM.forward = fail
+try:
+    train(load_config(sys.argv[2:]), sys.argv[1])
+except RuntimeError as error:  # the error and its traceback still live here
+    sys.stdout.write(f"rank {os.environ['RANK']} error={error} after={threads()}\\n")
+    sys.stdout.flush()
+"""
+
+
+def threads_after_close(text, tmp_path, *overrides, script=THREADS_AFTER_CLOSE) -> list[str]:
+    """Each rank's line from `script` (THREADS_AFTER_CLOSE by default) under a two-rank torchrun."""
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs /proc to list a process's threads")
     if not TORCHRUN.exists():
         pytest.skip(f"{TORCHRUN} not found: DDP tests need torchrun beside the Python interpreter")
     path, cache = text
-    script = tmp_path / "threads_after_close.py"
-    script.write_text(THREADS_AFTER_CLOSE)
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "run")]
+    path_to_script = tmp_path / "threads_after_close.py"
+    path_to_script.write_text(script)
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(path_to_script), str(tmp_path / "run")]
     done = run([*command, "dataset=file", f"dataset.path={path}", *SMALL, "logger=none", *overrides], cache, tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
     assert len(lines) == 2, done.stdout
@@ -252,6 +276,47 @@ def test_bad_input_found_with_the_group_up_leaves_the_group_before_the_error(tex
     for line in threads_after_close(text, tmp_path, "trainer.max_steps=2", "trainer.resume=true"):
         assert " error=trainer.resume=true but " in line and "holds no checkpoint (last.pt)" in line, line
         assert not any(name in line.split(" after=")[1] for name in GLOO_THREADS), line
+
+
+@pytest.mark.slow
+def test_an_error_in_the_forward_pass_leaves_the_group_while_its_traceback_lives(text, tmp_path):
+    """An exception raised inside DistributedDataParallel.forward keeps the wrapper alive through its traceback (the
+    forward's frame holds it as `self`), and with it the reducer's reference to the group. `train` clears the
+    traceback's finished frames before it closes the trainer: no gloo thread is left while the error is handled."""
+    lines = threads_after_close(text, tmp_path, "trainer.max_steps=2", script=FAILED_IN_FORWARD)
+    for line in lines:
+        assert " error=failed in the forward pass " in line, line
+        assert not any(name in line.split(" after=")[1] for name in GLOO_THREADS), line
+
+
+def test_dropping_a_tracebacks_locals_frees_what_its_frames_held_and_keeps_the_trace():
+    """The helper behind the test above, on a chained exception: the object a finished frame of the cause held is
+    freed, and the whole trace (both exceptions, every frame's line) still prints."""
+
+    class Wrapper:
+        pass
+
+    def forward(self):  # like DistributedDataParallel.forward: the frame holds the wrapper as `self`
+        raise RuntimeError("in the forward pass")
+
+    def step(held: list):
+        wrapper = Wrapper()
+        held.append(weakref.ref(wrapper))
+        try:
+            forward(wrapper)
+        except RuntimeError as cause:
+            raise ValueError("the step failed") from cause
+
+    held = []
+    try:
+        step(held)
+    except ValueError as error:
+        assert held[0]() is not None  # the traceback keeps the wrapper alive
+        distributed.drop_traceback_locals(error)
+        assert held[0]() is None
+        trace = "".join(traceback.format_exception(error))
+    for line in ("in forward", "in step", "RuntimeError: in the forward pass", "ValueError: the step failed"):
+        assert line in trace
 
 
 def test_sharded_evaluation_sums_to_the_single_process_numbers(text):

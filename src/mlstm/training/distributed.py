@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import traceback
 import weakref
 from dataclasses import dataclass
 
@@ -190,6 +191,22 @@ def teardown(ctx: Context, finished: bool = False, ddp_wrapper: weakref.ref | No
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def drop_traceback_locals(error: BaseException) -> None:
+    """Clear the local variables of the finished frames that an exception's traceback (its cause and context
+    included) keeps alive. A frame of DistributedDataParallel.forward holds the wrapper as `self`: while the
+    exception lives, the wrapper's reducer would keep the process group alive past `teardown` (see there), and its
+    gloo threads with it. The traceback still prints: that needs code and line numbers, not locals. Frames still
+    running (the caller's) are left as they are."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
 
 
 def load_corpus_once(dataset_cfg, data_dir, ctx: Context):

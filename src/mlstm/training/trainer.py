@@ -51,8 +51,8 @@ class Trainer:
         self.ctx = distributed.setup(self.tcfg.get("device", "auto"))
         try:
             self._build(cfg, run_dir)
-        except BaseException:  # bad input met with the process group up: leave it, or its threads abort the exit
-            self.close()
+        except BaseException as error:
+            self.close(error=error)  # bad input met with the process group up: leave it, or its threads abort the exit
             raise
 
     def _build(self, cfg, run_dir: Path) -> None:
@@ -135,10 +135,12 @@ class Trainer:
             sinks.append(WandbSink(logger_cfg, self.run_dir, config, resume=resumed))
         return Sinks(sinks)
 
-    def close(self, finished: bool = False) -> None:
+    def close(self, finished: bool = False, error: BaseException | None = None) -> None:
         """Leave the process group (under torchrun; a no-op otherwise). The DDP wrapper goes first, while the group
         registry still holds the group: see `distributed.teardown` for why its reducer must not hold the last
-        reference."""
+        reference. error: the exception that ends the run, whose traceback may hold the wrapper too."""
+        if error is not None:
+            distributed.drop_traceback_locals(error)
         wrapper = None
         if getattr(self, "ddp_model", None) is not None and self.ddp_model is not self.model:
             wrapper = weakref.ref(self.ddp_model)
@@ -389,8 +391,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
         except TrainingStopped:
             trainer.close(finished=True)  # every rank stopped after the same step
             raise
-        except BaseException:
-            trainer.close()
+        except BaseException as error:
+            trainer.close(error=error)
             raise
         trainer.close(finished=True)
         if trainer.ctx.is_main:  # the tuning rule's score of this run: what the training task returns to sweepers
