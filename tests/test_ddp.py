@@ -187,14 +187,21 @@ def test_ddp_equals_one_process_and_checkpoints_move_between_them(text, tmp_path
     assert any("test/bpc" in r for r in got) and sum("valid/bpc" in r for r in got) == 3
 
 
-THREADS_AFTER_CLOSE = """
-import os, sys
-from mlstm.config import load_config
-from mlstm.errors import UserError
-from mlstm.training.trainer import Trainer
+# the names of this process's threads, in both scripts below
+LIST_THREADS = """
+import os
 
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+"""
+
+THREADS_AFTER_CLOSE = (
+    LIST_THREADS
+    + """
+import sys
+from mlstm.config import load_config
+from mlstm.errors import UserError
+from mlstm.training.trainer import Trainer
 
 try:
     trainer = Trainer(load_config(sys.argv[2:]), sys.argv[1])
@@ -210,16 +217,16 @@ else:
 sys.stdout.write(f"rank {os.environ['RANK']} {outcome} during={during} after={threads()}\\n")
 sys.stdout.flush()
 """
+)
 
 
-FAILED_IN_FORWARD = """
-import os, sys
+FAILED_IN_FORWARD = (
+    LIST_THREADS
+    + """
+import sys
 from mlstm.config import load_config
 from mlstm.model import CharLM
 from mlstm.training.trainer import train
-
-def threads():
-    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 
 def fail(self, tokens, state):  # called by DistributedDataParallel.forward, whose frame holds the wrapper
     raise RuntimeError("failed in the forward pass")
@@ -231,6 +238,7 @@ except RuntimeError as error:  # the error and its traceback still live here
     sys.stdout.write(f"rank {os.environ['RANK']} error={error} after={threads()}\\n")
     sys.stdout.flush()
 """
+)
 
 
 def threads_after_close(text, tmp_path, *overrides, script=THREADS_AFTER_CLOSE) -> list[str]:
