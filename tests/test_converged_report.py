@@ -488,3 +488,20 @@ def test_the_plan_resumes_unfinished_rates_extends_at_the_edge_and_then_runs_the
     shutil.copytree(study_dirs / "runs" / DATASET / "lstm_1m" / "lr0.008-seed1", lstm / "lr0.008-seed1")
     assert plan(runs, "lstm_1m") == "extend 0.002"
     assert plan(runs, "lstm_300k") == "none"
+
+
+def test_the_figures_order_sizes_by_parameters_not_by_name_or_arrival():
+    """The sizes sit in order of parameters on the best-bpc figure's axis and in its curve panels; a cell with an
+    unknown count goes last. ("1m" sorts before "300k" by name, and blocks land 1.2M first.)"""
+    cells = [
+        converged.Cell("enwik8", rung, variant, params, 1e-3, [])
+        for rung, variant, params in (
+            ("1m", "lstm", 1_245_000.0),
+            ("300k", "mlstm-paper", 305_000.0),
+            ("1m", "mlstm-paper", 1_241_284.0),
+            ("seed", "mlstm-seed", float("nan")),
+            ("300k", "lstm", 310_000.0),
+            ("5m", "lstm", 4_800_000.0),
+        )
+    ]
+    assert converged_report.rungs_by_size(cells) == ["300k", "1m", "5m", "seed"]

@@ -180,6 +180,15 @@ def figure_name(dataset: str, what: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset)}_{what}.png"
 
 
+def rungs_by_size(cells: Sequence[Cell]) -> list[str]:
+    """The sizes (rungs) of these cells, smallest first (by the fewest parameters of a cell of the rung)."""
+    smallest: dict[str, float] = {}
+    for c in cells:
+        params = c.params if finite(c.params) else math.inf
+        smallest[c.rung] = min(smallest.get(c.rung, math.inf), params)
+    return sorted(smallest, key=smallest.__getitem__)
+
+
 def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     """Validation (solid) and training (dotted) bpc against characters (log x) over whole runs, one panel per size,
     one line per cell (mean over seeds on their common range) with the seeds' range as a band; xz -9e dashed."""
@@ -189,7 +198,7 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cells = [c for c in study.cells if c.dataset == dataset]
-    rungs = list(dict.fromkeys(c.rung for c in cells))
+    rungs = rungs_by_size(cells)
     fig, axes = plt.subplots(1, len(rungs), figsize=(5.5 * len(rungs), 4.3), squeeze=False)
     for ax, rung in zip(axes[0], rungs):
         for i, cell in enumerate(c for c in cells if c.rung == rung):
@@ -199,7 +208,7 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
                 if not band.grid.size:
                     continue
                 label = (
-                    f"{cell.variant} (lr {cell.lr:g}, {len(cell.runs)} seeds)"
+                    f"{cell.variant} (lr {cell.lr:g}, {len(cell.runs)} seed{'s' * (len(cell.runs) != 1)})"
                     if style == "-" and cell.lr
                     else cell.variant
                     if style == "-"
@@ -231,18 +240,23 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
 
 
 def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
-    """Best validation and test bpc (best.pt) per cell and size: mean and 95% bootstrap CI over seeds."""
+    """Best validation and test bpc (best.pt) per cell and size: mean and 95% bootstrap CI over seeds. The sizes sit
+    at even steps on the x axis, in order of parameters (the cells of a size differ by a few thousand parameters:
+    a numeric axis would pull them apart), each cell a little to the side so that the intervals do not overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [c for c in study.cells if c.dataset == dataset]
-    fig, ax = plt.subplots(figsize=(6.5, 4.3))
-    for i, variant in enumerate(dict.fromkeys(c.variant for c in cells)):
-        mine = [c for c in cells if c.variant == variant and finite(c.params)]
+    cells = [c for c in study.cells if c.dataset == dataset and finite(c.params)]
+    rungs = rungs_by_size(cells)
+    variants = list(dict.fromkeys(c.variant for c in cells))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(rungs) + 2.5), 4.3))
+    for i, variant in enumerate(variants):
+        dodge = 0.08 * (i - (len(variants) - 1) / 2)
+        mine = [c for c in cells if c.variant == variant]
         for name, marker, suffix in (("best_valid", "o", "best valid"), ("test", "s", "test")):
-            stats = [(c.params, c.mean(name)) for c in mine if finite(c.mean(name).value)]
+            stats = [(rungs.index(c.rung) + dodge, c.mean(name)) for c in mine if finite(c.mean(name).value)]
             if not stats:
                 continue
             x = np.array([s[0] for s in stats])
@@ -261,10 +275,12 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
             )
     if finite(study.xz.get(dataset)):
         ax.axhline(study.xz[dataset], color="gray", linestyle="--", linewidth=1, label="xz -9e")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
+    ax.set_xticks(range(len(rungs)))
+    ax.set_xticklabels([f"{r}\n({format_params(min(c.params for c in cells if c.rung == r))})" for r in rungs])
+    ax.set_xlim(-0.5, len(rungs) - 0.5)
+    ax.set_xlabel("model size (parameters)")
     ax.set_ylabel("bits per character")
-    ax.set_title(f"{dataset}: best bpc to convergence (mean, 95% CI)")
+    ax.set_title(f"{dataset}: best bpc to convergence\n(mean, 95% CI over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
