@@ -1,15 +1,18 @@
 """The committed reports regenerate byte for byte from their committed runs: the shared-rate rerun (through
-`mlstm.studies.study`), the tuned study and the size ladder (through the commands their study scripts run)."""
+`mlstm.studies.study`), the tuned study and the size ladder (through the commands their study scripts run), and the
+converged study (through `mlstm.studies.converged_report`, what scripts/converged_report.py runs)."""
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mlstm.studies import converged_report
 from mlstm.studies.study import StudyOptions, load_study_runs, write_study
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +94,29 @@ def test_scale_report_regenerates_byte_for_byte(tmp_path):
     committed = REPO_ROOT / "results/convergence/scale"
     assert_same_files(tmp_path, committed, ["report.md", "scale_summary.csv", "selection.json"])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in committed.glob("*.png"))
+
+
+def tracked_copy(folder: str, dest: Path) -> Path:
+    """The files git tracks under `folder`, copied to `dest`: a study that spans sessions has unfinished runs on the
+    disk it runs on (they resume from last.pt), and the committed report covers the committed runs only."""
+    listed = subprocess.run(["git", "ls-files", "-z", folder], cwd=REPO_ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: the committed runs of {folder} cannot be told from unfinished ones")
+    for name in filter(None, listed.stdout.split("\0")):
+        target = dest / Path(name).relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO_ROOT / name, target)
+    return dest
+
+
+def test_converged_report_regenerates_byte_for_byte(shared_data, tmp_path):
+    """results/convergence/converged (README: scripts/converged_report.py --final ... --tuning ...): report.md,
+    summary.csv and selection.json from the committed runs. The xz -9e reference line is computed from the sample the
+    runs' configs name (beside the checkout, `shared_data`): without it that line, and the report, differ."""
+    study = "results/convergence/converged"
+    runs = tracked_copy(study, tmp_path / "study")
+    finals = [str(runs / "final")] if (runs / "final").is_dir() else []
+    converged_report.report_from_runs(finals, [str(runs / "runs")], tmp_path / "out")
+    committed = REPO_ROOT / study
+    assert_same_files(tmp_path / "out", committed, ["report.md", "summary.csv", "selection.json"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(p.name for p in committed.glob("*.png"))
