@@ -69,10 +69,19 @@ def line(knots):
 
 
 def write_run(
-    root: Path, preset: str, lr: float, seed: int, points, events=(), test=None, cold=None, final: bool = True
+    root: Path,
+    preset: str,
+    lr: float,
+    seed: int,
+    points,
+    events=(),
+    test=None,
+    cold=None,
+    final: bool = True,
+    overfit: float = 0.05,
 ) -> Path:
     """A run directory as the trainer leaves it. `events`: (step, event) pairs, the rate halved at each
-    `lr_reduced`; `early_stop` carries the lowest validation bpc."""
+    `lr_reduced`; `early_stop` carries the lowest validation bpc. Training bpc stands `overfit` below validation."""
     cell, params, seconds_per_step = CELLS[preset]
     run = root / DATASET / preset / f"lr{lr:g}-seed{seed}"
     run.mkdir(parents=True)
@@ -117,7 +126,7 @@ def write_run(
                 **where(s),
                 "epoch": (s - 1) // EPOCH_STEPS,
                 "train/lr": lr,
-                "train/bpc": float(np.interp(s, steps, valids)) - 0.05,
+                "train/bpc": float(np.interp(s, steps, valids)) - overfit,
             },
         )
         for s in range(5, end, 10)
@@ -505,3 +514,23 @@ def test_the_figures_order_sizes_by_parameters_not_by_name_or_arrival():
         )
     ]
     assert converged_report.rungs_by_size(cells) == ["300k", "1m", "5m", "seed"]
+
+
+def test_a_cold_start_blows_up_against_the_held_out_level_not_the_training_bpc(tmp_path):
+    """Trained to convergence, a model fits its training text far better than held-out text: an ordinary test stream
+    stands more than 1 bpc above the training bpc. A blow-up is judged against the run's lowest validation bpc."""
+    points = line([(100, 4.0), (1000, 2.30), (1200, 2.20)]) + [(1300, 2.23), (1400, 2.23)]
+    run = write_run(
+        tmp_path / "final",
+        "mlstm_paper_1m",
+        0.002,
+        100,
+        points,
+        [(1300, "lr_reduced"), (1400, "early_stop")],
+        test=2.25,
+        cold=[1.9, 2.9, 3.1, 3.3, 25.0, float("nan")],  # 3.3 and up: above 2.20 + 1; the training bpc ends at 1.43
+        overfit=0.8,
+    )
+    (outcome,) = [converged.outcome(r) for r in load_runs([str(run)])]
+    assert outcome.best_valid == pytest.approx(2.20)
+    assert outcome.cold_starts == (3, 6)

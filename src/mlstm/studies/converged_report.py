@@ -20,6 +20,7 @@ from mlstm.studies.formatting import csv_text, finite, fmt, interval, signed
 from mlstm.studies.runs import load_runs, lookup
 from mlstm.studies.scaling import COLORS, format_params
 from mlstm.studies.scaling_report import selection_table
+from mlstm.studies.tuning import UNSTABLE_GAP
 
 PROTOCOL_KEYS = (  # what the report states of the protocol, read from the final runs' configs
     ("optim.schedule", "schedule"),
@@ -325,7 +326,9 @@ def report_markdown(
                 "",
                 "Converged: runs stopped by the rule / runs. Rise after best: final "
                 "minus lowest validation bpc (runs above 0.01 bpc). Epochs to best: characters to the best point "
-                "over one pass over the training split.",
+                "over one pass over the training split. Cold starts blown up: test streams, each read from a zero "
+                f"state, more than {UNSTABLE_GAP:g} bpc above the run's lowest validation bpc (or non-finite), over "
+                "all streams.",
                 "",
             ]
             lines += cell_rows(study.cells, comparisons, dataset) + [""]

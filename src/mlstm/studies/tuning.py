@@ -62,16 +62,22 @@ def unstable_on(records: list[Mapping], key: str = "test/bpc", gap: float = UNST
 
 # ------------------------------------------------------------------------------------------------- the grid, ruled
 def blown_streams(
-    records: list[Mapping], key: str = "test/cold_start_stream_bpc", gap: float = UNSTABLE_GAP
+    records: list[Mapping],
+    key: str = "test/cold_start_stream_bpc",
+    gap: float = UNSTABLE_GAP,
+    level: float | None = None,
 ) -> tuple[int, int] | None:
     """(streams blown up, streams) of the cold-start check (the trainer's `cold_start_streams`): a stream whose bpc
-    stands more than `gap` above the run's last training bpc, or is non-finite, is rule 4's blow-up on that stream;
-    None when the run has no such check."""
+    stands more than `gap` above `level`, or is non-finite, is rule 4's blow-up on that stream. `level` defaults to
+    the run's last training bpc (rule 4 as such: right within an epoch or so, where training and held-out bpc are
+    level); None when the run has no such check."""
     per_stream = next((r[key] for r in reversed(records) if isinstance(r.get(key), list)), None)
-    train = [_number(r.get("train/bpc")) for r in records if _number(r.get("train/bpc")) is not None]
-    if not per_stream or not train:
+    if level is None:
+        train = [_number(r.get("train/bpc")) for r in records if _number(r.get("train/bpc")) is not None]
+        level = train[-1] if train else None
+    if not per_stream or level is None:
         return None
-    blown = sum(1 for v in per_stream if _number(v) is None or not math.isfinite(v) or v > train[-1] + gap)
+    blown = sum(1 for v in per_stream if _number(v) is None or not math.isfinite(v) or v > level + gap)
     return blown, len(per_stream)
 
 
