@@ -113,7 +113,7 @@ def outcome(run: Run) -> RunOutcome:
         epochs_to_best=at_best["chars"] / per_epoch if per_epoch > 0 else math.nan,
         reductions=sum(1 for r in run.records if r.get("event") == "lr_reduced"),
         # against the held-out level of best.pt's weights, not the training bpc: a model trained to convergence
-        # fits its training text far better than held-out text (at 1.2M on the enwik8 sample: training 1.6-1.8
+        # fits its training text far better than held-out text (at 1.2M on the enwik8 sample: training 1.5-1.8
         # bpc, validation 2.24-2.33), so an ordinary held-out stream stands 1 bpc above the training bpc, while a
         # lost state reads 20-40 bpc (../tuned)
         cold_starts=tuning.blown_streams(run.records, level=best_valid if math.isfinite(best_valid) else None),
