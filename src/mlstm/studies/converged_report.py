@@ -181,13 +181,13 @@ def figure_name(dataset: str, what: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset)}_{what}.png"
 
 
-def rungs_by_size(cells: Sequence[Cell]) -> list[str]:
-    """The sizes (rungs) of these cells, smallest first (by the fewest parameters of a cell of the rung)."""
+def rungs_by_size(cells: Sequence[Cell]) -> dict[str, float]:
+    """{rung: the fewest parameters of a cell of the rung} of these cells, smallest first (unknown counts last)."""
     smallest: dict[str, float] = {}
     for c in cells:
         params = c.params if finite(c.params) else math.inf
         smallest[c.rung] = min(smallest.get(c.rung, math.inf), params)
-    return sorted(smallest, key=smallest.__getitem__)
+    return dict(sorted(smallest.items(), key=lambda item: item[1]))
 
 
 def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
@@ -199,7 +199,7 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cells = [c for c in study.cells if c.dataset == dataset]
-    rungs = rungs_by_size(cells)
+    rungs = list(rungs_by_size(cells))
     fig, axes = plt.subplots(1, len(rungs), figsize=(5.5 * len(rungs), 4.3), squeeze=False)
     for ax, rung in zip(axes[0], rungs):
         for i, cell in enumerate(c for c in cells if c.rung == rung):
@@ -250,7 +250,8 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cells = [c for c in study.cells if c.dataset == dataset and finite(c.params)]
-    rungs = rungs_by_size(cells)
+    sizes = rungs_by_size(cells)
+    rungs = list(sizes)
     variants = list(dict.fromkeys(c.variant for c in cells))
     fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(rungs) + 2.5), 4.3))
     for i, variant in enumerate(variants):
@@ -277,7 +278,7 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     if finite(study.xz.get(dataset)):
         ax.axhline(study.xz[dataset], color="gray", linestyle="--", linewidth=1, label="xz -9e")
     ax.set_xticks(range(len(rungs)))
-    ax.set_xticklabels([f"{r}\n({format_params(min(c.params for c in cells if c.rung == r))})" for r in rungs])
+    ax.set_xticklabels([f"{rung}\n({format_params(params)})" for rung, params in sizes.items()])
     ax.set_xlim(-0.5, len(rungs) - 0.5)
     ax.set_xlabel("model size (parameters)")
     ax.set_ylabel("bits per character")
