@@ -460,6 +460,19 @@ def test_the_report_lists_every_grid_run_and_where_it_stands(study_dirs, tmp_pat
         "1",
     )
     assert sum(r["state"] == "stopped by the rule" for r in rows) == 11
+    # every finished grid run reads the text in one order and ripples with the others (falls to step 1,000, then
+    # rises, rises, falls, rises): all 11 move together at each of the 4 evaluations from the first rise, while
+    # runs rising as often (3 of 4) but independently would agree E[max(U, 11 - U)] / 11 of the time, U ~ B(11, 3/4)
+    (together,) = table((out / "report.md").read_text(), "| runs | how many |")
+    independent = sum(math.comb(11, k) * 0.75**k * 0.25 ** (11 - k) * max(k, 11 - k) / 11 for k in range(12))
+    assert together == {
+        "runs": "grid runs",
+        "how many": "11",
+        "evaluations counted (steps)": "4 (1,100–1,400)",
+        "moved with the majority": "100%",
+        "expected if independent": f"{independent:.0%}",
+        "most rose together": "step 1,100: 11 of 11",
+    }
     # no final run yet: summary.csv is its header alone, the columns a reader's script will find
     header = (out / "summary.csv").read_text()
     assert header == ",".join(converged_report.SUMMARY_COLUMNS) + "\n" and header.startswith("dataset,rung,cell,")

@@ -12,7 +12,9 @@ the "best" score: a run scores its lowest validation bpc):
 - cold-start blow-ups of the test split read as 32 streams from zero states (a stream more than 1 bpc above the
   run's lowest validation bpc);
 - the bits per character of `xz -9e` on the same sample (the whole file), computed here with the standard library's
-  lzma (preset 9 | PRESET_EXTREME, the xz container): the reference line a model should beat.
+  lzma (preset 9 | PRESET_EXTREME, the xz container): the reference line a model should beat;
+- how the validation curves of the runs on one sample rise and fall together (mlstm.studies.comovement): every run
+  reads the text in one order, so the plateau rule's decisions share a ripple the CIs over seeds do not cover.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from mlstm.studies import convergence as cv
 from mlstm.studies import tuning
+from mlstm.studies.comovement import CoMovement, co_movement
 from mlstm.studies.runs import Run, lookup
 from mlstm.studies.scaling import BASELINE, RungSelection, assign_rungs, pick_rate, select_by_rung, size_key
 from mlstm.training.score import early_stopped
@@ -204,6 +207,8 @@ class ConvergedStudy:
     n_tuning: int
     baseline: str = BASELINE
     tuning: list[TuningRun] = field(default_factory=list)
+    # (dataset label, "final runs" or "grid runs") -> how their validation curves move together
+    comovement: dict[tuple[str, str], CoMovement] = field(default_factory=dict)
 
 
 def _pair(cell: Cell, base: Cell, name: str, axis: str | None = None, ratio: bool = True) -> cv.Interval:
@@ -313,7 +318,18 @@ def analyse(
             str(t.run.seed),
         ),
     )
-    return ConvergedStudy(cells, comparisons, selections, references, len(final_runs), len(tuning_runs), baseline, grid)
+    together = {}
+    for dataset in dict.fromkeys([c.dataset for c in cells] + [t.dataset for t in grid]):
+        groups = {
+            "final runs": [r.curve for c in cells if c.dataset == dataset for r in c.runs],
+            "grid runs": [t.run.curve for t in grid if t.dataset == dataset and not t.run.diverged],
+        }
+        for group, curves in groups.items():
+            if (measured := co_movement(curves)) is not None:
+                together[(dataset, group)] = measured
+    return ConvergedStudy(
+        cells, comparisons, selections, references, len(final_runs), len(tuning_runs), baseline, grid, together
+    )
 
 
 def final_command(selection: RungSelection) -> str | None:

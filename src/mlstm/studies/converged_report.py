@@ -121,6 +121,23 @@ def speed_rows(comparisons: Sequence[Comparison], dataset: str) -> list[str]:
     return lines
 
 
+def comovement_rows(study: ConvergedStudy, dataset: str) -> list[str]:
+    mine = {group: m for (label, group), m in study.comovement.items() if label == dataset}
+    if not mine:
+        return []
+    lines = [
+        "| runs | how many | evaluations counted (steps) | moved with the majority | expected if independent "
+        "| most rose together |",
+        "| --- | ---: | --- | ---: | ---: | --- |",
+    ]
+    for group, m in mine.items():
+        lines.append(
+            f"| {group} | {m.runs} | {m.evaluations} ({m.first_step:,.0f}–{m.last_step:,.0f}) | {m.agreement:.0%} "
+            f"| {m.expected:.0%} | step {m.peak_step:,.0f}: {m.peak_rose} of {m.peak_counted} |"
+        )
+    return lines
+
+
 SUMMARY_COLUMNS = (
     "dataset",
     "rung",
@@ -355,6 +372,21 @@ def report_markdown(
                     if c.dataset == dataset and finite(c.mean("test").value) and c.mean("test").value < xz
                 ]
                 lines += [f"- Below xz -9e ({xz:.3f}) on the test split: {', '.join(beats) if beats else 'none'}.", ""]
+        together = comovement_rows(study, dataset)
+        if together:
+            lines += [
+                "### Do the validation curves move together? (one data order for every run)",
+                "",
+                "Every run reads the text in the same order, so the validation bpc of different seeds and cells "
+                "can rise and fall at the same evaluations, and the plateau rule halve or stop them there together: "
+                "a ripple the CIs over seeds (which cover initialisations) do not cover. Counted: the evaluations "
+                "after the first rise of any run at which at least half the runs are going. Moved with the "
+                "majority: the mean fraction of runs whose validation bpc moved the way most did since the previous "
+                "evaluation. Expected if independent: the same for runs rising independently, each at its own rate "
+                "of rises in the window (mlstm.studies.comovement). Grid runs: every rate, diverged runs left out.",
+                "",
+            ]
+            lines += together + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
