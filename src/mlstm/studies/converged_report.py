@@ -379,8 +379,9 @@ def report_markdown(
                 "",
                 "Every run reads the text in the same order, so the validation bpc of different seeds and cells "
                 "can rise and fall at the same evaluations, where the plateau rule then halves their rates or stops "
-                "them together: a ripple the CIs over seeds (which cover initialisations) do not cover. Counted: the evaluations "
-                "after the first rise of any run at which at least half the runs are going. Moved with the "
+                "them together: a ripple the CIs over seeds (which cover initialisations) do not cover. Counted: "
+                "the evaluations after the first rise of any run at which at least half the runs are going. Moved "
+                "with the "
                 "majority: the mean fraction of runs whose validation bpc moved the way most did since the previous "
                 "evaluation. Expected if independent: the same for runs rising independently, each at its own rate "
                 "of rises in the window (mlstm.studies.comovement). Grid runs: every rate, diverged runs left out.",
