@@ -257,9 +257,14 @@ def test_sigterm_to_the_parent_alone_stops_every_job_cleanly_and_reruns_skip_fin
 def test_a_job_stopped_alone_stops_the_sweep_without_tearing_down_the_other(corpus, data_dir, tmp_path):
     """SIGINT to one worker alone: its job stops with last.pt saved and exits with the stopped status, which used to
     make joblib tear the other worker down mid-step (its job lost everything since its start). Now the other job
-    is asked to stop the same way, saves last.pt too, and the waiting job does not start."""
+    is asked to stop the same way, saves last.pt too, and the waiting job does not start.
+
+    Nothing here is compared with an uninterrupted sweep, so the jobs are given 100 times the steps: the other job
+    must still be training when the stop reaches it, and with 300 steps it can finish first (seen once: job #1 had
+    ended at step 300 when job #0 stopped)."""
     sweep_dir = tmp_path / "sweep"
-    sweep = Sweep(sweep_args(corpus, data_dir, sweep_dir), tmp_path / "hydra.log")
+    args = [a for a in sweep_args(corpus, data_dir, sweep_dir) if not a.startswith("trainer.max_steps=")]
+    sweep = Sweep([*args, f"trainer.max_steps={100 * STEPS}"], tmp_path / "hydra.log")
     running = [sweep_dir / "seed1", sweep_dir / "seed2"]
     wait_until(
         lambda: in_a_step(running) and (running[0] / "run.lock").read_text().strip() != "", sweep, "both jobs training"

@@ -76,6 +76,14 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def poll(self) -> bool:
+        """`requested`, after also reading the sweep's stop file when this run is a sweep's job: the loop calls it
+        after every step, so a job stops after the step during which its sweep was asked to stop, not up to
+        `ParentWatch.POLL_S` later (a fast job could finish in that second: seen). A stat per step: microseconds."""
+        if self.signum is None and SweepStop.path is not None and SweepStop.path.exists():
+            ParentWatch.pass_on_sweep_stop(self)
+        return self.requested
+
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
@@ -134,7 +142,7 @@ class ParentWatch:
     def _watch(cls, parent: int) -> None:
         while os.getppid() == parent:
             time.sleep(cls.POLL_S)
-            cls._pass_on_sweep_stop()
+            cls.pass_on_sweep_stop()
         cls.orphaned.set()
         while True:
             with cls.lock:
@@ -147,17 +155,19 @@ class ParentWatch:
             time.sleep(cls.POLL_S)
 
     @classmethod
-    def _pass_on_sweep_stop(cls) -> None:
+    def pass_on_sweep_stop(cls, stop: GracefulStop | None = None) -> None:
         """The sweep this worker runs a job for is stopping (a signal to its parent alone, another job stopped):
-        ask the run to stop as that signal does. Under `lock`, like the parent's death, and only once."""
+        ask the run to stop as that signal does. Under `lock`, like the parent's death, and only once (this
+        thread every `POLL_S`, and the loop after every step through `GracefulStop.poll`)."""
         request = SweepStop.from_file()
         if request is None:
             return
         with cls.lock:
-            if cls.stopping is not None and not cls.stopping.requested:
+            run = stop or cls.stopping  # the run's own stop (the loop), or the run in `fit` now (this thread)
+            if run is not None and not run.requested:
                 signum, reason = request
-                cls.stopping.ask(signum)
-                if cls.stopping.announce:
+                run.ask(signum)
+                if run.announce:
                     os.write(2, f"the sweep is stopping ({reason}): saving last.pt after the current step\n".encode())
 
 
@@ -168,9 +178,10 @@ class SweepStop:
     it is asked to stop (SIGINT or SIGTERM, to it alone or to its whole process group), and so does a worker whose
     job stopped or failed, or that received a signal itself. A worker then:
       - starts no new job (`pending` is checked before a job starts);
-      - stops the run it trains after its current step, as the signal does: `ParentWatch` reads the file every
-        `ParentWatch.POLL_S` (a signal to the whole group also reaches the worker itself, which stops at once, and
-        the file then changes nothing), and `GracefulStop` reads it when a run starts.
+      - stops the run it trains after its current step, as the signal does: the loop reads the file after every
+        step (`GracefulStop.poll`), `ParentWatch` every `ParentWatch.POLL_S` (so also during a long evaluation),
+        and `GracefulStop` when a run starts (a signal to the whole group also reaches the worker itself, which
+        stops at once, and the file then changes nothing).
     The file holds the signal's number and a reason, one per line; it is written through a rename, so a reader sees
     all of it or nothing.
 

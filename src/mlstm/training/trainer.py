@@ -167,7 +167,7 @@ class Trainer:
         clip = self.cfg.optim.get("grad_clip")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf).item()
         # the step's only other sync; it also carries the stop flag, so every rank stops after the same step
-        asked = bool(self.stop and self.stop.requested)
+        asked = bool(self.stop and self.stop.poll())
         loss_value, self.stop_agreed = distributed.mean_and_any(loss.detach(), asked, self.ctx)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite or self.precision == "fp16":  # fp16: the scaler itself skips overflowing steps
