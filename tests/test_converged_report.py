@@ -1,5 +1,6 @@
 """The converged study's analysis and report (mlstm.studies.converged, mlstm.studies.converged_report,
-scripts/converged_report.py) on synthetic runs with a known answer, and the xz -9e reference it computes.
+scripts/converged_report.py) on synthetic runs with a known answer, and the reference levels it computes (xz -9e,
+the unigram entropy).
 
 Run directories are written as the trainer leaves them (config.yaml + metrics.jsonl): validation every 100 steps,
 training records at steps 5, 15, ... (an epoch is 500 steps: the first record of the second pass is at step 505, so
@@ -32,13 +33,14 @@ import random
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from mlstm.studies import converged, converged_report, tuning
+from mlstm.studies import converged, converged_report, references, tuning
 from mlstm.studies.runs import load_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -372,11 +374,11 @@ def test_the_xz_reference_is_computed_and_the_report_uses_it(tmp_path):
     sample = toy_sample(tmp_path / f"{DATASET}.txt")
     data = sample.read_bytes()
     expected = 8 * len(lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)) / len(data)
-    assert converged.xz_bits_per_char(sample) == expected
+    assert references.xz_bits_per_char(sample) == expected
     assert 2.26 < expected < 2.38  # the toy sample sits between the two cells' test bpc (see toy_sample)
     repeated = tmp_path / "repeated.txt"  # a third of it three times: xz finds the repeats, fewer bits
     repeated.write_bytes(data[: len(data) // 3] * 3)
-    assert converged.xz_bits_per_char(repeated) < expected / 2
+    assert references.xz_bits_per_char(repeated) < expected / 2
     if shutil.which("xz"):
         # single-threaded xz writes the same .xz stream as lzma, byte for byte; the default (multi-threaded in newer
         # versions) may add the sizes to the block header: a few bytes
@@ -391,6 +393,12 @@ def test_the_xz_reference_is_computed_and_the_report_uses_it(tmp_path):
     converged_report.report_from_runs([str(tmp_path / "final")], [], out, figures=False)
     report = (out / "report.md").read_text()
     assert f"`xz -9e` compresses the whole sample to **{expected:.3f}** bits per character" in report
+    # the unigram level beside it, over the training split only (the first 90% of the file: dataset=file's split)
+    train = data[: int(len(data) * 0.9)]
+    unigram = -sum(n / len(train) * math.log2(n / len(train)) for n in Counter(train).values())
+    assert converged.analyse(load_runs([str(tmp_path / "final")])).unigram == {DATASET: pytest.approx(unigram)}
+    assert 1.99 < unigram < 2.0  # 4 letters drawn uniformly: just under 2 bits
+    assert f"(its unigram entropy) reads **{unigram:.3f}**." in report
     # the mLSTM's test mean (2.26) is below it, the LSTM's (2.38) is not
     assert f"- Below xz -9e ({expected:.3f}) on the test split: mlstm-paper at 1m." in report
     with open(out / "summary.csv", newline="") as handle:
@@ -399,8 +407,9 @@ def test_the_xz_reference_is_computed_and_the_report_uses_it(tmp_path):
     sample.unlink()
     study = converged.analyse(load_runs([str(tmp_path / "final")]))
     assert study.xz == {}
+    assert study.unigram == {}
     text = converged_report.report_markdown(study, {}, [], "t")
-    assert "xz" not in text
+    assert "xz" not in text and "unigram" not in text and "Reference" not in text
 
 
 def test_the_script_writes_the_report_and_its_figures(study_dirs, tmp_path):

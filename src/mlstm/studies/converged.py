@@ -11,15 +11,15 @@ the "best" score: a run scores its lowest validation bpc):
 - whether each run stopped by the rule (converged) or at the cap (not converged: flagged, never counted as converged);
 - cold-start blow-ups of the test split read as 32 streams from zero states (a stream more than 1 bpc above the
   run's lowest validation bpc);
-- the bits per character of `xz -9e` on the same sample (the whole file), computed here with the standard library's
-  lzma (preset 9 | PRESET_EXTREME, the xz container): the reference line a model should beat;
+- two reference levels computed from the text (mlstm.studies.references): `xz -9e` on the whole sample, the level a
+  model should beat, and the unigram entropy of the training split, the level of a model that learnt nothing but
+  the character frequencies;
 - how the validation curves of the runs on one sample rise and fall together (mlstm.studies.comovement): every run
   reads the text in one order, so the plateau rule's decisions share a ripple the CIs over seeds do not cover.
 """
 
 from __future__ import annotations
 
-import lzma
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ import numpy as np
 from mlstm.studies import convergence as cv
 from mlstm.studies import tuning
 from mlstm.studies.comovement import CoMovement, co_movement
+from mlstm.studies.references import corpus_file, unigram_entropy_of_file, xz_bits_per_char
 from mlstm.studies.runs import Run, lookup
 from mlstm.studies.scaling import BASELINE, RungSelection, assign_rungs, pick_rate, select_by_rung, size_key
 from mlstm.training.score import early_stopped
@@ -37,14 +38,6 @@ from mlstm.training.score import early_stopped
 WITHIN = 0.02  # bpc: "within 0.02 of the run's own best"
 AXES = ("chars", "steps", "seconds")
 VALID = "valid/bpc"
-
-
-def xz_bits_per_char(path: str | Path) -> float:
-    """Bits per character of the file compressed as `xz -9e` does (preset 9, extreme, .xz container)."""
-    data = Path(path).read_bytes()
-    if not data:
-        return math.nan
-    return 8 * len(lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)) / len(data)
 
 
 @dataclass(frozen=True)
@@ -209,6 +202,8 @@ class ConvergedStudy:
     tuning: list[TuningRun] = field(default_factory=list)
     # (dataset label, "final runs" or "grid runs") -> how their validation curves move together
     comovement: dict[tuple[str, str], CoMovement] = field(default_factory=dict)
+    # dataset label -> unigram entropy of its training split (bits): the level of a model that learnt no context
+    unigram: dict = field(default_factory=dict)
 
 
 def _pair(cell: Cell, base: Cell, name: str, axis: str | None = None, ratio: bool = True) -> cv.Interval:
@@ -302,6 +297,10 @@ def analyse(
     for run in final_runs + tuning_runs:
         if run.dataset not in references and (path := sample_file(run)) is not None:
             references[run.dataset] = xz_bits_per_char(path)
+    unigram = {}
+    for run in final_runs + tuning_runs:
+        if run.dataset not in unigram and (found := corpus_file(run.config))[0] is not None:
+            unigram[run.dataset] = unigram_entropy_of_file(*found)
     tuning_rungs = assign_rungs(tuning_runs)
     grid = sorted(
         (
@@ -328,7 +327,16 @@ def analyse(
             if (measured := co_movement(curves)) is not None:
                 together[(dataset, group)] = measured
     return ConvergedStudy(
-        cells, comparisons, selections, references, len(final_runs), len(tuning_runs), baseline, grid, together
+        cells,
+        comparisons,
+        selections,
+        references,
+        len(final_runs),
+        len(tuning_runs),
+        baseline,
+        grid,
+        together,
+        unigram,
     )
 
 

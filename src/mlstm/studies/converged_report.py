@@ -324,12 +324,19 @@ def report_markdown(
     lines += protocol_lines(study, configs)
     for dataset in dict.fromkeys([c.dataset for c in study.cells] + [s.dataset for s in study.selections]):
         lines += [f"## {dataset}", ""]
+        references = []
         if finite(study.xz.get(dataset)):
-            lines += [
-                f"Reference: `xz -9e` compresses the whole sample to **{study.xz[dataset]:.3f}** bits per "
-                "character (computed by this report with lzma, preset 9 extreme).",
-                "",
-            ]
+            references.append(
+                f"`xz -9e` compresses the whole sample to **{study.xz[dataset]:.3f}** bits per character (computed "
+                "by this report with lzma, preset 9 extreme)"
+            )
+        if finite(study.unigram.get(dataset)):
+            references.append(
+                f"a model that learnt only the character frequencies of the training split (its unigram entropy) "
+                f"reads **{study.unigram[dataset]:.3f}**"
+            )
+        if references:
+            lines += ["Reference: " + "; ".join(references) + ".", ""]
         lines += [f"![{dataset}]({name})" for name in figures.get(dataset, [])] + [""]
         table = selection_table(study.selections, dataset)
         if table:

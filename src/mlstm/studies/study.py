@@ -10,47 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from mlstm.errors import UserError
 from mlstm.studies import convergence as cv
 from mlstm.studies import figures, report
 from mlstm.studies.analysis import (  # noqa: F401
     BANDS,
     BUDGET_AXES,
-    DEFAULT_SPLIT_FRACTIONS,
     DatasetAnalysis,
     StudyOptions,
 )
+from mlstm.studies.references import corpus_file, unigram_entropy_of_file
 from mlstm.studies.runs import Run, curves_by_seed, group_runs, load_runs, load_wandb_runs
 
 
 # ------------------------------------------------------------------------------------------------- reference lines
-def unigram_entropy_of_file(path: Path, train_bytes: int | None) -> float:
-    """Entropy (bits) of the byte frequencies of the training part of a corpus file: the bpc of a unigram model."""
-    data = np.fromfile(path, dtype=np.uint8, count=-1 if train_bytes is None else train_bytes)
-    p = np.bincount(data, minlength=256) / max(data.size, 1)
-    p = p[p > 0]
-    return float(-(p * np.log2(p)).sum())
-
-
-def corpus_file(config: dict) -> tuple[Path | None, int | None]:
-    """The dataset's source file and the size of its training split, when the config says where it is."""
-    dataset = config.get("dataset", {})
-    if dataset.get("name") == "file" and dataset.get("path"):
-        path = Path(str(dataset["path"])).expanduser()
-        if path.is_file():
-            fraction = (dataset.get("split_fractions") or DEFAULT_SPLIT_FRACTIONS)[0]
-            return path, int(path.stat().st_size * fraction)
-    member = dataset.get("archive_member")
-    if member and config.get("data_dir"):
-        path = Path(str(config["data_dir"])).expanduser() / member
-        if path.is_file():
-            sizes = dataset.get("split_sizes")
-            return path, int(sizes[0]) if sizes else None
-    return None, None
-
-
 def unigram_entropy(dataset: str, runs: list[Run], given: Mapping[str | None, float]) -> float | None:
     """The unigram-entropy reference for a dataset: given, else computed from its corpus file, else unknown."""
     if dataset in given:
