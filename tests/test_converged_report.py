@@ -362,6 +362,31 @@ def test_the_report_states_the_known_answer_and_flags_the_capped_run(study_dirs,
     }
 
 
+def unigram_cross_entropy(train: bytes, valid: bytes) -> float:
+    """Bits per character of `valid` under add-1/2 estimates of the byte frequencies of `train` (256 values)."""
+    counts = Counter(train)
+    total = len(train) + 128
+    return -sum(math.log2((counts[b] + 0.5) / total) for b in valid) / len(valid)
+
+
+def test_the_unigram_level_on_the_valid_split_is_the_training_frequencies_cross_entropy(tmp_path):
+    """Training text of a and b in equal parts, valid text all a, test all c: on the valid split the unigram model
+    pays -log2 p(a), about 1 bit, not the valid split's own entropy (0 bits); the split follows the fractions."""
+    sample = tmp_path / "ab.txt"
+    sample.write_bytes(b"ab" * 400 + b"a" * 100 + b"c" * 100)
+    config = {"dataset": {"name": "file", "path": str(sample), "split_fractions": [0.8, 0.1, 0.1]}}
+    path, sizes = references.corpus_splits(config)
+    assert (path, sizes) == (sample, [800, 100, 100])
+    assert references.corpus_file(config) == (sample, 800)
+    expected = -math.log2(400.5 / 928)
+    assert references.unigram_valid_bpc(sample, sizes) == pytest.approx(expected)
+    assert expected == pytest.approx(unigram_cross_entropy(b"ab" * 400, b"a" * 100))
+    assert references.unigram_entropy_of_file(sample, sizes[0]) == pytest.approx(1.0)
+    # a byte never seen in training costs bits, not infinity: valid all c
+    sample.write_bytes(b"ab" * 400 + b"c" * 100 + b"a" * 100)
+    assert references.unigram_valid_bpc(sample, sizes) == pytest.approx(-math.log2(0.5 / 928))
+
+
 def test_an_unfinished_run_scores_as_the_worst_until_it_ends(study_dirs):
     (run,) = load_runs([str(study_dirs / "runs" / DATASET / "mlstm_paper_1m" / "lr0.004-seed1")])
     assert tuning.to_convergence(run.config) and not tuning.ended(run.records, MAX_STEPS)
@@ -393,12 +418,15 @@ def test_the_xz_reference_is_computed_and_the_report_uses_it(tmp_path):
     converged_report.report_from_runs([str(tmp_path / "final")], [], out, figures=False)
     report = (out / "report.md").read_text()
     assert f"`xz -9e` compresses the whole sample to **{expected:.3f}** bits per character" in report
-    # the unigram level beside it, over the training split only (the first 90% of the file: dataset=file's split)
-    train = data[: int(len(data) * 0.9)]
+    # the unigram level beside it: the entropy of the training split (the first 90% of the file: dataset=file's
+    # split) and what that model reads on the valid split (the next 5%)
+    train, valid = data[:27_000], data[27_000:28_500]
     unigram = -sum(n / len(train) * math.log2(n / len(train)) for n in Counter(train).values())
-    assert converged.analyse(load_runs([str(tmp_path / "final")])).unigram == {DATASET: pytest.approx(unigram)}
-    assert 1.99 < unigram < 2.0  # 4 letters drawn uniformly: just under 2 bits
-    assert f"(its unigram entropy) reads **{unigram:.3f}**." in report
+    on_valid = unigram_cross_entropy(train, valid)
+    study = converged.analyse(load_runs([str(tmp_path / "final")]))
+    assert study.unigram == {DATASET: (pytest.approx(unigram), pytest.approx(on_valid))}
+    assert 1.99 < unigram < 2.0 < on_valid < 2.01  # 4 letters drawn uniformly: about 2 bits on either split
+    assert f"reads their entropy, **{unigram:.3f}**, on that split and **{on_valid:.3f}** on the valid split" in report
     # the mLSTM's test mean (2.26) is below it, the LSTM's (2.38) is not
     assert f"- Below xz -9e ({expected:.3f}) on the test split: mlstm-paper at 1m." in report
     with open(out / "summary.csv", newline="") as handle:

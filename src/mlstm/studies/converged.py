@@ -30,7 +30,7 @@ import numpy as np
 from mlstm.studies import convergence as cv
 from mlstm.studies import tuning
 from mlstm.studies.comovement import CoMovement, co_movement
-from mlstm.studies.references import corpus_file, unigram_entropy_of_file, xz_bits_per_char
+from mlstm.studies.references import corpus_splits, unigram_entropy_of_file, unigram_valid_bpc, xz_bits_per_char
 from mlstm.studies.runs import Run, lookup
 from mlstm.studies.scaling import BASELINE, RungSelection, assign_rungs, pick_rate, select_by_rung, size_key
 from mlstm.training.score import early_stopped
@@ -202,7 +202,8 @@ class ConvergedStudy:
     tuning: list[TuningRun] = field(default_factory=list)
     # (dataset label, "final runs" or "grid runs") -> how their validation curves move together
     comovement: dict[tuple[str, str], CoMovement] = field(default_factory=dict)
-    # dataset label -> unigram entropy of its training split (bits): the level of a model that learnt no context
+    # dataset label -> (unigram entropy of its training split, what that unigram model reads on the valid split), in
+    # bits per character: the level of a model that learnt no context
     unigram: dict = field(default_factory=dict)
 
 
@@ -299,8 +300,9 @@ def analyse(
             references[run.dataset] = xz_bits_per_char(path)
     unigram = {}
     for run in final_runs + tuning_runs:
-        if run.dataset not in unigram and (found := corpus_file(run.config))[0] is not None:
-            unigram[run.dataset] = unigram_entropy_of_file(*found)
+        path, sizes = corpus_splits(run.config)
+        if run.dataset not in unigram and path is not None and sizes:
+            unigram[run.dataset] = (unigram_entropy_of_file(path, sizes[0]), unigram_valid_bpc(path, sizes))
     tuning_rungs = assign_rungs(tuning_runs)
     grid = sorted(
         (

@@ -330,10 +330,12 @@ def report_markdown(
                 f"`xz -9e` compresses the whole sample to **{study.xz[dataset]:.3f}** bits per character (computed "
                 "by this report with lzma, preset 9 extreme)"
             )
-        if finite(study.unigram.get(dataset)):
+        if dataset in study.unigram:
+            entropy, on_valid = study.unigram[dataset]
             references.append(
-                f"a model that learnt only the character frequencies of the training split (its unigram entropy) "
-                f"reads **{study.unigram[dataset]:.3f}**"
+                "a model that learnt only the character frequencies of the training split reads their entropy, "
+                f"**{entropy:.3f}**, on that split and **{on_valid:.3f}** on the valid split (the level of a model "
+                "that learnt no context)"
             )
         if references:
             lines += ["Reference: " + "; ".join(references) + ".", ""]

@@ -1,7 +1,8 @@
 """The reference levels a model's bits per character are read against, computed from the text itself:
 
-- the unigram entropy of the training split: what a model that learnt only the character frequencies reads (a
-  model at this level has not learnt from context: the posted seed cell's failure mode);
+- the unigram entropy of the training split: what a model that learnt only the character frequencies reads on that
+  split, and what the same model reads on the valid split (a model at this level has learnt no context: the posted
+  seed cell's failure mode);
 - `xz -9e` on the whole sample: what a general-purpose compressor reads, the level a model should beat. Computed
   with the standard library's lzma (preset 9 | PRESET_EXTREME, the .xz container), byte for byte the stream that
   single-threaded `xz -9e` writes.
@@ -26,21 +27,40 @@ def unigram_entropy_of_file(path: Path, train_bytes: int | None) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def corpus_file(config: dict) -> tuple[Path | None, int | None]:
-    """The dataset's source file and the size of its training split, when the config says where it is."""
+def corpus_splits(config: dict) -> tuple[Path | None, list[int] | None]:
+    """The dataset's source file and its (train, valid, test) sizes in bytes, when the config says where it is and
+    how it is split: dataset=file rounds its fractions as mlstm.data.corpus does, the archives give their sizes."""
     dataset = config.get("dataset", {})
     if dataset.get("name") == "file" and dataset.get("path"):
         path = Path(str(dataset["path"])).expanduser()
         if path.is_file():
-            fraction = (dataset.get("split_fractions") or DEFAULT_SPLIT_FRACTIONS)[0]
-            return path, int(path.stat().st_size * fraction)
+            fractions = dataset.get("split_fractions") or DEFAULT_SPLIT_FRACTIONS
+            n = path.stat().st_size
+            train, valid = round(n * fractions[0]), round(n * fractions[1])
+            return path, [train, valid, n - train - valid]
     member = dataset.get("archive_member")
     if member and config.get("data_dir"):
         path = Path(str(config["data_dir"])).expanduser() / member
         if path.is_file():
             sizes = dataset.get("split_sizes")
-            return path, int(sizes[0]) if sizes else None
+            return path, [int(size) for size in sizes] if sizes else None
     return None, None
+
+
+def corpus_file(config: dict) -> tuple[Path | None, int | None]:
+    """The dataset's source file and the size of its training split, when the config says where it is."""
+    path, sizes = corpus_splits(config)
+    return path, sizes[0] if sizes else None
+
+
+def unigram_valid_bpc(path: Path, sizes: list[int]) -> float:
+    """Bits per character on the valid split of a model that knows only the training split's byte frequencies
+    (add-1/2 estimates over the 256 byte values, so that a byte unseen in training costs bits, not infinity)."""
+    train, valid = sizes[0], sizes[1]
+    data = np.fromfile(path, dtype=np.uint8, count=train + valid)
+    counts = np.bincount(data[:train], minlength=256) + 0.5
+    p = counts / counts.sum()
+    return float(-np.log2(p[data[train : train + valid]]).mean())
 
 
 def xz_bits_per_char(path: str | Path) -> float:
