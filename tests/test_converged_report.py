@@ -51,6 +51,7 @@ DATASET = "toy_sample"  # the sample file's stem: the dataset's label in the rep
 CELLS = {
     "lstm_1m": ({"name": "lstm", "impl": "cudnn", "hidden_size": 500}, 1_200_000, 0.1),
     "mlstm_paper_1m": ({"name": "mlstm", "form": "paper", "impl": "fast", "hidden_size": 300}, 1_210_000, 0.2),
+    "mlstm_seed_1m": ({"name": "mlstm", "form": "seed", "impl": "fast", "hidden_size": 300}, 1_210_000, 0.2),
 }
 
 
@@ -460,7 +461,7 @@ def test_the_script_writes_the_report_and_its_figures(study_dirs, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = (out / "report.md").read_text()
-    pngs = [out / f"{DATASET}_converged.png", out / f"{DATASET}_best.png"]
+    pngs = [out / f"{DATASET}_{what}.png" for what in ("converged", "best", "chosen_rates")]
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"![{DATASET}]({png.name})" in report
@@ -547,6 +548,38 @@ def test_the_plan_resumes_unfinished_rates_extends_at_the_edge_and_then_runs_the
     shutil.copytree(study_dirs / "runs" / DATASET / "lstm_1m" / "lr0.008-seed1", lstm / "lr0.008-seed1")
     assert plan(runs, "lstm_1m") == "extend 0.002"
     assert plan(runs, "lstm_300k") == "none"
+
+
+def test_the_chosen_rate_figure_shows_every_cell_the_grid_covered_at_its_chosen_rate(study_dirs, tmp_path):
+    """Block 4's seed cells have grid runs only: the chosen-rate figure draws them beside the cells with finals,
+    each from the grid runs at the rate the tuning rule chose, and none of the other rates' runs."""
+    runs = tmp_path / "runs"
+    shutil.copytree(study_dirs / "runs", runs)
+    # a cell that stays near the unigram level, one seed per rate: 0.004 (lowest, 4.6) lies inside 0.002-0.008
+    for lr, best in ((0.002, 5.2), (0.004, 4.6), (0.008, 5.0)):
+        points = line([(100, 5.5), (1000, best)]) + [(1100, best + 0.01), (1200, best + 0.02)]
+        write_run(runs, "mlstm_seed_1m", lr, 0, points, [(1100, "lr_reduced"), (1200, "early_stop")], final=False)
+    study = converged.analyse([], load_runs([str(runs)]))
+    picked = converged.chosen_rate_runs(study, DATASET)
+    assert {
+        rung: {variant: (lr, [(r.seed, r.best_valid) for r in outcomes]) for variant, (lr, outcomes) in cells.items()}
+        for rung, cells in picked.items()
+    } == {
+        "1m": {
+            "lstm": (0.004, [(0, pytest.approx(2.33)), (1, pytest.approx(2.35))]),
+            "mlstm-paper": (0.002, [(0, pytest.approx(2.22)), (1, pytest.approx(2.24))]),
+            "mlstm-seed": (0.004, [(0, pytest.approx(4.6))]),
+        }
+    }
+    assert list(picked["1m"]) == ["lstm", "mlstm-paper", "mlstm-seed"]  # the baseline first, as in the report
+    assert converged.chosen_rate_runs(study, "another_sample") == {}
+    # a report from grid runs alone draws this figure only, and links it
+    out = tmp_path / "report"
+    converged_report.report_from_runs([], [str(runs)], out)
+    png = out / f"{DATASET}_chosen_rates.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"![{DATASET}]({png.name})" in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.glob("*.png")) == [png.name]
 
 
 def test_the_figures_order_sizes_by_parameters_not_by_name_or_arrival():

@@ -342,6 +342,20 @@ def analyse(
     )
 
 
+def chosen_rate_runs(study: ConvergedStudy, dataset: str) -> dict[str, dict[str, tuple[float, list[RunOutcome]]]]:
+    """{rung: {variant: (the rate the tuning rule chose, that rate's grid runs that did not diverge)}} on `dataset`,
+    in the report's order: every cell the grid covered, those without final runs too (block 4's seed cells are grid
+    runs only, and whether the posted cell learns at all is read there). A cell with no rate chosen is left out."""
+    chosen = {(s.rung, s.variant): s.selection.chosen for s in study.selections if s.dataset == dataset}
+    picked: dict[str, dict[str, tuple[float, list[RunOutcome]]]] = {}
+    for t in study.tuning:
+        lr = chosen.get((t.rung, t.variant))
+        if t.dataset != dataset or lr is None or t.lr is None or not math.isclose(t.lr, lr) or t.run.diverged:
+            continue
+        picked.setdefault(t.rung, {}).setdefault(t.variant, (lr, []))[1].append(t.run)
+    return picked
+
+
 def final_command(selection: RungSelection) -> str | None:
     """The sweep that runs the fresh seeds of a cell whose choice is strictly inside its grid."""
     s = selection.selection

@@ -15,7 +15,16 @@ import numpy as np
 
 from mlstm.errors import UserError
 from mlstm.studies import convergence as cv
-from mlstm.studies.converged import AXES, WITHIN, Cell, Comparison, ConvergedStudy, analyse, selection_rows
+from mlstm.studies.converged import (
+    AXES,
+    WITHIN,
+    Cell,
+    Comparison,
+    ConvergedStudy,
+    analyse,
+    chosen_rate_runs,
+    selection_rows,
+)
 from mlstm.studies.formatting import csv_text, finite, fmt, interval, signed
 from mlstm.studies.runs import load_runs, lookup
 from mlstm.studies.scaling import COLORS, format_params
@@ -307,6 +316,51 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     return path
 
 
+def plot_chosen_rates(study: ConvergedStudy, dataset: str, path: Path) -> Path:
+    """Validation bpc against characters (log x) of every cell's grid runs at the rate the tuning rule chose (mean
+    over the tuning seeds, band: their range), one panel per size, with both reference levels: the cells without
+    final runs (the seed cells) beside the others, and how far each got below a model of the character frequencies."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = chosen_rate_runs(study, dataset)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.3), squeeze=False)
+    for ax, (rung, cells) in zip(axes[0], panels.items()):
+        for i, (variant, (lr, runs)) in enumerate(cells.items()):
+            band = cv.mean_band([r.curve.along("chars") for r in runs], log=True)
+            if not band.grid.size:
+                continue
+            color = COLORS.get(variant, f"C{i}")
+            label = f"{variant} (lr {lr:g}, {len(runs)} seed{'s' * (len(runs) != 1)})"
+            ax.plot(band.grid, band.mean, color=color, label=label)
+            ax.fill_between(band.grid, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+        if dataset in study.unigram and finite(study.unigram[dataset][1]):
+            level = study.unigram[dataset][1]
+            ax.axhline(level, color="gray", linestyle="-.", linewidth=1, label=f"unigram model: {level:.3f}")
+        if finite(study.xz.get(dataset)):
+            ax.axhline(
+                study.xz[dataset], color="gray", linestyle="--", linewidth=1, label=f"xz -9e: {study.xz[dataset]:.3f}"
+            )
+        ax.set_xscale("log")
+        # the runs span 1-2 decades: label 1, 2 and 5 of each, not every minor tick (they would overlap)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("training characters")
+        ax.set_ylabel("validation bits per character")
+        ax.set_title(f"{rung}: grid runs at the chosen rate")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)  # below: curves span the height
+    fig.suptitle(f"{dataset}: each cell at its tuned rate\n(tuning seeds, to convergence; band: seed range)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def report_markdown(
     study: ConvergedStudy, figures: Mapping[str, list[str]], configs: Sequence[Mapping], title: str
 ) -> str:
@@ -412,6 +466,10 @@ def write_report(
                 plot_curves(study, dataset, out / figure_name(dataset, "converged")).name,
                 plot_best(study, dataset, out / figure_name(dataset, "best")).name,
             ]
+        for dataset in dict.fromkeys(s.dataset for s in study.selections):
+            if chosen_rate_runs(study, dataset):
+                figure = plot_chosen_rates(study, dataset, out / figure_name(dataset, "chosen_rates"))
+                drawn.setdefault(dataset, []).append(figure.name)
     (out / "report.md").write_text(report_markdown(study, drawn, configs, title))
     (out / "summary.csv").write_text(csv_text(summary_rows(study), SUMMARY_COLUMNS))
     (out / "selection.json").write_text(json.dumps(selection_rows(study.selections), indent=1) + "\n")
