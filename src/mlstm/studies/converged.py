@@ -300,8 +300,10 @@ def analyse(
             references[run.dataset] = xz_bits_per_char(path)
     unigram = {}
     for run in final_runs + tuning_runs:
+        if run.dataset in unigram:
+            continue  # one reading of the corpus per dataset, not one per run
         path, sizes = corpus_splits(run.config)
-        if run.dataset not in unigram and path is not None and sizes:
+        if path is not None and sizes:
             unigram[run.dataset] = (unigram_entropy_of_file(path, sizes[0]), unigram_valid_bpc(path, sizes))
     tuning_rungs = assign_rungs(tuning_runs)
     grid = sorted(

@@ -216,6 +216,23 @@ def rungs_by_size(cells: Sequence[Cell]) -> dict[str, float]:
     return dict(sorted(smallest.items(), key=lambda item: item[1]))
 
 
+def draw_band(ax, band: cv.Band, color: str, label: str | None, style: str = "-", shade: bool = True) -> None:
+    """The mean over seeds as a line, their range as a shaded band."""
+    ax.plot(band.grid, band.mean, style, color=color, label=label)
+    if shade:
+        ax.fill_between(band.grid, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     """Validation (solid) and training (dotted) bpc against characters (log x) over whole runs, one panel per size,
     one line per cell (mean over seeds on their common range) with the seeds' range as a band; xz -9e dashed."""
@@ -241,9 +258,7 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
                     if style == "-"
                     else None
                 )
-                ax.plot(band.grid, band.mean, style, color=color, label=label)
-                if style == "-":
-                    ax.fill_between(band.grid, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+                draw_band(ax, band, color, label, style, shade=style == "-")
         if finite(study.xz.get(dataset)):
             ax.axhline(
                 study.xz[dataset],
@@ -259,11 +274,7 @@ def plot_curves(study: ConvergedStudy, dataset: str, path: Path) -> Path:
         ax.set_title(f"{rung}: to convergence")
         ax.legend(fontsize=8)
     fig.suptitle(f"{dataset}: validation bpc to convergence\n(whole valid split as one stream; band: seed range)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
@@ -310,10 +321,7 @@ def plot_best(study: ConvergedStudy, dataset: str, path: Path) -> Path:
     ax.set_ylabel("bits per character")
     ax.set_title(f"{dataset}: best bpc to convergence\n(mean, 95% CI over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_chosen_rates(study: ConvergedStudy, dataset: str, path: Path) -> Path:
@@ -335,8 +343,7 @@ def plot_chosen_rates(study: ConvergedStudy, dataset: str, path: Path) -> Path:
                 continue
             color = COLORS.get(variant, f"C{i}")
             label = f"{variant} (lr {lr:g}, {len(runs)} seed{'s' * (len(runs) != 1)})"
-            ax.plot(band.grid, band.mean, color=color, label=label)
-            ax.fill_between(band.grid, band.low, band.high, color=color, alpha=0.2, linewidth=0)
+            draw_band(ax, band, color, label)
         if dataset in study.unigram and finite(study.unigram[dataset][1]):
             level = study.unigram[dataset][1]
             ax.axhline(level, color="gray", linestyle="-.", linewidth=1, label=f"unigram model: {level:.3f}")
@@ -354,11 +361,7 @@ def plot_chosen_rates(study: ConvergedStudy, dataset: str, path: Path) -> Path:
         ax.set_title(f"{rung}: grid runs at the chosen rate")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)  # below: curves span the height
     fig.suptitle(f"{dataset}: each cell at its tuned rate\n(tuning seeds, to convergence; band: seed range)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report_markdown(
